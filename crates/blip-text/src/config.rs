@@ -1,0 +1,246 @@
+//! [`TextConfig`] (the MED text transformer) and [`BlipConfig`] (a whole HF `config.json`).
+
+use std::path::Path;
+
+use blip_vision::{VisionConfig, read_json};
+use burn::config::Config;
+use serde::Deserialize;
+
+use crate::error::Result;
+
+/// Hyper-parameters of BLIP's BERT-based text transformer (MED).
+///
+/// Field names follow the `text_config` of a HuggingFace `config.json`.
+#[derive(Config, Debug, PartialEq)]
+pub struct TextConfig {
+    /// Vocabulary size: 30524 = bert-base-uncased + `[DEC]` + `[ENC]`.
+    pub vocab_size: usize,
+    /// Text width (768).
+    pub hidden_size: usize,
+    /// Width of the states cross-attention reads: the ViT width for the image-grounded
+    /// encoder/decoder (768 or 1024). transformers overwrites it with the vision width.
+    pub encoder_hidden_size: usize,
+    /// Feed-forward width (3072).
+    pub intermediate_size: usize,
+    /// Number of layers (12).
+    pub num_hidden_layers: usize,
+    /// Attention heads (12; transformers' class default is 8, every hub config says 12).
+    pub num_attention_heads: usize,
+    /// Length of the position table (512).
+    #[config(default = 512)]
+    pub max_position_embeddings: usize,
+    /// LayerNorm epsilon (1e-12).
+    #[config(default = 1e-12)]
+    pub layer_norm_eps: f64,
+    /// Whether every layer owns a cross-attention block (true in every BLIP checkpoint).
+    #[config(default = true)]
+    pub add_cross_attention: bool,
+    /// `[PAD]` id.
+    #[config(default = 0)]
+    pub pad_token_id: usize,
+    /// `[DEC]` id, the decoder's first token (30522).
+    #[config(default = 30522)]
+    pub bos_token_id: usize,
+    /// `[ENC]` id, the image-grounded encoder's first token in the original code (30523).
+    #[config(default = 30523)]
+    pub enc_token_id: usize,
+    /// `[SEP]` id: the real end-of-caption token (102).
+    #[config(default = 102)]
+    pub sep_token_id: usize,
+    /// `[CLS]` id (101).
+    #[config(default = 101)]
+    pub cls_token_id: usize,
+    /// LM-loss label smoothing: 0.0 in transformers 5 configs, 0.1 in the original code.
+    #[config(default = 0.0)]
+    pub label_smoothing: f64,
+}
+
+impl TextConfig {
+    /// BERT-base with BLIP's vocabulary, cross-attending to `encoder_width`-wide states.
+    pub fn base(encoder_width: usize) -> Self {
+        Self::new(30524, 768, encoder_width, 3072, 12, 12)
+    }
+
+    /// Head width.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    fn validate(&self, path: &Path) -> blip_vision::Result<()> {
+        let fail = |message: String| {
+            Err(blip_vision::Error::Config {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return fail(format!(
+                "text hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        for (name, id) in [
+            ("pad_token_id", self.pad_token_id),
+            ("bos_token_id", self.bos_token_id),
+            ("sep_token_id", self.sep_token_id),
+            ("enc_token_id", self.enc_token_id),
+        ] {
+            if id >= self.vocab_size {
+                return fail(format!(
+                    "text {name} {id} >= vocab_size {}",
+                    self.vocab_size
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return fail(format!(
+                "label_smoothing {} is outside [0, 1)",
+                self.label_smoothing
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A whole BLIP model config: vision, text, and the ITC projection width.
+#[derive(Config, Debug, PartialEq)]
+pub struct BlipConfig {
+    /// The ViT.
+    pub vision: VisionConfig,
+    /// The text transformer; `encoder_hidden_size` equals the vision width.
+    pub text: TextConfig,
+    /// Width of the ITC projections `vision_proj`/`text_proj` (256).
+    #[config(default = 256)]
+    pub image_text_hidden_size: usize,
+}
+
+impl BlipConfig {
+    /// BLIP with ViT-B/16 at 384 px (blip-image-captioning-base, blip-itm-base-*, blip-vqa-base).
+    pub fn base() -> Self {
+        Self::new(VisionConfig::base(), TextConfig::base(768))
+    }
+
+    /// BLIP with ViT-L/16 at 384 px (blip-image-captioning-large, blip-itm-large-*).
+    pub fn large() -> Self {
+        Self::new(VisionConfig::large(), TextConfig::base(1024))
+    }
+
+    /// Reads a HF BLIP `config.json`, with transformers' defaults for missing fields and its
+    /// rule that cross-attention width = vision width.
+    pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let value = read_json(path)?;
+        let config_error = |message: String| blip_vision::Error::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let empty = empty_object();
+        let vision =
+            VisionConfig::from_hf_value(value.get("vision_config").unwrap_or(&empty), path)?;
+        let hf = HfTextConfig::deserialize(value.get("text_config").unwrap_or(&empty))
+            .map_err(|e| config_error(format!("text_config: {e}")))?;
+        if hf.hidden_act != "gelu" {
+            return Err(config_error(format!(
+                "text_config.hidden_act is {:?}; BLIP uses \"gelu\"",
+                hf.hidden_act
+            ))
+            .into());
+        }
+        let text = TextConfig {
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            encoder_hidden_size: vision.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            max_position_embeddings: hf.max_position_embeddings,
+            layer_norm_eps: hf.layer_norm_eps,
+            add_cross_attention: hf.is_decoder,
+            pad_token_id: hf.pad_token_id,
+            bos_token_id: hf.bos_token_id,
+            enc_token_id: hf.bos_token_id + 1,
+            sep_token_id: hf.sep_token_id,
+            cls_token_id: 101,
+            label_smoothing: hf.label_smoothing,
+        };
+        text.validate(path)?;
+        let image_text_hidden_size = value
+            .get("image_text_hidden_size")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(256) as usize;
+        Ok(Self {
+            vision,
+            text,
+            image_text_hidden_size,
+        })
+    }
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// transformers' `BlipTextConfig` with its class defaults (transformers 5.x).
+#[derive(Deserialize)]
+struct HfTextConfig {
+    #[serde(default = "d30524")]
+    vocab_size: usize,
+    #[serde(default = "d768")]
+    hidden_size: usize,
+    #[serde(default = "d3072")]
+    intermediate_size: usize,
+    #[serde(default = "d12")]
+    num_hidden_layers: usize,
+    #[serde(default = "d8")]
+    num_attention_heads: usize,
+    #[serde(default = "d512")]
+    max_position_embeddings: usize,
+    #[serde(default = "eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "yes")]
+    is_decoder: bool,
+    #[serde(default)]
+    pad_token_id: usize,
+    #[serde(default = "d30522")]
+    bos_token_id: usize,
+    #[serde(default = "d102")]
+    sep_token_id: usize,
+    #[serde(default)]
+    label_smoothing: f64,
+    #[serde(default = "gelu")]
+    hidden_act: String,
+}
+
+fn d30524() -> usize {
+    30524
+}
+fn d30522() -> usize {
+    30522
+}
+fn d768() -> usize {
+    768
+}
+fn d3072() -> usize {
+    3072
+}
+fn d12() -> usize {
+    12
+}
+fn d8() -> usize {
+    8
+}
+fn d512() -> usize {
+    512
+}
+fn d102() -> usize {
+    102
+}
+fn eps() -> f64 {
+    1e-12
+}
+fn yes() -> bool {
+    true
+}
+fn gelu() -> String {
+    "gelu".into()
+}

@@ -1,0 +1,77 @@
+//! The typed errors of the text side and of loading whole BLIP models.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `blip-text`: image/checkpoint errors from `blip-vision`,
+/// plus tokenizer and text-input errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Image decoding, config or checkpoint error (names the file and key).
+    #[error(transparent)]
+    Vision(#[from] blip_vision::Error),
+    /// A tokenizer file could not be read or built.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer {
+        /// The `tokenizer.json` or `vocab.txt`.
+        path: PathBuf,
+        /// What the tokenizers crate said.
+        message: String,
+    },
+    /// Encoding or decoding text failed.
+    #[error("tokenizing {text:?}: {message}")]
+    Encode {
+        /// The text (or a description of the ids).
+        text: String,
+        /// What the tokenizers crate said.
+        message: String,
+    },
+    /// A token id is outside the model's vocabulary.
+    #[error(
+        "{what}: token id {id} at row {row}, column {column} is outside the vocabulary of {vocab_size} tokens"
+    )]
+    TokenId {
+        /// Which input.
+        what: &'static str,
+        /// The offending id.
+        id: i64,
+        /// Batch row.
+        row: usize,
+        /// Sequence position.
+        column: usize,
+        /// Vocabulary size.
+        vocab_size: usize,
+    },
+    /// A text is longer than the position table.
+    #[error("{what}: {length} tokens exceed max_position_embeddings = {max}")]
+    TooLong {
+        /// Which input.
+        what: &'static str,
+        /// Tokens given (including cached ones).
+        length: usize,
+        /// The model's limit.
+        max: usize,
+    },
+    /// Two inputs disagree in shape.
+    #[error("{what}: expected shape {expected}, got {found:?}")]
+    InputShape {
+        /// Which input.
+        what: &'static str,
+        /// The expected shape, as text.
+        expected: String,
+        /// The shape received.
+        found: Vec<usize>,
+    },
+    /// A model directory lacks a required file.
+    #[error(
+        "{dir} has no {file}: a HF model directory holds config.json, model.safetensors and tokenizer.json"
+    )]
+    MissingFile {
+        /// The directory.
+        dir: PathBuf,
+        /// The missing file name.
+        file: &'static str,
+    },
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

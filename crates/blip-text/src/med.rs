@@ -1,0 +1,448 @@
+//! MED, BLIP's "multimodal mixture of encoder-decoder": one BERT stack ([`TextModel`]) run in
+//! three modes.
+//!
+//! | mode | self-attention | cross-attention | first token | used for |
+//! |---|---|---|---|---|
+//! | [`TextModel::encode_text`] | bidirectional | skipped | `[CLS]` | ITC |
+//! | [`TextModel::encode_multimodal`] | bidirectional | on the image | `[ENC]` (or `[CLS]`, as HF) | ITM, VQA question |
+//! | [`TextModel::decode`] | causal | on the image | `[DEC]` | LM, captioning, VQA answer |
+//!
+//! Field names equal the BERT checkpoint keys except `self` (a Rust keyword) →
+//! `self_attention` and `LayerNorm` → `layer_norm`; see the key maps in [`crate::hf`].
+
+use burn::module::Module;
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::config::TextConfig;
+use crate::error::{Error, Result};
+
+/// Word + absolute position embeddings, LayerNorm (no token types, as BLIP).
+#[derive(Module, Debug)]
+pub struct TextEmbeddings {
+    /// `[vocab, D]`; the LM head's decoder is tied to it.
+    pub word_embeddings: Embedding,
+    /// `[max_positions, D]`.
+    pub position_embeddings: Embedding,
+    /// LayerNorm (eps 1e-12).
+    pub layer_norm: LayerNorm,
+}
+
+/// Query/key/value projections of one attention block. For cross-attention the key and
+/// value read `encoder_hidden_size`-wide states.
+#[derive(Module, Debug)]
+pub struct TextSelfAttention {
+    /// `D → D`.
+    pub query: Linear,
+    /// `D_kv → D`.
+    pub key: Linear,
+    /// `D_kv → D`.
+    pub value: Linear,
+    /// Number of heads.
+    pub num_heads: usize,
+}
+
+/// Output projection, residual and post-LayerNorm of an attention block.
+#[derive(Module, Debug)]
+pub struct TextAttentionOutput {
+    /// `D → D`.
+    pub dense: Linear,
+    /// Post-residual LayerNorm.
+    pub layer_norm: LayerNorm,
+}
+
+/// A self- or cross-attention block: `LayerNorm(x + dense(attention(x, kv)))`.
+#[derive(Module, Debug)]
+pub struct TextAttention {
+    /// Projections (checkpoint name `self`).
+    pub self_attention: TextSelfAttention,
+    /// Output block.
+    pub output: TextAttentionOutput,
+}
+
+/// First half of the feed-forward block.
+#[derive(Module, Debug)]
+pub struct TextIntermediate {
+    /// `D → 4·D`, followed by GELU.
+    pub dense: Linear,
+}
+
+/// Second half of the feed-forward block, with residual and LayerNorm.
+#[derive(Module, Debug)]
+pub struct TextOutput {
+    /// `4·D → D`.
+    pub dense: Linear,
+    /// Post-residual LayerNorm.
+    pub layer_norm: LayerNorm,
+}
+
+/// One post-LN BERT layer with an optional cross-attention block.
+#[derive(Module, Debug)]
+pub struct TextLayer {
+    /// Self-attention (bidirectional or causal).
+    pub attention: TextAttention,
+    /// Cross-attention to image (or question) states; present in every BLIP checkpoint.
+    pub crossattention: Option<TextAttention>,
+    /// Feed-forward, first half.
+    pub intermediate: TextIntermediate,
+    /// Feed-forward, second half.
+    pub output: TextOutput,
+}
+
+/// The layer stack.
+#[derive(Module, Debug)]
+pub struct TextEncoder {
+    /// Layers, in order.
+    pub layer: Vec<TextLayer>,
+}
+
+/// BLIP's BERT text transformer (MED).
+#[derive(Module, Debug)]
+pub struct TextModel {
+    /// Embeddings.
+    pub embeddings: TextEmbeddings,
+    /// Layers.
+    pub encoder: TextEncoder,
+}
+
+/// States the text attends to in the image-grounded modes, with their padding mask.
+#[derive(Debug, Clone)]
+pub struct CrossInput {
+    /// `[B, L_kv, D_kv]`: image tokens (or, for the VQA answer decoder, question states).
+    pub states: Tensor<3>,
+    /// `[B, L_kv]`, 1 = attend, 0 = padding; `None` attends to everything.
+    pub mask: Option<Tensor<2, Int>>,
+}
+
+/// Keys and values `[B, H, L, hd]` of one attention block, computed once and reused.
+#[derive(Debug, Clone)]
+pub struct KeyValue {
+    /// Keys.
+    pub key: Tensor<4>,
+    /// Values.
+    pub value: Tensor<4>,
+}
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        })
+        .init(device)
+}
+
+impl TextConfig {
+    fn attention(&self, kv_width: usize, device: &Device) -> TextAttention {
+        let d = self.hidden_size;
+        TextAttention {
+            self_attention: TextSelfAttention {
+                query: linear(d, d, device),
+                key: linear(kv_width, d, device),
+                value: linear(kv_width, d, device),
+                num_heads: self.num_attention_heads,
+            },
+            output: TextAttentionOutput {
+                dense: linear(d, d, device),
+                layer_norm: LayerNormConfig::new(d)
+                    .with_epsilon(self.layer_norm_eps)
+                    .init(device),
+            },
+        }
+    }
+
+    /// Builds a [`TextModel`] with random (lazily initialised) weights.
+    pub fn init(&self, device: &Device) -> TextModel {
+        let d = self.hidden_size;
+        let norm = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
+        let embedding = |n| {
+            EmbeddingConfig::new(n, d)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device)
+        };
+        let layer = (0..self.num_hidden_layers)
+            .map(|_| TextLayer {
+                attention: self.attention(d, device),
+                crossattention: self
+                    .add_cross_attention
+                    .then(|| self.attention(self.encoder_hidden_size, device)),
+                intermediate: TextIntermediate {
+                    dense: linear(d, self.intermediate_size, device),
+                },
+                output: TextOutput {
+                    dense: linear(self.intermediate_size, d, device),
+                    layer_norm: norm(),
+                },
+            })
+            .collect();
+        TextModel {
+            embeddings: TextEmbeddings {
+                word_embeddings: embedding(self.vocab_size),
+                position_embeddings: embedding(self.max_position_embeddings),
+                layer_norm: norm(),
+            },
+            encoder: TextEncoder { layer },
+        }
+    }
+}
+
+/// Additive attention bias `[B, 1, L_q, L_k]` from a `[B, L_k]` keep-mask, optionally causal
+/// (query `i` sees keys `0..=past + i`). Masked entries get `f32::MIN`, as transformers does:
+/// a row with nothing visible then softmaxes to uniform instead of NaN.
+pub fn attention_bias(
+    mask: Option<Tensor<2, Int>>,
+    batch: usize,
+    queries: usize,
+    keys: usize,
+    causal: bool,
+    device: &Device,
+) -> Option<Tensor<4>> {
+    if mask.is_none() && !causal {
+        return None;
+    }
+    let keep = match mask {
+        Some(mask) => mask.float().reshape([batch, 1, 1, keys]),
+        None => Tensor::ones([batch, 1, 1, keys], device),
+    };
+    let keep = if causal {
+        let past = (keys - queries) as i64;
+        // key index j is visible from query i iff j <= past + i
+        let q = Tensor::<1, Int>::arange(0..queries as i64, device).reshape([queries, 1]);
+        let k = Tensor::<1, Int>::arange(0..keys as i64, device).reshape([1, keys]);
+        let visible = k.lower_equal(q.add_scalar(past)).float();
+        keep * visible.reshape([1, 1, queries, keys])
+    } else {
+        keep.expand([batch, 1, queries, keys])
+    };
+    Some((keep.neg() + 1.0) * f32::MIN)
+}
+
+impl TextSelfAttention {
+    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
+        let [b, l, d] = x.dims();
+        x.reshape([b, l, self.num_heads, d / self.num_heads])
+            .swap_dims(1, 2)
+    }
+
+    /// Keys and values of `states` (`[B, L, D_kv]`), split into heads.
+    pub fn key_value(&self, states: Tensor<3>) -> KeyValue {
+        KeyValue {
+            key: self.split_heads(self.key.forward(states.clone())),
+            value: self.split_heads(self.value.forward(states)),
+        }
+    }
+
+    /// Scaled dot-product attention of `x`'s queries over `kv`, heads merged back.
+    pub fn attend(&self, x: Tensor<3>, kv: &KeyValue, bias: Option<Tensor<4>>) -> Tensor<3> {
+        let [b, l, d] = x.dims();
+        let q = self.split_heads(self.query.forward(x));
+        let bias = bias.map(|bias| {
+            let [bb, _, lq, lk] = bias.dims();
+            bias.expand([bb, self.num_heads, lq, lk])
+        });
+        let context = attention(
+            q,
+            kv.key.clone(),
+            kv.value.clone(),
+            None,
+            bias,
+            AttentionModuleOptions::default(),
+        );
+        context.swap_dims(1, 2).reshape([b, l, d])
+    }
+}
+
+impl TextAttention {
+    /// `LayerNorm(x + dense(attend(x, kv)))`.
+    pub fn forward(&self, x: Tensor<3>, kv: &KeyValue, bias: Option<Tensor<4>>) -> Tensor<3> {
+        let context = self.self_attention.attend(x.clone(), kv, bias);
+        self.output
+            .layer_norm
+            .forward(self.output.dense.forward(context) + x)
+    }
+}
+
+impl TextLayer {
+    /// Self-attention over `x`'s own keys (or over `self_kv`, when cached ones are given),
+    /// cross-attention over `cross` when given, then the feed-forward block.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        self_kv: &KeyValue,
+        self_bias: Option<Tensor<4>>,
+        cross: Option<(&KeyValue, Option<Tensor<4>>)>,
+    ) -> Tensor<3> {
+        let mut x = self.attention.forward(x, self_kv, self_bias);
+        if let (Some(block), Some((kv, bias))) = (&self.crossattention, cross) {
+            x = block.forward(x, kv, bias);
+        }
+        let hidden = gelu(self.intermediate.dense.forward(x.clone()));
+        self.output
+            .layer_norm
+            .forward(self.output.dense.forward(hidden) + x)
+    }
+}
+
+impl TextEmbeddings {
+    /// Word + position (`past .. past + L`) embeddings, LayerNorm.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, past: usize) -> Tensor<3> {
+        let [_, l] = input_ids.dims();
+        let device = input_ids.device();
+        let positions =
+            Tensor::<1, Int>::arange(past as i64..(past + l) as i64, &device).reshape([1, l]);
+        let x =
+            self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(positions);
+        self.layer_norm.forward(x)
+    }
+}
+
+impl TextModel {
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.embeddings.word_embeddings.weight.shape()[0]
+    }
+
+    /// Length of the position table.
+    pub fn max_positions(&self) -> usize {
+        self.embeddings.position_embeddings.weight.shape()[0]
+    }
+
+    /// Checks ids against the vocabulary and position table, and the mask's shape.
+    pub fn check_input(
+        &self,
+        what: &'static str,
+        input_ids: &Tensor<2, Int>,
+        attention_mask: Option<&Tensor<2, Int>>,
+    ) -> Result<()> {
+        let [b, l] = input_ids.dims();
+        if l > self.max_positions() {
+            return Err(Error::TooLong {
+                what,
+                length: l,
+                max: self.max_positions(),
+            });
+        }
+        if let Some(mask) = attention_mask
+            && mask.dims() != [b, l]
+        {
+            return Err(Error::InputShape {
+                what: "attention_mask",
+                expected: format!("[{b}, {l}] like {what}"),
+                found: mask.dims().to_vec(),
+            });
+        }
+        let ids = input_ids
+            .clone()
+            .into_data()
+            .try_into_vec_as::<i64>()
+            .expect("int tensors convert to i64");
+        let vocab_size = self.vocab_size();
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id < 0 || id as usize >= vocab_size)
+        {
+            return Err(Error::TokenId {
+                what,
+                id,
+                row: i / l.max(1),
+                column: i % l.max(1),
+                vocab_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Cross-attention keys/values of every layer for `states`: computed once per image and
+    /// reused by every decoding step (and every beam).
+    pub fn cross_key_values(&self, states: Tensor<3>) -> Vec<KeyValue> {
+        self.encoder
+            .layer
+            .iter()
+            .filter_map(|layer| layer.crossattention.as_ref())
+            .map(|block| block.self_attention.key_value(states.clone()))
+            .collect()
+    }
+
+    /// The general forward pass: `[B, L]` ids → `[B, L, D]` states.
+    ///
+    /// `cross = None` is the unimodal text encoder; with `cross` the layers cross-attend
+    /// (image-grounded encoder, or decoder when `causal`).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cross: Option<CrossInput>,
+        causal: bool,
+    ) -> Result<Tensor<3>> {
+        self.check_input("input_ids", &input_ids, attention_mask.as_ref())?;
+        let [b, l] = input_ids.dims();
+        let device = input_ids.device();
+        let cross = match cross {
+            Some(cross) => {
+                let [cb, lk, _] = cross.states.dims();
+                if cb != b {
+                    return Err(Error::InputShape {
+                        what: "cross-attention states",
+                        expected: format!("[{b}, L, D] (one per text row)"),
+                        found: cross.states.dims().to_vec(),
+                    });
+                }
+                let bias = attention_bias(cross.mask.clone(), b, l, lk, false, &device);
+                Some((self.cross_key_values(cross.states), bias))
+            }
+            None => None,
+        };
+        let self_bias = attention_bias(attention_mask, b, l, l, causal, &device);
+        let mut x = self.embeddings.forward(input_ids, 0);
+        for (i, layer) in self.encoder.layer.iter().enumerate() {
+            let kv = layer.attention.self_attention.key_value(x.clone());
+            let cross = cross.as_ref().map(|(kvs, bias)| (&kvs[i], bias.clone()));
+            x = layer.forward(x, &kv, self_bias.clone(), cross);
+        }
+        Ok(x)
+    }
+
+    /// Unimodal text encoder (ITC): bidirectional, no cross-attention; ids start with `[CLS]`.
+    pub fn encode_text(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> Result<Tensor<3>> {
+        self.forward(input_ids, attention_mask, None, false)
+    }
+
+    /// Image-grounded text encoder (ITM, VQA question): bidirectional, cross-attends to
+    /// `image_embeds`.
+    pub fn encode_multimodal(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        image: CrossInput,
+    ) -> Result<Tensor<3>> {
+        self.forward(input_ids, attention_mask, Some(image), false)
+    }
+
+    /// Image-grounded decoder body (LM): causal, cross-attends to `image`; ids start with
+    /// `[DEC]`.
+    pub fn decode(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        image: CrossInput,
+    ) -> Result<Tensor<3>> {
+        self.forward(input_ids, attention_mask, Some(image), true)
+    }
+}

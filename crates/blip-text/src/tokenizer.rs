@@ -1,0 +1,232 @@
+//! [`BlipTokenizer`]: bert-base-uncased WordPiece plus BLIP's `[DEC]` and `[ENC]`.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// The special tokens BLIP relies on, registered as special so that literal occurrences in a
+/// text match them and decoding can drop them.
+pub const SPECIAL_TOKENS: [&str; 7] = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]",
+];
+
+/// How a batch is padded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// To the longest row (captioning and VQA fine-tuning, questions).
+    Longest,
+    /// To `max_length` (pre-training 30, retrieval/ITM 35).
+    MaxLength,
+}
+
+/// A tokenized batch, right-padded with `[PAD]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// Token ids, `[CLS] … [SEP] [PAD]…` per row.
+    pub input_ids: Vec<Vec<u32>>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<Vec<u32>>,
+}
+
+impl Encoded {
+    /// Rows and columns.
+    pub fn shape(&self) -> [usize; 2] {
+        [
+            self.input_ids.len(),
+            self.input_ids.first().map_or(0, Vec::len),
+        ]
+    }
+
+    /// The ids and mask as `[B, L]` int tensors.
+    pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        (
+            ids_tensor(&self.input_ids, device),
+            ids_tensor(&self.attention_mask, device),
+        )
+    }
+}
+
+/// `[B, L]` int tensor from equal-length rows.
+pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
+    let l = rows.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), l]), device)
+}
+
+/// bert-base-uncased WordPiece with `[DEC]` (bos) and `[ENC]` added, as BLIP uses it.
+#[derive(Debug, Clone)]
+pub struct BlipTokenizer {
+    inner: Tokenizer,
+    /// `[PAD]` id (0).
+    pub pad_token_id: u32,
+    /// `[CLS]` id (101).
+    pub cls_token_id: u32,
+    /// `[SEP]` id (102).
+    pub sep_token_id: u32,
+    /// `[DEC]` id (30522).
+    pub dec_token_id: u32,
+    /// `[ENC]` id (30523).
+    pub enc_token_id: u32,
+}
+
+impl BlipTokenizer {
+    /// Loads a HF `tokenizer.json`. Fixed padding/truncation stored in the file are switched
+    /// off; `[DEC]`/`[ENC]` are added when absent (HF BLIP repos lack them).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(blip_vision::Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+            .into());
+        }
+        let inner = Tokenizer::from_file(path).map_err(|e| tokenizer_error(path, e))?;
+        Self::from_tokenizer(inner, path)
+    }
+
+    /// Builds the BERT uncased tokenizer from a `vocab.txt` (one token per line): lowercasing
+    /// and accent stripping, CJK split per character, WordPiece with `##` continuations and
+    /// words over 100 characters as `[UNK]`.
+    pub fn from_vocab(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = path.to_str().ok_or_else(|| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: "path is not UTF-8".into(),
+        })?;
+        let model = WordPiece::from_file(file)
+            .unk_token("[UNK]".into())
+            .max_input_chars_per_word(100)
+            .build()
+            .map_err(|e| tokenizer_error(path, e))?;
+        let id = |token: &str| {
+            model_token_id(&model, token).ok_or_else(|| Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("vocabulary has no {token}"),
+            })
+        };
+        let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+        let mut inner = Tokenizer::new(model);
+        inner
+            .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+            .map_err(|e| tokenizer_error(path, e))?;
+        inner.with_pre_tokenizer(Some(BertPreTokenizer));
+        inner.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )));
+        inner.with_decoder(Some(WordPieceDecoder::new("##".into(), true)));
+        Self::from_tokenizer(inner, path)
+    }
+
+    fn from_tokenizer(mut inner: Tokenizer, path: &Path) -> Result<Self> {
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| tokenizer_error(path, e))?;
+        inner
+            .add_special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)))
+            .map_err(|e| tokenizer_error(path, e))?;
+        let id = |token: &str| {
+            inner.token_to_id(token).ok_or_else(|| Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("no id for {token}"),
+            })
+        };
+        Ok(Self {
+            pad_token_id: id("[PAD]")?,
+            cls_token_id: id("[CLS]")?,
+            sep_token_id: id("[SEP]")?,
+            dec_token_id: id("[DEC]")?,
+            enc_token_id: id("[ENC]")?,
+            inner,
+        })
+    }
+
+    /// Number of ids, added tokens included (30524 for BLIP).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// `[CLS] tokens [SEP]` for one text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, true).map_err(|e| Error::Encode {
+            text: text.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Encodes a batch: each row truncated to `max_length` (keeping the final `[SEP]`, as
+    /// transformers' truncation does) and right-padded per `padding`.
+    pub fn encode_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        max_length: Option<usize>,
+        padding: Padding,
+    ) -> Result<Encoded> {
+        let mut rows = texts
+            .iter()
+            .map(|t| self.encode(t.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(max) = max_length {
+            for row in &mut rows {
+                if row.len() > max {
+                    row.truncate(max.saturating_sub(1));
+                    row.push(self.sep_token_id);
+                }
+            }
+        }
+        let width = match (padding, max_length) {
+            (Padding::MaxLength, Some(max)) => max,
+            _ => rows.iter().map(Vec::len).max().unwrap_or(0),
+        };
+        let attention_mask = rows
+            .iter()
+            .map(|r| (0..width).map(|i| u32::from(i < r.len())).collect())
+            .collect();
+        for row in &mut rows {
+            row.resize(width, self.pad_token_id);
+        }
+        Ok(Encoded {
+            input_ids: rows,
+            attention_mask,
+        })
+    }
+
+    /// Decodes ids to text: `##` pieces joined, special tokens (`[CLS]`, `[SEP]`, `[PAD]`,
+    /// `[DEC]`, `[ENC]`...) dropped when `skip_special_tokens`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Encode {
+                text: format!("ids {ids:?}"),
+                message: e.to_string(),
+            })
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
+fn model_token_id(model: &WordPiece, token: &str) -> Option<u32> {
+    use tokenizers::Model;
+    model.token_to_id(token)
+}
+
+fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer {
+        path: PathBuf::from(path),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,419 @@
+//! Checked loading of safetensors checkpoints into burn modules, shared by every BLIP family.
+//!
+//! burn's store does the reading (`burn::store::SafetensorsStore`, memory-mapped, with
+//! `PyTorchToBurnAdapter` transposing Linear weights and renaming LayerNorm `weight`/`bias`
+//! to `gamma`/`beta`). Before handing it the file, [`load_safetensors`] compares the file's
+//! header with the module the config built — every key, shape and dtype — so that a wrong or
+//! damaged checkpoint is a typed [`Error`] naming the key and both shapes, never a panic and
+//! never a silently random weight.
+//!
+//! Module field names equal the checkpoint keys wherever Rust allows; a [`KeyMap`] lists the
+//! few segment renames that remain and the keys a family may carry without using them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::store::{
+    FloatCastAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
+    SafetensorsStore,
+};
+use burn::tensor::{Bool, DType, Int, Tensor};
+
+use crate::error::{Error, Result};
+
+/// How one checkpoint family's keys relate to the module's parameter paths.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyMap {
+    /// `(checkpoint segments, module segments)` renames, matched on whole dot-separated
+    /// segments, in order. Needed only where a checkpoint name is not a valid or clear Rust
+    /// field name (`self`, `LayerNorm`).
+    pub renames: &'static [(&'static str, &'static str)],
+    /// Checkpoint keys that may be present and are deliberately not loaded (tied aliases,
+    /// buffers), as exact keys or `*.suffix` patterns.
+    pub ignored: &'static [&'static str],
+}
+
+impl KeyMap {
+    fn matches_ignored(&self, key: &str) -> bool {
+        self.ignored
+            .iter()
+            .any(|pattern| match pattern.strip_prefix('*') {
+                Some(suffix) => key.ends_with(suffix),
+                None => key == *pattern,
+            })
+    }
+
+    /// Module path → checkpoint key.
+    pub fn to_checkpoint(&self, path: &str) -> String {
+        let mut key = format!(".{path}.");
+        for (ckpt, module) in self.renames {
+            key = key.replace(&format!(".{module}."), &format!(".{ckpt}."));
+        }
+        key[1..key.len() - 1].to_string()
+    }
+
+    /// The regex remapper burn's store applies to checkpoint keys (checkpoint → module).
+    fn remapper(&self) -> KeyRemapper {
+        let patterns = self
+            .renames
+            .iter()
+            .map(|(ckpt, module)| {
+                (
+                    format!(r"(^|\.){}(\.|$)", regex_escape(ckpt)),
+                    format!("${{1}}{module}${{2}}"),
+                )
+            })
+            .collect::<Vec<_>>();
+        KeyRemapper::from_patterns(patterns).expect("escaped literal patterns are valid regexes")
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}
+
+/// One tensor as described by a safetensors header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// The safetensors dtype name (`F32`, `F16`, `BF16`, `I64`, ...).
+    pub dtype: String,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// Byte range within the data section.
+    pub data_offsets: (u64, u64),
+}
+
+/// The parsed header of a safetensors file, checked against the file's length.
+#[derive(Debug, Clone)]
+pub struct SafetensorsHeader {
+    /// The file.
+    pub path: PathBuf,
+    /// Tensors by key.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    data_start: u64,
+}
+
+impl SafetensorsHeader {
+    /// Reads and validates the header of `path`: well-formed JSON, offsets that tile the
+    /// data section, and a file long enough to hold it (a truncated download is reported as
+    /// [`Error::Truncated`]).
+    pub fn read(path: &Path) -> Result<Self> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let invalid = |message: String| Error::InvalidCheckpoint {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut len_bytes = [0u8; 8];
+        file.read_exact(&mut len_bytes)
+            .map_err(|_| invalid(format!("file is {file_len} bytes, too short for a header")))?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > 100_000_000 || 8 + header_len > file_len {
+            return Err(if 8 + header_len > file_len && header_len <= 100_000_000 {
+                Error::Truncated {
+                    path: path.to_path_buf(),
+                    expected: 8 + header_len,
+                    found: file_len,
+                }
+            } else {
+                invalid(format!("implausible header length {header_len}"))
+            });
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let json: serde_json::Value = serde_json::from_slice(&header)
+            .map_err(|e| invalid(format!("header is not JSON: {e}")))?;
+        let object = json
+            .as_object()
+            .ok_or_else(|| invalid("header is not a JSON object".into()))?;
+        let mut tensors = BTreeMap::new();
+        for (key, value) in object {
+            if key == "__metadata__" {
+                continue;
+            }
+            let info: RawInfo = serde_json::from_value(value.clone())
+                .map_err(|e| invalid(format!("entry `{key}`: {e}")))?;
+            tensors.insert(
+                key.clone(),
+                TensorInfo {
+                    dtype: info.dtype,
+                    shape: info.shape,
+                    data_offsets: (info.data_offsets[0], info.data_offsets[1]),
+                },
+            );
+        }
+        let data_start = 8 + header_len;
+        let data_end = tensors
+            .values()
+            .map(|t| t.data_offsets.1)
+            .max()
+            .unwrap_or(0);
+        if data_start + data_end > file_len {
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                expected: data_start + data_end,
+                found: file_len,
+            });
+        }
+        for (key, t) in &tensors {
+            let elements: usize = t.shape.iter().product();
+            let width = dtype_width(&t.dtype)
+                .ok_or_else(|| invalid(format!("entry `{key}` has unknown dtype {}", t.dtype)))?;
+            let (start, end) = t.data_offsets;
+            if end < start || end - start != (elements * width) as u64 {
+                return Err(invalid(format!(
+                    "entry `{key}` ({} {:?}) has a byte range of {} bytes",
+                    t.dtype,
+                    t.shape,
+                    end.saturating_sub(start)
+                )));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            data_start,
+        })
+    }
+
+    /// Raw little-endian bytes of one tensor.
+    pub fn bytes(&self, key: &str) -> Result<Vec<u8>> {
+        let info = self.tensors.get(key).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            key: key.to_string(),
+            expected: vec![],
+        })?;
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = File::open(&self.path).map_err(io)?;
+        file.seek(SeekFrom::Start(self.data_start + info.data_offsets.0))
+            .map_err(io)?;
+        let mut buffer = vec![0u8; (info.data_offsets.1 - info.data_offsets.0) as usize];
+        file.read_exact(&mut buffer).map_err(io)?;
+        Ok(buffer)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+fn dtype_width(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "F32" | "I32" | "U32" => 4,
+        "F64" | "I64" | "U64" => 8,
+        _ => return None,
+    })
+}
+
+fn is_float(dtype: &str) -> bool {
+    matches!(dtype, "F16" | "BF16" | "F32" | "F64")
+}
+
+/// Collects, without materialising any weight, every parameter of a module as
+/// `(checkpoint key, shape in checkpoint layout)`.
+struct ExpectedKeys<'a> {
+    map: &'a KeyMap,
+    path: Vec<String>,
+    containers: Vec<String>,
+    keys: BTreeMap<String, Vec<usize>>,
+}
+
+impl ExpectedKeys<'_> {
+    fn record(&mut self, mut shape: Vec<usize>) {
+        let container = self.containers.last().map(String::as_str).unwrap_or("");
+        let mut path = self.path.clone();
+        let leaf = path.last_mut().expect("a parameter has a name");
+        if container == "Struct:LayerNorm" {
+            *leaf = match leaf.as_str() {
+                "gamma" => "weight".into(),
+                "beta" => "bias".into(),
+                other => other.into(),
+            };
+        }
+        if container == "Struct:Linear" && leaf == "weight" {
+            shape.reverse(); // burn stores [in, out]; checkpoints [out, in]
+        }
+        let key = self.map.to_checkpoint(&path.join("."));
+        self.keys.insert(key, shape);
+    }
+}
+
+impl ModuleVisitor for ExpectedKeys<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+        self.containers.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.record(param.lazy_shape().to_vec());
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+        self.record(param.lazy_shape().to_vec());
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<D, Bool>>) {
+        self.record(param.lazy_shape().to_vec());
+    }
+}
+
+/// Every parameter of `module` as checkpoint key → shape in checkpoint layout.
+pub fn expected_keys<M: Module>(module: &M, map: &KeyMap) -> BTreeMap<String, Vec<usize>> {
+    let mut visitor = ExpectedKeys {
+        map,
+        path: vec![],
+        containers: vec![],
+        keys: BTreeMap::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.keys
+}
+
+/// Compares a header with the keys a module expects; the first problem, in key order, is
+/// returned as a typed error.
+pub fn check_header(
+    header: &SafetensorsHeader,
+    expected: &BTreeMap<String, Vec<usize>>,
+    map: &KeyMap,
+) -> Result<()> {
+    let path = || header.path.clone();
+    for (key, shape) in expected {
+        let Some(found) = header.tensors.get(key) else {
+            return Err(Error::MissingTensor {
+                path: path(),
+                key: key.clone(),
+                expected: shape.clone(),
+            });
+        };
+        if !is_float(&found.dtype) {
+            return Err(Error::DType {
+                path: path(),
+                key: key.clone(),
+                found: found.dtype.clone(),
+            });
+        }
+        if &found.shape != shape {
+            return Err(Error::ShapeMismatch {
+                path: path(),
+                key: key.clone(),
+                expected: shape.clone(),
+                found: found.shape.clone(),
+            });
+        }
+    }
+    if let Some((key, info)) = header
+        .tensors
+        .iter()
+        .find(|(key, _)| !expected.contains_key(*key) && !map.matches_ignored(key))
+    {
+        return Err(Error::UnexpectedTensor {
+            path: path(),
+            key: key.clone(),
+            shape: info.shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Loads `path` into `module` after checking every key, shape and dtype against it.
+///
+/// Half-precision files are widened to f32. On any error the module is dropped and nothing
+/// partially loaded escapes.
+pub fn load_safetensors<M: Module + ModuleSnapshot>(
+    mut module: M,
+    header: &SafetensorsHeader,
+    map: &KeyMap,
+) -> Result<M> {
+    let expected = expected_keys(&module, map);
+    check_header(header, &expected, map)?;
+    let store_error = |message: String| Error::Store {
+        path: header.path.clone(),
+        message,
+    };
+    let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32));
+    let mut store = SafetensorsStore::from_file(&header.path)
+        .with_from_adapter(adapter)
+        .remap(map.remapper())
+        .map_indices_contiguous(false)
+        .allow_partial(true);
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| store_error(e.to_string()))?;
+    if let Some(error) = result.errors.first() {
+        return Err(store_error(error.to_string()));
+    }
+    if let Some((missing, _)) = result.missing.first() {
+        // The header check makes this unreachable unless the remap table and the module
+        // disagree: report it rather than run with a random weight.
+        return Err(Error::MissingTensor {
+            path: header.path.clone(),
+            key: map.to_checkpoint(missing),
+            expected: vec![],
+        });
+    }
+    Ok(module)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAP: KeyMap = KeyMap {
+        renames: &[
+            ("cls.predictions", "lm_head"),
+            ("self", "self_attention"),
+            ("LayerNorm", "layer_norm"),
+        ],
+        ignored: &["*.position_ids"],
+    };
+
+    #[test]
+    fn renames_whole_segments_only() {
+        assert_eq!(
+            MAP.to_checkpoint("text.encoder.layer.0.attention.self_attention.query.weight"),
+            "text.encoder.layer.0.attention.self.query.weight"
+        );
+        assert_eq!(
+            MAP.to_checkpoint("vision_model.encoder.layers.0.layer_norm1.weight"),
+            "vision_model.encoder.layers.0.layer_norm1.weight"
+        );
+        assert_eq!(
+            MAP.to_checkpoint("text_decoder.lm_head.transform.layer_norm.bias"),
+            "text_decoder.cls.predictions.transform.LayerNorm.bias"
+        );
+    }
+
+    #[test]
+    fn ignored_patterns() {
+        assert!(MAP.matches_ignored("text_encoder.embeddings.position_ids"));
+        assert!(!MAP.matches_ignored("text_encoder.embeddings.position_embeddings.weight"));
+    }
+}

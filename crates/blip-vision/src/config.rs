@@ -1,0 +1,174 @@
+//! [`VisionConfig`]: the ViT hyper-parameters, with BLIP's published presets.
+
+use std::path::Path;
+
+use burn::config::Config;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Hyper-parameters of BLIP's ViT image encoder.
+///
+/// Field names follow the `vision_config` of a HuggingFace `config.json`, so
+/// [`VisionConfig::from_hf_json`] reads one directly.
+#[derive(Config, Debug, PartialEq)]
+pub struct VisionConfig {
+    /// Token width `D_v` (768 for ViT-B, 1024 for ViT-L).
+    pub hidden_size: usize,
+    /// Hidden width of the MLP (`4·D_v`).
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Attention heads per block.
+    pub num_attention_heads: usize,
+    /// Side of the square input the position table was trained for (384 for the task models).
+    pub image_size: usize,
+    /// Side of a square patch (16).
+    #[config(default = 16)]
+    pub patch_size: usize,
+    /// LayerNorm epsilon: 1e-5 in HF configs, 1e-6 in the original code.
+    #[config(default = 1e-5)]
+    pub layer_norm_eps: f64,
+}
+
+impl VisionConfig {
+    /// ViT-B/16 at 384 px, as in `Salesforce/blip-image-captioning-base` (HF eps 1e-5).
+    pub fn base() -> Self {
+        Self::new(768, 3072, 12, 12, 384)
+    }
+
+    /// ViT-L/16 at 384 px, as in `Salesforce/blip-image-captioning-large`.
+    pub fn large() -> Self {
+        Self::new(1024, 4096, 24, 16, 384)
+    }
+
+    /// Number of patches per side at the configured image size.
+    pub fn grid_size(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Number of tokens (class token + patches) at the configured image size.
+    pub fn num_positions(&self) -> usize {
+        self.grid_size() * self.grid_size() + 1
+    }
+
+    /// Reads the `vision_config` object of a HF BLIP `config.json` (given as parsed JSON).
+    ///
+    /// Missing fields take the defaults of transformers' `BlipVisionConfig`, exactly as
+    /// transformers does when it reads the same file.
+    pub fn from_hf_value(value: &serde_json::Value, path: &Path) -> Result<Self> {
+        let hf = HfVisionConfig::deserialize(value).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("vision_config: {e}"),
+        })?;
+        let config = Self {
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            image_size: hf.image_size,
+            patch_size: hf.patch_size,
+            layer_norm_eps: hf.layer_norm_eps,
+        };
+        if hf.hidden_act != "gelu" {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "vision_config.hidden_act is {:?}; BLIP uses \"gelu\" (exact erf GELU)",
+                    hf.hidden_act
+                ),
+            });
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Reads the `vision_config` of a HF BLIP `config.json` file.
+    pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let value = read_json(path)?;
+        let vision = value.get("vision_config").ok_or_else(|| Error::Config {
+            path: path.to_path_buf(),
+            message: "no `vision_config` object (is this a BLIP config.json?)".into(),
+        })?;
+        Self::from_hf_value(vision, path)
+    }
+
+    /// Checks the values are consistent (heads divide the width, patches tile the image).
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let fail = |message: String| {
+            Err(Error::Config {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return fail(format!(
+                "vision hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            return fail(format!(
+                "vision image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads and parses a JSON file, naming the file in any error.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// transformers' `BlipVisionConfig` with its defaults (transformers 5.x).
+#[derive(Deserialize)]
+struct HfVisionConfig {
+    #[serde(default = "d768")]
+    hidden_size: usize,
+    #[serde(default = "d3072")]
+    intermediate_size: usize,
+    #[serde(default = "d12")]
+    num_hidden_layers: usize,
+    #[serde(default = "d12")]
+    num_attention_heads: usize,
+    #[serde(default = "d384")]
+    image_size: usize,
+    #[serde(default = "d16")]
+    patch_size: usize,
+    #[serde(default = "eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "gelu")]
+    hidden_act: String,
+}
+
+fn d768() -> usize {
+    768
+}
+fn d3072() -> usize {
+    3072
+}
+fn d12() -> usize {
+    12
+}
+fn d384() -> usize {
+    384
+}
+fn d16() -> usize {
+    16
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn gelu() -> String {
+    "gelu".into()
+}

@@ -1,0 +1,34 @@
+//! BLIP's image side: the ViT encoder ([`VisionTransformer`]), its config
+//! ([`VisionConfig`]), the image processor ([`ImageProcessor`]), and the checked safetensors
+//! loading every BLIP checkpoint family uses ([`checkpoint`]).
+//!
+//! This crate is the bottom of the workspace: `blip-text` builds on it, training and CapFilt
+//! build on both, and none of them is needed to run the ViT alone.
+//!
+//! ```no_run
+//! use blip_vision::{ImageProcessor, VisionConfig};
+//! use burn::tensor::Device;
+//!
+//! # fn main() -> blip_vision::Result<()> {
+//! let device = Device::flex();
+//! let vit = VisionConfig::base().init(&device);
+//! let pixels = ImageProcessor::new(384).preprocess_paths(&["cat.jpg"], &device)?;
+//! let tokens = vit.forward(pixels)?; // [1, 577, 768]
+//! # Ok(()) }
+//! ```
+
+pub mod checkpoint;
+mod config;
+mod error;
+mod interpolate;
+mod processor;
+mod vit;
+
+pub use config::{VisionConfig, read_json};
+pub use error::{Error, Result};
+pub use interpolate::bicubic_resize;
+pub use processor::{BLIP_MEAN, BLIP_STD, ImageProcessor, to_rgb};
+pub use vit::{
+    VisionAttention, VisionEmbeddings, VisionEncoder, VisionLayer, VisionMlp, VisionOutput,
+    VisionTransformer,
+};

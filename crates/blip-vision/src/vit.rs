@@ -1,0 +1,253 @@
+//! [`VisionTransformer`]: BLIP's ViT image encoder (timm-style, pre-norm, fused qkv).
+//!
+//! Field names equal the keys of HF checkpoints under `vision_model.` (LayerNorm
+//! `weight`/`bias` are burn's `gamma`/`beta`, renamed by burn's PyTorch adapter), so the
+//! vision part of every checkpoint family loads without a remapping rule.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::config::VisionConfig;
+use crate::error::{Error, Result};
+
+/// Patch embedding, class token and learned absolute position embedding.
+#[derive(Module, Debug)]
+pub struct VisionEmbeddings {
+    /// The class token, `[1, 1, D]`.
+    pub class_embedding: Param<Tensor<3>>,
+    /// Conv2d `3 → D`, kernel = stride = patch size, with bias.
+    pub patch_embedding: Conv2d,
+    /// Position table `[1, 1 + grid², D]` for the configured image size.
+    pub position_embedding: Param<Tensor<3>>,
+    /// Side of a patch in pixels.
+    pub patch_size: usize,
+}
+
+/// Multi-head self-attention with one fused `qkv` projection (rows `[q; k; v]`).
+#[derive(Module, Debug)]
+pub struct VisionAttention {
+    /// `D → 3·D`, with bias.
+    pub qkv: Linear,
+    /// Output projection `D → D`.
+    pub projection: Linear,
+    /// Number of heads.
+    pub num_heads: usize,
+}
+
+/// The feed-forward block: `fc2(gelu(fc1(x)))`.
+#[derive(Module, Debug)]
+pub struct VisionMlp {
+    /// `D → 4·D`.
+    pub fc1: Linear,
+    /// `4·D → D`.
+    pub fc2: Linear,
+}
+
+/// One pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct VisionLayer {
+    /// Norm before attention.
+    pub layer_norm1: LayerNorm,
+    /// Self-attention.
+    pub self_attn: VisionAttention,
+    /// Norm before the MLP.
+    pub layer_norm2: LayerNorm,
+    /// Feed-forward block.
+    pub mlp: VisionMlp,
+}
+
+/// The stack of blocks.
+#[derive(Module, Debug)]
+pub struct VisionEncoder {
+    /// Blocks, in order.
+    pub layers: Vec<VisionLayer>,
+}
+
+/// BLIP's ViT: embeddings → pre-norm blocks → final LayerNorm on every token.
+#[derive(Module, Debug)]
+pub struct VisionTransformer {
+    /// Patch/class/position embeddings.
+    pub embeddings: VisionEmbeddings,
+    /// The blocks.
+    pub encoder: VisionEncoder,
+    /// Final LayerNorm, applied to all tokens.
+    pub post_layernorm: LayerNorm,
+}
+
+/// What [`VisionTransformer::forward_with_hidden_states`] returns.
+#[derive(Debug, Clone)]
+pub struct VisionOutput {
+    /// `[B, 1 + grid², D]` after the final LayerNorm: what the text model cross-attends to.
+    pub last_hidden_state: Tensor<3>,
+    /// The embeddings output followed by every block's output (before the final LayerNorm),
+    /// `num_hidden_layers + 1` tensors, as transformers' `hidden_states`.
+    pub hidden_states: Vec<Tensor<3>>,
+}
+
+impl VisionConfig {
+    /// Builds a [`VisionTransformer`] with random (lazily initialised) weights.
+    pub fn init(&self, device: &Device) -> VisionTransformer {
+        let d = self.hidden_size;
+        let eps = self.layer_norm_eps;
+        let trunc = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
+        let linear = |i, o| {
+            LinearConfig::new(i, o)
+                .with_initializer(trunc.clone())
+                .init(device)
+        };
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| VisionLayer {
+                layer_norm1: LayerNormConfig::new(d).with_epsilon(eps).init(device),
+                self_attn: VisionAttention {
+                    qkv: linear(d, 3 * d),
+                    projection: linear(d, d),
+                    num_heads: self.num_attention_heads,
+                },
+                layer_norm2: LayerNormConfig::new(d).with_epsilon(eps).init(device),
+                mlp: VisionMlp {
+                    fc1: linear(d, self.intermediate_size),
+                    fc2: linear(self.intermediate_size, d),
+                },
+            })
+            .collect();
+        VisionTransformer {
+            embeddings: VisionEmbeddings {
+                class_embedding: trunc.init([1, 1, d], device),
+                patch_embedding: Conv2dConfig::new([3, d], [self.patch_size; 2])
+                    .with_stride([self.patch_size; 2])
+                    .init(device),
+                position_embedding: trunc.init([1, self.num_positions(), d], device),
+                patch_size: self.patch_size,
+            },
+            encoder: VisionEncoder { layers },
+            post_layernorm: LayerNormConfig::new(d).with_epsilon(eps).init(device),
+        }
+    }
+}
+
+impl VisionEmbeddings {
+    /// `[B, 3, H, W]` → `[B, 1 + (H/P)·(W/P), D]`; the position table is bicubically
+    /// resized when the patch grid differs from the one it was trained for.
+    pub fn forward(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
+        let [b, c, h, w] = pixel_values.dims();
+        let p = self.patch_size;
+        if c != 3 || h == 0 || w == 0 || h % p != 0 || w % p != 0 {
+            return Err(Error::InputShape {
+                what: "pixel_values",
+                expected: format!("[B, 3, H, W] with H and W positive multiples of {p}"),
+                found: vec![b, c, h, w],
+            });
+        }
+        let patches = self.patch_embedding.forward(pixel_values); // [B, D, h, w]
+        let [_, d, gh, gw] = patches.dims();
+        let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
+        let class = self.class_embedding.val().expand([b, 1, d]);
+        let tokens = Tensor::cat(vec![class, patches], 1);
+        Ok(tokens + self.position_embedding_for(gh, gw))
+    }
+
+    /// The position table for a `grid_h × grid_w` patch grid: the stored one when it fits,
+    /// else its patch part resized bicubically (PyTorch `interpolate(mode="bicubic",
+    /// align_corners=False)`, as transformers' `interpolate_pos_encoding`), class row kept.
+    pub fn position_embedding_for(&self, grid_h: usize, grid_w: usize) -> Tensor<3> {
+        let table = self.position_embedding.val();
+        let [_, n, d] = table.dims();
+        if n == grid_h * grid_w + 1 {
+            return table;
+        }
+        let side = ((n - 1) as f64).sqrt().round() as usize;
+        let device = table.device();
+        let values: Vec<f32> = table
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("position table is f32 after conversion");
+        let (class_row, grid) = values.split_at(d);
+        let resized = crate::interpolate::bicubic_resize(grid, d, side, side, grid_h, grid_w);
+        let mut out = class_row.to_vec();
+        out.extend(resized);
+        Tensor::from_data(TensorData::new(out, [1, grid_h * grid_w + 1, d]), &device)
+    }
+}
+
+impl VisionAttention {
+    /// `[B, T, D]` → `[B, T, D]`; no mask (every image token sees every other).
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let h = self.num_heads;
+        // [B, T, 3, H, hd] → [3, B, H, T, hd]: the 3 is the outer split, heads inner.
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, t, 3, h, d / h])
+            .permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, t, d / h]);
+        let context = attention(
+            part(0),
+            part(1),
+            part(2),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        );
+        self.projection
+            .forward(context.swap_dims(1, 2).reshape([b, t, d]))
+    }
+}
+
+impl VisionLayer {
+    /// One pre-norm block.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        let hidden = gelu(self.mlp.fc1.forward(self.layer_norm2.forward(x.clone())));
+        x + self.mlp.fc2.forward(hidden)
+    }
+}
+
+impl VisionTransformer {
+    /// Encodes normalised pixels `[B, 3, H, W]` into `[B, 1 + (H/16)·(W/16), D]` tokens
+    /// (class token first), after the final LayerNorm.
+    pub fn forward(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
+        let mut x = self.embeddings.forward(pixel_values)?;
+        for layer in &self.encoder.layers {
+            x = layer.forward(x);
+        }
+        Ok(self.post_layernorm.forward(x))
+    }
+
+    /// As [`forward`](Self::forward), also returning every block's output.
+    pub fn forward_with_hidden_states(&self, pixel_values: Tensor<4>) -> Result<VisionOutput> {
+        let mut x = self.embeddings.forward(pixel_values)?;
+        let mut hidden_states = vec![x.clone()];
+        for layer in &self.encoder.layers {
+            x = layer.forward(x);
+            hidden_states.push(x.clone());
+        }
+        Ok(VisionOutput {
+            last_hidden_state: self.post_layernorm.forward(x),
+            hidden_states,
+        })
+    }
+
+    /// Token width `D`.
+    pub fn hidden_size(&self) -> usize {
+        self.post_layernorm.gamma.shape()[0]
+    }
+
+    /// Replaces the position table by one resized for `image_size × image_size` inputs, as
+    /// the original code does once at load time; forward passes at that size then skip the
+    /// per-call interpolation.
+    pub fn with_image_size(mut self, image_size: usize) -> Self {
+        let grid = image_size / self.embeddings.patch_size;
+        let table = self.embeddings.position_embedding_for(grid, grid);
+        self.embeddings.position_embedding = Param::from_tensor(table);
+        self
+    }
+}

@@ -1,0 +1,114 @@
+//! Shared helpers of the integration tests: fixture reading and tolerance checks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+/// Max |Δ| allowed between our f32 outputs and transformers' (the project's parity bar).
+pub const TOL: f32 = 1e-4;
+
+pub fn device() -> Device {
+    Device::flex()
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The `expected.safetensors` of one fixture directory.
+pub struct Expected {
+    bytes: Vec<u8>,
+}
+
+impl Expected {
+    pub fn open(dir: &Path) -> Self {
+        let bytes = std::fs::read(dir.join("expected.safetensors")).expect("fixture exists");
+        Self { bytes }
+    }
+
+    fn view(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("valid fixture")
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.view().names().contains(&key)
+    }
+
+    pub fn shape(&self, key: &str) -> Vec<usize> {
+        self.view().tensor(key).expect(key).shape().to_vec()
+    }
+
+    /// Values of a float tensor (f32 or f16) as f32.
+    pub fn floats(&self, key: &str) -> Vec<f32> {
+        let view = self.view();
+        let t = view
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("fixture has {key}"));
+        match t.dtype() {
+            Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).to_f32())
+                .collect(),
+            other => panic!("{key}: unexpected dtype {other:?}"),
+        }
+    }
+
+    pub fn ints(&self, key: &str) -> Vec<i64> {
+        let view = self.view();
+        let t = view
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("fixture has {key}"));
+        assert_eq!(t.dtype(), Dtype::I64, "{key}");
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
+    pub fn float<const D: usize>(&self, key: &str, device: &Device) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(self.floats(key), self.shape(key)), device)
+    }
+
+    pub fn int<const D: usize>(&self, key: &str, device: &Device) -> Tensor<D, Int> {
+        Tensor::from_data(TensorData::new(self.ints(key), self.shape(key)), device)
+    }
+}
+
+/// Values of a tensor on the host.
+pub fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
+    let shape = t.dims().to_vec();
+    let data = t.into_data().try_into_vec_as::<f32>().expect("f32 data");
+    (shape, data)
+}
+
+/// Asserts equal shapes and max |Δ| ≤ tol; returns the max |Δ| seen.
+#[track_caller]
+pub fn assert_close<const D: usize>(
+    what: &str,
+    ours: Tensor<D>,
+    expected: &Expected,
+    key: &str,
+    tol: f32,
+) -> f32 {
+    let (shape, got) = values(ours);
+    assert_eq!(shape, expected.shape(key), "{what}: shape");
+    let want = expected.floats(key);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= tol && got.iter().all(|v| v.is_finite()),
+        "{what}: max |Δ| = {worst:e} > {tol:e}"
+    );
+    worst
+}
