@@ -18,7 +18,8 @@ What it writes (all small enough to commit):
 * `tests/fixtures/tokenizer/expected.json`: ids, masks and decodes of transformers'
   bert-base-uncased tokenizer with BLIP's `[DEC]` and `[ENC]` added, on awkward text.
 * `tests/fixtures/images/`: scikit-image sample images (photographs, greyscale, RGBA, JPEG) and
-  `expected.safetensors` with `BlipImageProcessor`'s output for each (f16).
+  `expected.safetensors` with `BlipImageProcessor`'s resized pixels for each (as the uint8
+  levels its output is normalised from).
 
 HF's own initialisation makes a random BLIP blind to its image, so every tensor is re-drawn
 (`perturb`): nothing is 0 or 1, attention is sharp, outputs differ per image and per token.
@@ -291,17 +292,23 @@ def image_fixtures():
     d = FIXTURES / "images"
     d.mkdir(parents=True, exist_ok=True)
     tv, pil = BlipImageProcessor(), BlipImageProcessorPil()
+    mean = torch.tensor(tv.image_mean)[:, None, None]
+    std = torch.tensor(tv.image_std)[:, None, None]
     out, worst = {}, 0.0
     for name in IMAGES:
         shutil.copy(src / name, d / name)
         img = Image.open(d / name)
         a = tv(img, return_tensors="pt").pixel_values[0]
         b = pil(img, return_tensors="pt").pixel_values[0]
-        worst = max(worst, (a - b).abs().max().item())
-        out[name] = a.to(torch.float16)
+        worst = max(worst, ((a - b) * std * 255).abs().max().item())
+        # The torchvision backend resizes uint8 images to uint8, so its output is exactly
+        # (level / 255 - mean) / std: store the levels, losslessly.
+        levels = (a * std + mean) * 255
+        assert (levels - levels.round()).abs().max() < 1e-3, name
+        out[name] = levels.round().to(torch.uint8)
         print(f"{name}: mode {img.mode}, size {img.size}")
     save_file(out, d / "expected.safetensors")
-    print(f"torchvision vs PIL backends differ by at most {worst:.4f} (normalised units)")
+    print(f"the PIL backend differs from the torchvision one by up to {worst:.2f} grey levels")
 
 
 if __name__ == "__main__":

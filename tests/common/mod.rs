@@ -61,6 +61,15 @@ impl Expected {
         }
     }
 
+    pub fn bytes(&self, key: &str) -> Vec<u8> {
+        let view = self.view();
+        let t = view
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("fixture has {key}"));
+        assert_eq!(t.dtype(), Dtype::U8, "{key}");
+        t.data().to_vec()
+    }
+
     pub fn ints(&self, key: &str) -> Vec<i64> {
         let view = self.view();
         let t = view

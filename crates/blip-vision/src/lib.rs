@@ -27,7 +27,7 @@ mod vit;
 pub use config::{VisionConfig, read_json};
 pub use error::{Error, Result};
 pub use interpolate::bicubic_resize;
-pub use processor::{BLIP_MEAN, BLIP_STD, ImageProcessor, to_rgb};
+pub use processor::{BLIP_MEAN, BLIP_STD, ImageProcessor, resize_bicubic_aa, to_rgb};
 pub use vit::{
     VisionAttention, VisionEmbeddings, VisionEncoder, VisionLayer, VisionMlp, VisionOutput,
     VisionTransformer,
