@@ -176,6 +176,48 @@ impl BlipConfig {
     }
 }
 
+impl BlipConfig {
+    /// The config as a HF `config.json` for `architecture` (e.g.
+    /// `"BlipForConditionalGeneration"`), readable by transformers and [`Self::from_hf_json`].
+    pub fn to_hf_json(&self, architecture: &str) -> serde_json::Value {
+        let (v, t) = (&self.vision, &self.text);
+        serde_json::json!({
+            "architectures": [architecture],
+            "model_type": "blip",
+            "image_text_hidden_size": self.image_text_hidden_size,
+            "label_smoothing": t.label_smoothing,
+            "vision_config": {
+                "model_type": "blip_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_hidden_layers,
+                "num_attention_heads": v.num_attention_heads,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "layer_norm_eps": v.layer_norm_eps,
+                "hidden_act": "gelu",
+            },
+            "text_config": {
+                "model_type": "blip_text_model",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "encoder_hidden_size": v.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads,
+                "max_position_embeddings": t.max_position_embeddings,
+                "layer_norm_eps": t.layer_norm_eps,
+                "is_decoder": t.add_cross_attention,
+                "pad_token_id": t.pad_token_id,
+                "bos_token_id": t.bos_token_id,
+                "sep_token_id": t.sep_token_id,
+                "label_smoothing": t.label_smoothing,
+                "hidden_act": "gelu",
+            },
+        })
+    }
+}
+
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }

@@ -22,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blip_vision::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors};
+use blip_vision::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
 use burn::module::Module;
 use burn::store::ModuleSnapshot;
 use burn::tensor::Device;
@@ -173,29 +173,66 @@ fn check_tied(header: &SafetensorsHeader, alias: &str, source: &str) -> Result<(
     Ok(())
 }
 
-impl CaptioningModel {
-    /// Loads a `BlipForConditionalGeneration` directory (e.g. blip-image-captioning-base).
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Pretrained<Self>> {
-        let dir = ModelDir::open(dir)?;
-        let model = Self::new(&dir.config, device);
-        dir.load(model, &CAPTIONING_KEYS, DECODER_TIES)
-    }
+/// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
+fn save<M: Module + ModuleSnapshot>(
+    model: &M,
+    config: &BlipConfig,
+    architecture: &str,
+    keys: &KeyMap,
+    dir: &Path,
+) -> Result<()> {
+    let io = |source| blip_vision::Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    save_safetensors(model, &dir.join("model.safetensors"), keys)?;
+    let json = serde_json::to_string_pretty(&config.to_hf_json(architecture))
+        .expect("a JSON value serialises");
+    std::fs::write(dir.join("config.json"), json + "\n").map_err(io)?;
+    Ok(())
 }
 
-impl RetrievalModel {
-    /// Loads a `BlipForImageTextRetrieval` directory (e.g. blip-itm-base-coco).
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Pretrained<Self>> {
-        let dir = ModelDir::open(dir)?;
-        let model = Self::new(&dir.config, device);
-        dir.load(model, &RETRIEVAL_KEYS, &[])
-    }
+/// Loading from and saving to HF model directories, one implementation per family.
+macro_rules! hf_family {
+    ($model:ty, $architecture:literal, $keys:expr, $ties:expr, $example:literal) => {
+        impl $model {
+            #[doc = concat!("Loads a `", $architecture, "` directory (e.g. ", $example, ").")]
+            pub fn from_pretrained(
+                dir: impl AsRef<Path>,
+                device: &Device,
+            ) -> Result<Pretrained<Self>> {
+                let dir = ModelDir::open(dir)?;
+                let model = Self::new(&dir.config, device);
+                dir.load(model, &$keys, $ties)
+            }
+
+            #[doc = concat!("Writes a `", $architecture, "` directory (`config.json`, `model.safetensors`) that transformers and [`Self::from_pretrained`] load.")]
+            pub fn save_pretrained(&self, config: &BlipConfig, dir: impl AsRef<Path>) -> Result<()> {
+                save(self, config, $architecture, &$keys, dir.as_ref())
+            }
+        }
+    };
 }
 
-impl VqaModel {
-    /// Loads a `BlipForQuestionAnswering` directory (e.g. blip-vqa-base).
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Pretrained<Self>> {
-        let dir = ModelDir::open(dir)?;
-        let model = Self::new(&dir.config, device);
-        dir.load(model, &VQA_KEYS, DECODER_TIES)
-    }
-}
+hf_family!(
+    CaptioningModel,
+    "BlipForConditionalGeneration",
+    CAPTIONING_KEYS,
+    DECODER_TIES,
+    "Salesforce/blip-image-captioning-base"
+);
+hf_family!(
+    RetrievalModel,
+    "BlipForImageTextRetrieval",
+    RETRIEVAL_KEYS,
+    &[],
+    "Salesforce/blip-itm-base-coco"
+);
+hf_family!(
+    VqaModel,
+    "BlipForQuestionAnswering",
+    VQA_KEYS,
+    DECODER_TIES,
+    "Salesforce/blip-vqa-base"
+);

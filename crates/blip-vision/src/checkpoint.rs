@@ -1,11 +1,11 @@
 //! Checked loading of safetensors checkpoints into burn modules, shared by every BLIP family.
 //!
-//! burn's store does the reading (`burn::store::SafetensorsStore`, memory-mapped, with
-//! `PyTorchToBurnAdapter` transposing Linear weights and renaming LayerNorm `weight`/`bias`
-//! to `gamma`/`beta`). Before handing it the file, [`load_safetensors`] compares the file's
-//! header with the module the config built — every key, shape and dtype — so that a wrong or
-//! damaged checkpoint is a typed [`Error`] naming the key and both shapes, never a panic and
-//! never a silently random weight.
+//! burn's store applies the tensors (`ModuleSnapshot::apply`, with `PyTorchToBurnAdapter`
+//! transposing Linear weights and renaming LayerNorm `weight`/`bias` to `gamma`/`beta`).
+//! Before that, [`load_safetensors`] compares the file's header with the module the config
+//! built — every key, shape and dtype — so that a wrong or damaged checkpoint is a typed
+//! [`Error`] naming the key and both shapes, never a panic and never a silently random
+//! weight.
 //!
 //! Module field names equal the checkpoint keys wherever Rust allows; a [`KeyMap`] lists the
 //! few segment renames that remain and the keys a family may carry without using them.
@@ -16,10 +16,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::store::{
-    FloatCastAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore,
-};
+use burn::store::burn_pack::{Bytes, Error as PackError, Tensor as PackTensor};
+use burn::store::{FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter};
 use burn::tensor::{Bool, DType, Int, Tensor};
 
 use crate::error::{Error, Result};
@@ -48,39 +46,27 @@ impl KeyMap {
 
     /// Module path → checkpoint key.
     pub fn to_checkpoint(&self, path: &str) -> String {
-        let mut key = format!(".{path}.");
-        for (ckpt, module) in self.renames {
-            key = key.replace(&format!(".{module}."), &format!(".{ckpt}."));
-        }
-        key[1..key.len() - 1].to_string()
+        self.renames
+            .iter()
+            .fold(path.to_string(), |key, (ckpt, module)| {
+                rename(&key, module, ckpt)
+            })
     }
 
-    /// The regex remapper burn's store applies to checkpoint keys (checkpoint → module).
-    fn remapper(&self) -> KeyRemapper {
-        let patterns = self
-            .renames
+    /// Checkpoint key → module path.
+    pub fn to_module(&self, key: &str) -> String {
+        self.renames
             .iter()
-            .map(|(ckpt, module)| {
-                (
-                    format!(r"(^|\.){}(\.|$)", regex_escape(ckpt)),
-                    format!("${{1}}{module}${{2}}"),
-                )
+            .fold(key.to_string(), |path, (ckpt, module)| {
+                rename(&path, ckpt, module)
             })
-            .collect::<Vec<_>>();
-        KeyRemapper::from_patterns(patterns).expect("escaped literal patterns are valid regexes")
     }
 }
 
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                vec![c]
-            } else {
-                vec!['\\', c]
-            }
-        })
-        .collect()
+/// Replaces the whole dot-separated segments `from` by `to` in `path`.
+fn rename(path: &str, from: &str, to: &str) -> String {
+    let padded = format!(".{path}.").replace(&format!(".{from}."), &format!(".{to}."));
+    padded[1..padded.len() - 1].to_string()
 }
 
 /// One tensor as described by a safetensors header.
@@ -189,6 +175,43 @@ impl SafetensorsHeader {
             tensors,
             data_start,
         })
+    }
+
+    /// A burn-store tensor named `name` whose bytes are read from the file when first drawn.
+    fn deferred(&self, key: &str, name: String) -> Result<PackTensor> {
+        let info = &self.tensors[key];
+        let dtype = match info.dtype.as_str() {
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F32" => DType::F32,
+            "F64" => DType::F64,
+            other => {
+                return Err(Error::DType {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    found: other.to_string(),
+                });
+            }
+        };
+        let (path, start) = (self.path.clone(), self.data_start + info.data_offsets.0);
+        let len = (info.data_offsets.1 - info.data_offsets.0) as usize;
+        Ok(PackTensor::deferred(
+            name,
+            dtype,
+            info.shape.clone(),
+            None,
+            len,
+            move || {
+                let mut buffer = vec![0u8; len];
+                File::open(&path)
+                    .and_then(|mut f| {
+                        f.seek(SeekFrom::Start(start))?;
+                        f.read_exact(&mut buffer)
+                    })
+                    .map_err(|e| PackError::IoError(format!("{}: {e}", path.display())))?;
+                Ok(Bytes::from_bytes_vec(buffer))
+            },
+        ))
     }
 
     /// Raw little-endian bytes of one tensor.
@@ -343,10 +366,13 @@ pub fn check_header(
     Ok(())
 }
 
-/// Loads `path` into `module` after checking every key, shape and dtype against it.
+/// Loads the checkpoint into `module` after checking every key, shape and dtype against it.
 ///
-/// Half-precision files are widened to f32. On any error the module is dropped and nothing
-/// partially loaded escapes.
+/// Tensors go through burn's store (`ModuleSnapshot::apply` with `PyTorchToBurnAdapter`, and
+/// `FloatCastAdapter` widening half-precision files to f32), each read from the file only
+/// when the module reaches it and dropped once applied: peak memory is the model plus its
+/// largest tensor, not twice the file as a whole-file or memory-mapped read would be. On any
+/// error the module is dropped and nothing partially loaded escapes.
 pub fn load_safetensors<M: Module + ModuleSnapshot>(
     mut module: M,
     header: &SafetensorsHeader,
@@ -354,24 +380,21 @@ pub fn load_safetensors<M: Module + ModuleSnapshot>(
 ) -> Result<M> {
     let expected = expected_keys(&module, map);
     check_header(header, &expected, map)?;
+    let tensors = expected
+        .keys()
+        .map(|key| header.deferred(key, map.to_module(key)))
+        .collect::<Result<Vec<_>>>()?;
+    let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32));
+    let result = module.apply(tensors, None, Some(Box::new(adapter)), false);
     let store_error = |message: String| Error::Store {
         path: header.path.clone(),
         message,
     };
-    let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32));
-    let mut store = SafetensorsStore::from_file(&header.path)
-        .with_from_adapter(adapter)
-        .remap(map.remapper())
-        .map_indices_contiguous(false)
-        .allow_partial(true);
-    let result = module
-        .load_from(&mut store)
-        .map_err(|e| store_error(e.to_string()))?;
     if let Some(error) = result.errors.first() {
         return Err(store_error(error.to_string()));
     }
     if let Some((missing, _)) = result.missing.first() {
-        // The header check makes this unreachable unless the remap table and the module
+        // The header check makes this unreachable unless the key map and the module
         // disagree: report it rather than run with a random weight.
         return Err(Error::MissingTensor {
             path: header.path.clone(),
@@ -380,6 +403,79 @@ pub fn load_safetensors<M: Module + ModuleSnapshot>(
         });
     }
     Ok(module)
+}
+
+/// Writes `module` as a safetensors file in checkpoint layout (`[out, in]` Linear weights,
+/// LayerNorm `weight`/`bias`, keys through `map`), the inverse of [`load_safetensors`].
+///
+/// Tensors are produced and written one at a time. The file appears atomically: it is
+/// written beside `path` and renamed over it only when complete, so a failure leaves no
+/// half-written checkpoint.
+pub fn save_safetensors<M: Module + ModuleSnapshot>(
+    module: &M,
+    path: &Path,
+    map: &KeyMap,
+) -> Result<()> {
+    use burn::store::BurnToPyTorchAdapter;
+    use std::io::Write;
+
+    let mut tensors = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
+    for t in &mut tensors {
+        t.name = map.to_checkpoint(&t.name);
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for t in &tensors {
+        let dtype = match t.dtype {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            other => {
+                return Err(Error::InvalidCheckpoint {
+                    path: path.to_path_buf(),
+                    message: format!("cannot write `{}` of dtype {other:?}", t.name),
+                });
+            }
+        };
+        let len = t.byte_len();
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.shape.to_vec(), "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut json = serde_json::to_vec(&header).expect("a JSON map serialises");
+    json.resize(json.len().div_ceil(8) * 8, b' '); // keep the data section aligned
+    let tmp = path.with_extension("safetensors.partial");
+    let io = |source| Error::Io {
+        path: tmp.clone(),
+        source,
+    };
+    let write = || -> Result<()> {
+        let mut file = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
+        file.write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        file.write_all(&json).map_err(io)?;
+        for t in &tensors {
+            let bytes = t.to_bytes().map_err(|e| Error::Store {
+                path: path.to_path_buf(),
+                message: format!("`{}`: {e}", t.name),
+            })?;
+            file.write_all(&bytes).map_err(io)?;
+        }
+        file.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 #[cfg(test)]
@@ -408,6 +504,21 @@ mod tests {
         assert_eq!(
             MAP.to_checkpoint("text_decoder.lm_head.transform.layer_norm.bias"),
             "text_decoder.cls.predictions.transform.LayerNorm.bias"
+        );
+    }
+
+    #[test]
+    fn to_module_inverts_to_checkpoint() {
+        for key in [
+            "text_decoder.bert.encoder.layer.3.crossattention.self.value.bias",
+            "text_decoder.cls.predictions.transform.LayerNorm.weight",
+            "vision_model.encoder.layers.0.self_attn.qkv.weight",
+        ] {
+            assert_eq!(MAP.to_checkpoint(&MAP.to_module(key)), key);
+        }
+        assert_eq!(
+            MAP.to_module("text_decoder.cls.predictions.bias"),
+            "text_decoder.lm_head.bias"
         );
     }
 

@@ -1,0 +1,356 @@
+//! A wrong or damaged checkpoint is a typed error naming the file, key and shapes: never a
+//! panic, never a silently random weight. Each test damages a copy of a tiny fixture.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use blip::text::Error;
+use blip::vision::Error as VisionError;
+use blip::{CaptioningModel, RetrievalModel, VqaModel};
+use common::{Expected, assert_close, device, fixtures};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+/// A scratch copy of a fixture directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn copy_of(fixture: &str, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "blip-loading-{fixture}-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["config.json", "model.safetensors", "expected.safetensors"] {
+            std::fs::copy(fixtures().join(fixture).join(file), dir.join(file)).unwrap();
+        }
+        Self(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn weights(&self) -> PathBuf {
+        self.0.join("model.safetensors")
+    }
+
+    fn read(&self) -> Tensors {
+        let bytes = std::fs::read(self.weights()).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(k, v)| (k, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+            .collect()
+    }
+
+    fn write(&self, tensors: &Tensors) {
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(k, (dtype, shape, data))| {
+                (
+                    k.clone(),
+                    TensorView::new(*dtype, shape.clone(), data).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &self.weights()).unwrap();
+    }
+
+    fn edit_config(&self, edit: impl FnOnce(&mut serde_json::Value)) {
+        let path = self.0.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut config);
+        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn vision_error(result: Result<impl std::fmt::Debug, Error>) -> VisionError {
+    match result {
+        Err(Error::Vision(e)) => e,
+        other => panic!("expected a checkpoint error, got {other:?}"),
+    }
+}
+
+const KEY: &str = "text_decoder.bert.encoder.layer.1.crossattention.self.key.weight";
+
+#[test]
+fn missing_tensor_names_its_key_and_shape() {
+    let scratch = Scratch::copy_of("tiny-captioning", "missing");
+    let mut tensors = scratch.read();
+    tensors.remove(KEY).unwrap();
+    scratch.write(&tensors);
+    match vision_error(CaptioningModel::from_pretrained(scratch.path(), &device())) {
+        VisionError::MissingTensor {
+            key,
+            expected,
+            path,
+        } => {
+            assert_eq!(key, KEY);
+            assert_eq!(expected, vec![32, 32]);
+            assert_eq!(path, scratch.weights());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unexpected_tensor_is_reported() {
+    let scratch = Scratch::copy_of("tiny-captioning", "extra");
+    let mut tensors = scratch.read();
+    tensors.insert(
+        "text_decoder.pooler.dense.bias".into(),
+        (Dtype::F32, vec![1], vec![0; 4]),
+    );
+    scratch.write(&tensors);
+    let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));
+    assert!(
+        matches!(&err, VisionError::UnexpectedTensor { key, shape, .. }
+            if key == "text_decoder.pooler.dense.bias" && shape == &vec![1]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("pooler"), "{err}");
+}
+
+#[test]
+fn config_contradicting_weights_names_both_shapes() {
+    let scratch = Scratch::copy_of("tiny-captioning", "config");
+    scratch.edit_config(|c| c["text_config"]["intermediate_size"] = 48.into());
+    match vision_error(CaptioningModel::from_pretrained(scratch.path(), &device())) {
+        VisionError::ShapeMismatch {
+            key,
+            expected,
+            found,
+            ..
+        } => {
+            assert_eq!(
+                key,
+                "text_decoder.bert.encoder.layer.0.intermediate.dense.bias"
+            );
+            assert_eq!(expected, vec![48]);
+            assert_eq!(found, vec![64]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn fewer_layers_in_config_than_in_file_is_an_error() {
+    let scratch = Scratch::copy_of("tiny-retrieval", "layers");
+    scratch.edit_config(|c| c["vision_config"]["num_hidden_layers"] = 1.into());
+    let err = vision_error(RetrievalModel::from_pretrained(scratch.path(), &device()));
+    assert!(
+        matches!(&err, VisionError::UnexpectedTensor { key, .. } if key.starts_with("vision_model.encoder.layers.1.")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn integer_tensor_where_a_weight_belongs_is_a_dtype_error() {
+    let scratch = Scratch::copy_of("tiny-captioning", "dtype");
+    let mut tensors = scratch.read();
+    let key = "text_decoder.cls.predictions.bias";
+    let (_, shape, data) = tensors.remove(key).unwrap();
+    tensors.insert(key.into(), (Dtype::I32, shape, data));
+    scratch.write(&tensors);
+    match vision_error(CaptioningModel::from_pretrained(scratch.path(), &device())) {
+        VisionError::DType { key: k, found, .. } => {
+            assert_eq!(k, key);
+            assert_eq!(found, "I32");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn truncated_file_is_reported_with_both_lengths() {
+    let scratch = Scratch::copy_of("tiny-vqa", "truncated");
+    let bytes = std::fs::read(scratch.weights()).unwrap();
+    std::fs::write(scratch.weights(), &bytes[..bytes.len() - 1000]).unwrap();
+    match vision_error(VqaModel::from_pretrained(scratch.path(), &device())) {
+        VisionError::Truncated {
+            expected, found, ..
+        } => {
+            assert_eq!(expected, bytes.len() as u64);
+            assert_eq!(found, bytes.len() as u64 - 1000);
+        }
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(scratch.weights(), &bytes[..20]).unwrap();
+    let err = vision_error(VqaModel::from_pretrained(scratch.path(), &device()));
+    assert!(matches!(err, VisionError::Truncated { .. }), "{err:?}");
+}
+
+#[test]
+fn garbage_is_not_a_safetensors_file() {
+    let scratch = Scratch::copy_of("tiny-captioning", "garbage");
+    let mut junk = 16u64.to_le_bytes().to_vec();
+    junk.extend(b"{not json at all");
+    std::fs::write(scratch.weights(), junk).unwrap();
+    let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));
+    assert!(
+        matches!(err, VisionError::InvalidCheckpoint { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn wrong_family_is_reported_not_loaded() {
+    let err = vision_error(CaptioningModel::from_pretrained(
+        fixtures().join("tiny-retrieval"),
+        &device(),
+    ));
+    assert!(
+        matches!(&err, VisionError::MissingTensor { key, .. } if key.starts_with("text_decoder.")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn missing_files_are_named() {
+    let dir = std::env::temp_dir().join(format!("blip-loading-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = CaptioningModel::from_pretrained(&dir, &device()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MissingFile {
+                file: "config.json",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    std::fs::copy(
+        fixtures().join("tiny-vqa/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let err = VqaModel::from_pretrained(&dir, &device()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MissingFile {
+                file: "model.safetensors",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const DECODER_WEIGHT: &str = "text_decoder.cls.predictions.decoder.weight";
+const WORD_EMBEDDINGS: &str = "text_decoder.bert.embeddings.word_embeddings.weight";
+
+#[test]
+fn stored_tied_decoder_weight_must_equal_the_embeddings() {
+    let scratch = Scratch::copy_of("tiny-captioning", "tied");
+    let mut tensors = scratch.read();
+    let embeddings = tensors[WORD_EMBEDDINGS].clone();
+    tensors.insert(DECODER_WEIGHT.into(), embeddings.clone());
+    scratch.write(&tensors);
+    CaptioningModel::from_pretrained(scratch.path(), &device()).expect("an equal alias loads");
+
+    let (dtype, shape, mut data) = embeddings;
+    data[0] ^= 0x55;
+    tensors.insert(DECODER_WEIGHT.into(), (dtype, shape, data));
+    scratch.write(&tensors);
+    let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));
+    assert!(
+        matches!(&err, VisionError::Config { message, .. } if message.contains(DECODER_WEIGHT)),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn half_precision_checkpoints_are_widened_to_f32() {
+    let scratch = Scratch::copy_of("tiny-captioning", "f16");
+    let tensors: Tensors = scratch
+        .read()
+        .into_iter()
+        .map(|(k, (_, shape, data))| {
+            let halves = data
+                .chunks_exact(4)
+                .flat_map(|b| {
+                    half::f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes()
+                })
+                .collect();
+            (k, (Dtype::F16, shape, halves))
+        })
+        .collect();
+    scratch.write(&tensors);
+    let device = device();
+    let model = CaptioningModel::from_pretrained(scratch.path(), &device)
+        .unwrap()
+        .model;
+    let expected = Expected::open(scratch.path());
+    let pixels = expected.float::<4>("inputs.pixel_values", &device);
+    // f16 weights: close to the f32 reference, not equal.
+    let worst = assert_close(
+        "f16 vision",
+        model.vision_model.forward(pixels).unwrap(),
+        &expected,
+        "vision.last_hidden_state",
+        0.1,
+    );
+    assert!(worst > 1e-6, "weights were not rounded to f16: {worst}");
+}
+
+#[test]
+fn save_pretrained_writes_back_the_same_checkpoint() {
+    let device = device();
+    for fixture in ["tiny-captioning", "asym-retrieval", "tiny-vqa"] {
+        let source = fixtures().join(fixture);
+        let out =
+            std::env::temp_dir().join(format!("blip-roundtrip-{fixture}-{}", std::process::id()));
+        let config = blip::BlipConfig::from_hf_json(source.join("config.json")).unwrap();
+        match fixture {
+            "tiny-captioning" => CaptioningModel::from_pretrained(&source, &device)
+                .unwrap()
+                .model
+                .save_pretrained(&config, &out),
+            "asym-retrieval" => RetrievalModel::from_pretrained(&source, &device)
+                .unwrap()
+                .model
+                .save_pretrained(&config, &out),
+            _ => VqaModel::from_pretrained(&source, &device)
+                .unwrap()
+                .model
+                .save_pretrained(&config, &out),
+        }
+        .unwrap();
+        let original = std::fs::read(source.join("model.safetensors")).unwrap();
+        let written = std::fs::read(out.join("model.safetensors")).unwrap();
+        let (a, b) = (
+            SafeTensors::deserialize(&original).unwrap(),
+            SafeTensors::deserialize(&written).unwrap(),
+        );
+        let mut names_a = a.names();
+        let mut names_b = b.names();
+        names_a.sort();
+        names_b.sort();
+        assert_eq!(names_a, names_b, "{fixture}: keys");
+        for name in names_a {
+            let (x, y) = (a.tensor(name).unwrap(), b.tensor(name).unwrap());
+            assert_eq!(x.shape(), y.shape(), "{fixture}: {name}");
+            assert!(x.data() == y.data(), "{fixture}: {name} bytes differ");
+        }
+        let reread = blip::BlipConfig::from_hf_json(out.join("config.json")).unwrap();
+        assert_eq!(reread, config, "{fixture}: config.json round trip");
+        assert!(!out.join("model.safetensors.partial").exists());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
