@@ -26,6 +26,9 @@ const IMAGES: [&str; 6] = [
     "rocket.jpg",
 ];
 
+/// A resampler under test: RGB image → `SIZE × SIZE` interleaved RGB bytes.
+type Resampler = fn(&RgbImage) -> Vec<u8>;
+
 fn fast_image_resize_u8(image: &RgbImage) -> Vec<u8> {
     let (w, h) = image.dimensions();
     let src = ResizeImage::from_vec_u8(w, h, image.as_raw().clone(), PixelType::U8x3).unwrap();
@@ -65,7 +68,7 @@ fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
     let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let methods: [(&str, fn(&RgbImage) -> Vec<u8>); 3] = [
+    let methods: [(&str, Resampler); 3] = [
         ("blip-vision (torchvision fixed point)", ours),
         ("fast_image_resize U8x3 CatmullRom", fast_image_resize_u8),
         ("image::imageops CatmullRom", image_crate),

@@ -9,8 +9,11 @@ use safetensors::{Dtype, SafeTensors};
 /// Max |Δ| allowed between our f32 outputs and transformers' (the project's parity bar).
 pub const TOL: f32 = 1e-4;
 
+/// The device the suite runs on: `BLIP_TEST_DEVICE` (`cpu`, `wgpu`, `ndarray`; a build
+/// with that backend's feature), `cpu` by default.
 pub fn device() -> Device {
-    Device::flex()
+    let name = std::env::var("BLIP_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    blip::backend_device(&name).unwrap_or_else(|e| panic!("BLIP_TEST_DEVICE: {e}"))
 }
 
 pub fn fixtures() -> PathBuf {

@@ -73,7 +73,7 @@ impl TextConfig {
                 message,
             })
         };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return fail(format!(
                 "text hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

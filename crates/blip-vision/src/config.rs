@@ -102,13 +102,13 @@ impl VisionConfig {
                 message,
             })
         };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return fail(format!(
                 "vision hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return fail(format!(
                 "vision image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size

@@ -8,9 +8,11 @@ use image::{DynamicImage, ImageReader, RgbImage};
 
 use crate::error::{Error, Result};
 
-/// CLIP's image mean, used by every BLIP checkpoint.
+/// CLIP's image mean, used by every BLIP checkpoint (digits as published).
+#[allow(clippy::excessive_precision)]
 pub const BLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// CLIP's image standard deviation, used by every BLIP checkpoint.
+/// CLIP's image standard deviation, used by every BLIP checkpoint (digits as published).
+#[allow(clippy::excessive_precision)]
 pub const BLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 /// Turns images into the normalised `[B, 3, H, W]` tensor the ViT takes.

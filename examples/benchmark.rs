@@ -1,0 +1,199 @@
+//! Full-size BLIP-base figures on this machine: f32 GEMM rate, checkpoint load time, ViT
+//! forward time at 384 px, and peak memory against the weight file.
+//!
+//! ```sh
+//! cargo run --release --example benchmark -- [--device cpu|wgpu] [--dir DIR] [--runs N]
+//! ```
+//!
+//! The first run writes a random BLIP-base captioning checkpoint (HF layout, ~0.9 GB) to
+//! `DIR` (default `target/blip-base-random`). The load and forward are measured in a child
+//! process, so that its peak resident memory is the loader's and the model's alone.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use blip::{BlipConfig, CaptioningModel, Device, backend_device};
+use burn::tensor::{Distribution, Tensor};
+
+struct Args {
+    device: String,
+    dir: PathBuf,
+    runs: usize,
+    child: bool,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        device: "cpu".into(),
+        dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/blip-base-random"),
+        runs: 5,
+        child: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
+        };
+        match arg.as_str() {
+            "--device" => args.device = value(),
+            "--dir" => args.dir = value().into(),
+            "--runs" => {
+                args.runs = value()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--runs takes a number"))
+            }
+            "--child" => args.child = true,
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    args
+}
+
+fn usage(problem: &str) -> ! {
+    if !problem.is_empty() {
+        eprintln!("error: {problem}");
+    }
+    eprintln!("usage: benchmark [--device cpu|wgpu|ndarray] [--dir DIR] [--runs N]");
+    std::process::exit(2)
+}
+
+/// Peak resident set size of this process, in bytes (Linux `VmHWM`).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn sync(t: Tensor<3>) {
+    // Reading one value forces the computation on asynchronous backends.
+    let _ = t.narrow(2, 0, 1).narrow(1, 0, 1).into_data();
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// f32 GEMM rate (GFLOP/s) on the ViT's largest matmul shape, [577, 768] · [768, 3072].
+fn gemm_rate(device: &Device, runs: usize) -> f64 {
+    let a = Tensor::<3>::random([1, 577, 768], Distribution::Default, device);
+    let b = Tensor::<3>::random([1, 768, 3072], Distribution::Default, device);
+    sync(a.clone().matmul(b.clone()));
+    let times: Vec<f64> = (0..runs.max(3) * 4)
+        .map(|_| {
+            let start = Instant::now();
+            sync(a.clone().matmul(b.clone()));
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    2.0 * 577.0 * 768.0 * 3072.0 / median(times) / 1e9
+}
+
+/// FLOPs of one ViT forward (matmuls and attention; norms and activations are noise).
+fn vit_flops(config: &BlipConfig) -> f64 {
+    let v = &config.vision;
+    let (t, d, m) = (
+        v.num_positions() as f64,
+        v.hidden_size as f64,
+        v.intermediate_size as f64,
+    );
+    let patches = t - 1.0;
+    let patch_embed = 2.0 * patches * d * (3 * v.patch_size * v.patch_size) as f64;
+    let per_layer =
+        2.0 * t * d * 3.0 * d + 2.0 * 2.0 * t * t * d + 2.0 * t * d * d + 2.0 * 2.0 * t * d * m;
+    patch_embed + per_layer * v.num_hidden_layers as f64
+}
+
+fn child(args: &Args) {
+    let device = backend_device(&args.device).unwrap_or_else(|e| usage(&e.to_string()));
+    let weights = args.dir.join("model.safetensors");
+    let file_size = std::fs::metadata(&weights).expect("weights written").len();
+    let start = Instant::now();
+    let loaded = CaptioningModel::from_pretrained(&args.dir, &device).expect("loads");
+    let load = start.elapsed().as_secs_f64();
+    let config = loaded.config;
+    let vit = loaded.model.vision_model;
+    let size = config.vision.image_size;
+    let pixels = Tensor::<4>::random([1, 3, size, size], Distribution::Normal(0.0, 1.0), &device);
+    sync(vit.forward(pixels.clone()).unwrap()); // warm-up
+    let times: Vec<f64> = (0..args.runs)
+        .map(|_| {
+            let start = Instant::now();
+            sync(vit.forward(pixels.clone()).unwrap());
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    let forward = median(times);
+    let flops = vit_flops(&config);
+    let gemm = gemm_rate(&device, args.runs);
+    let peak = peak_rss().unwrap_or(0);
+    println!("f32 GEMM rate ([577,768]x[768,3072])   {gemm:>9.1} GFLOP/s");
+    println!(
+        "checkpoint load                       {load:>9.2} s    ({:.0} MB file)",
+        file_size as f64 / 1e6
+    );
+    println!(
+        "ViT-B/16 forward at {size} (batch 1)     {forward:>9.3} s    ({:.0} GFLOP, {:.1} GFLOP/s, {:.2}x the GEMM-rate bound)",
+        flops / 1e9,
+        flops / forward / 1e9,
+        forward / (flops / gemm / 1e9)
+    );
+    println!(
+        "peak resident memory                  {:>9.0} MB   ({:.2}x the weight file)",
+        peak as f64 / 1e6,
+        peak as f64 / file_size as f64
+    );
+}
+
+fn main() {
+    let args = parse_args();
+    if args.child {
+        return child(&args);
+    }
+    if !args.dir.join("model.safetensors").is_file() {
+        eprintln!(
+            "writing a random BLIP-base checkpoint to {} ...",
+            args.dir.display()
+        );
+        let device = Device::flex();
+        let config = BlipConfig::base();
+        CaptioningModel::new(&config, &device)
+            .save_pretrained(&config, &args.dir)
+            .expect("write the random checkpoint");
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "machine: {} ({threads} threads), device {}",
+        cpu_name(),
+        args.device
+    );
+    let status = Command::new(std::env::current_exe().expect("own path"))
+        .args([
+            "--child",
+            "--device",
+            &args.device,
+            "--runs",
+            &args.runs.to_string(),
+        ])
+        .arg("--dir")
+        .arg(&args.dir)
+        .status()
+        .expect("run the measurement");
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
