@@ -228,3 +228,128 @@ fn lm_loss_ignores_padding_and_prompt_labels() {
         lse - z[2]
     );
 }
+
+#[test]
+fn vqa_question_mask_is_applied_when_asked() {
+    // Row 0's question is padded, row 1's is not: masking the padding changes row 0's
+    // answer logits only.
+    let device = device();
+    let dir = fixtures().join("tiny-vqa");
+    let expected = Expected::open(&dir);
+    let model = VqaModel::from_pretrained(&dir, &device).unwrap().model;
+    let pixels = expected.float::<4>("inputs.pixel_values", &device);
+    let q_mask = expected.int::<2>("inputs.attention_mask", &device);
+    let image = model.vision_model.forward(pixels).unwrap();
+    let question = model
+        .encode_question(
+            image,
+            expected.int::<2>("inputs.input_ids", &device),
+            Some(q_mask.clone()),
+        )
+        .unwrap();
+    let answers = expected.int::<2>("inputs.decoder_input_ids", &device);
+    let answer_mask = expected.int::<2>("inputs.decoder_attention_mask", &device);
+    let logits = |mask| {
+        let cross = blip::text::CrossInput {
+            states: question.clone(),
+            mask,
+        };
+        common::values(
+            model
+                .answer_logits(cross, answers.clone(), Some(answer_mask.clone()))
+                .unwrap(),
+        )
+        .1
+    };
+    let (open, masked) = (logits(None), logits(Some(q_mask)));
+    let half = open.len() / 2;
+    let diff =
+        |r: std::ops::Range<usize>| r.map(|i| (open[i] - masked[i]).abs()).fold(0f32, f32::max);
+    assert!(diff(0..half) > 1e-3, "masking row 0's padding must matter");
+    assert!(
+        diff(half..open.len()) < 1e-5,
+        "row 1 has no padding to mask"
+    );
+}
+
+#[test]
+fn resizing_the_position_table_once_equals_resizing_per_call() {
+    let device = device();
+    let dir = fixtures().join("asym-captioning");
+    let expected = Expected::open(&dir);
+    let vit = CaptioningModel::from_pretrained(&dir, &device)
+        .unwrap()
+        .model
+        .vision_model;
+    let px = expected.float::<4>("interp.48x48.pixel_values", &device);
+    let resized = vit.with_image_size(48);
+    assert_eq!(resized.embeddings.position_embedding.dims(), [1, 37, 48]);
+    assert_close(
+        "with_image_size(48)",
+        resized.forward(px).unwrap(),
+        &expected,
+        "interp.48x48.last_hidden_state",
+        TOL,
+    );
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    use blip::text::Error;
+    let device = device();
+    let dir = fixtures().join("tiny-captioning");
+    let expected = Expected::open(&dir);
+    let model = CaptioningModel::from_pretrained(&dir, &device)
+        .unwrap()
+        .model;
+    let pixels = expected.float::<4>("inputs.pixel_values", &device);
+
+    let out_of_vocab = Tensor::<2, Int>::from_ints([[118, 5, 120]], &device);
+    match model.forward(pixels.clone().narrow(0, 0, 1), out_of_vocab, None) {
+        Err(Error::TokenId {
+            id,
+            row,
+            column,
+            vocab_size,
+            ..
+        }) => {
+            assert_eq!((id, row, column, vocab_size), (120, 0, 2, 120));
+        }
+        other => panic!("{other:?}"),
+    }
+    let too_long = Tensor::<2, Int>::zeros([1, 41], &device);
+    assert!(matches!(
+        model.forward(pixels.clone().narrow(0, 0, 1), too_long, None),
+        Err(Error::TooLong {
+            length: 41,
+            max: 40,
+            ..
+        })
+    ));
+    let ids = Tensor::<2, Int>::from_ints([[118, 5, 6]], &device);
+    let bad_mask = Tensor::<2, Int>::ones([1, 4], &device);
+    assert!(matches!(
+        model.forward(pixels.clone().narrow(0, 0, 1), ids.clone(), Some(bad_mask)),
+        Err(Error::InputShape {
+            what: "attention_mask",
+            ..
+        })
+    ));
+    assert!(
+        matches!(
+            model.forward(pixels.clone(), ids.clone(), None),
+            Err(Error::InputShape { .. })
+        ),
+        "two images for one text row"
+    );
+    let odd = Tensor::<4>::zeros([1, 3, 30, 32], &device);
+    assert!(matches!(
+        model.forward(odd, ids.clone(), None),
+        Err(Error::Vision(blip::vision::Error::InputShape {
+            what: "pixel_values",
+            ..
+        }))
+    ));
+    let grey = Tensor::<4>::zeros([1, 1, 32, 32], &device);
+    assert!(model.vision_model.forward(grey).is_err());
+}

@@ -73,7 +73,9 @@ impl TextConfig {
                 message,
             })
         };
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return fail(format!(
                 "text hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -285,4 +287,59 @@ fn yes() -> bool {
 }
 fn gelu() -> String {
     "gelu".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<BlipConfig> {
+        let path = std::env::temp_dir().join(format!(
+            "blip-config-{}-{}.json",
+            std::process::id(),
+            json.len()
+        ));
+        std::fs::write(&path, json).unwrap();
+        let config = BlipConfig::from_hf_json(&path);
+        std::fs::remove_file(&path).unwrap();
+        config
+    }
+
+    #[test]
+    fn hub_base_config_reads_as_the_base_preset() {
+        // What Salesforce/blip-image-captioning-base's config.json sets; the rest defaults.
+        let config = parse(
+            r#"{"architectures": ["BlipForConditionalGeneration"], "model_type": "blip",
+                "text_config": {"num_attention_heads": 12},
+                "vision_config": {"dropout": 0.0, "initializer_range": 0.02}}"#,
+        )
+        .unwrap();
+        assert_eq!(config, BlipConfig::base());
+    }
+
+    #[test]
+    fn hub_large_config_reads_as_the_large_preset() {
+        let config = parse(
+            r#"{"text_config": {"num_attention_heads": 12, "encoder_hidden_size": 1024},
+                "vision_config": {"hidden_size": 1024, "intermediate_size": 4096,
+                                  "num_attention_heads": 16, "num_hidden_layers": 24}}"#,
+        )
+        .unwrap();
+        assert_eq!(config, BlipConfig::large());
+    }
+
+    #[test]
+    fn inconsistent_configs_are_rejected_with_the_file_named() {
+        for bad in [
+            r#"{"text_config": {"hidden_size": 770, "num_attention_heads": 12}}"#,
+            r#"{"vision_config": {"image_size": 100}}"#,
+            r#"{"text_config": {"hidden_act": "relu", "num_attention_heads": 12}}"#,
+            r#"{"text_config": {"vocab_size": 100, "num_attention_heads": 12}}"#,
+            r#"{"text_config": {"num_attention_heads": "twelve"}}"#,
+            r#"not json"#,
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.to_string().contains("blip-config-"), "{err}");
+        }
+    }
 }

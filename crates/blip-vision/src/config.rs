@@ -102,7 +102,9 @@ impl VisionConfig {
                 message,
             })
         };
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return fail(format!(
                 "vision hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
