@@ -25,6 +25,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub use blip_text as text;
 pub use blip_vision as vision;
 pub use burn::tensor::Device;

@@ -118,6 +118,10 @@ pub fn assert_close<const D: usize>(
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
+    if std::env::var_os("BLIP_TEST_VERBOSE").is_some() {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("{what}: max |Δ| {worst:.2e} (values up to {scale:.1})");
+    }
     assert!(
         worst <= tol && got.iter().all(|v| v.is_finite()),
         "{what}: max |Δ| = {worst:e} > {tol:e}"

@@ -224,69 +224,43 @@ fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
 
-/// transformers' `BlipTextConfig` with its class defaults (transformers 5.x).
+/// transformers' `BlipTextConfig`, missing fields taking its class defaults (5.x).
 #[derive(Deserialize)]
+#[serde(default)]
 struct HfTextConfig {
-    #[serde(default = "d30524")]
     vocab_size: usize,
-    #[serde(default = "d768")]
     hidden_size: usize,
-    #[serde(default = "d3072")]
     intermediate_size: usize,
-    #[serde(default = "d12")]
     num_hidden_layers: usize,
-    #[serde(default = "d8")]
     num_attention_heads: usize,
-    #[serde(default = "d512")]
     max_position_embeddings: usize,
-    #[serde(default = "eps")]
     layer_norm_eps: f64,
-    #[serde(default = "yes")]
     is_decoder: bool,
-    #[serde(default)]
     pad_token_id: usize,
-    #[serde(default = "d30522")]
     bos_token_id: usize,
-    #[serde(default = "d102")]
     sep_token_id: usize,
-    #[serde(default)]
     label_smoothing: f64,
-    #[serde(default = "gelu")]
     hidden_act: String,
 }
 
-fn d30524() -> usize {
-    30524
-}
-fn d30522() -> usize {
-    30522
-}
-fn d768() -> usize {
-    768
-}
-fn d3072() -> usize {
-    3072
-}
-fn d12() -> usize {
-    12
-}
-fn d8() -> usize {
-    8
-}
-fn d512() -> usize {
-    512
-}
-fn d102() -> usize {
-    102
-}
-fn eps() -> f64 {
-    1e-12
-}
-fn yes() -> bool {
-    true
-}
-fn gelu() -> String {
-    "gelu".into()
+impl Default for HfTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30524,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 8, // sic: every Salesforce config overrides it with 12
+            max_position_embeddings: 512,
+            layer_norm_eps: 1e-12,
+            is_decoder: true,
+            pad_token_id: 0,
+            bos_token_id: 30522,
+            sep_token_id: 102,
+            label_smoothing: 0.0,
+            hidden_act: "gelu".into(),
+        }
+    }
 }
 
 #[cfg(test)]

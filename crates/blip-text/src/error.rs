@@ -61,6 +61,9 @@ pub enum Error {
         /// The shape received.
         found: Vec<usize>,
     },
+    /// Generation settings that cannot be honoured.
+    #[error("generation: {0}")]
+    Generation(String),
     /// A model directory lacks a required file.
     #[error(
         "{dir} has no {file}: a HF model directory holds config.json, model.safetensors and tokenizer.json"

@@ -2,13 +2,14 @@
 //! (The ITM head and the ITC projections are plain `Linear`s on the task models.)
 
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, log_softmax};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::med::{CrossInput, TextModel};
+use crate::generate::{Generated, GenerationConfig, SpecialTokens, generate};
+use crate::med::{CrossInput, TextModel, linear};
 
 /// Dense + GELU + LayerNorm before the vocabulary projection.
 #[derive(Module, Debug)]
@@ -36,6 +37,10 @@ pub struct TextLmHeadModel {
     pub bert: TextModel,
     /// The LM head (checkpoint `cls.predictions`).
     pub lm_head: LmPredictionHead,
+    /// `[SEP]`: where generation stops.
+    pub sep_token_id: usize,
+    /// `[PAD]`.
+    pub pad_token_id: usize,
 }
 
 impl TextConfig {
@@ -46,18 +51,15 @@ impl TextConfig {
             bert: self.init(device),
             lm_head: LmPredictionHead {
                 transform: PredictionHeadTransform {
-                    dense: LinearConfig::new(d, d)
-                        .with_initializer(Initializer::Normal {
-                            mean: 0.0,
-                            std: 0.02,
-                        })
-                        .init(device),
+                    dense: linear(d, d, device),
                     layer_norm: LayerNormConfig::new(d)
                         .with_epsilon(self.layer_norm_eps)
                         .init(device),
                 },
                 bias: Initializer::Zeros.init([self.vocab_size], device),
             },
+            sep_token_id: self.sep_token_id,
+            pad_token_id: self.pad_token_id,
         }
     }
 }
@@ -87,6 +89,21 @@ impl TextLmHeadModel {
     ) -> Result<Tensor<3>> {
         let hidden = self.bert.decode(input_ids, attention_mask, cross)?;
         Ok(self.logits(hidden))
+    }
+
+    /// Generates from `prompts` (each starting with `[DEC]`) attending to `cross`; see
+    /// [`crate::generate`].
+    pub fn generate(
+        &self,
+        cross: CrossInput,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<Generated>>> {
+        let special = SpecialTokens {
+            eos: self.sep_token_id as u32,
+            pad: self.pad_token_id as u32,
+        };
+        generate(self, cross, prompts, config, special)
     }
 
     /// LM-head logits for decoder states.

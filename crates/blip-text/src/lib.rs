@@ -19,8 +19,11 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod config;
 mod error;
+pub mod generate;
 pub mod heads;
 pub mod hf;
 pub mod med;
@@ -29,6 +32,7 @@ pub mod tokenizer;
 
 pub use config::{BlipConfig, TextConfig};
 pub use error::{Error, Result};
+pub use generate::{Generated, GenerationConfig, Sampling, SpecialTokens, generate};
 pub use heads::{IGNORE_INDEX, LmPredictionHead, TextLmHeadModel, lm_loss};
 pub use hf::{ModelDir, Pretrained};
 pub use med::{CrossInput, TextModel};

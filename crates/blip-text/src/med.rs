@@ -128,7 +128,8 @@ pub struct KeyValue {
     pub value: Tensor<4>,
 }
 
-fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+/// A Linear with BERT's initialisation (normal, std 0.02), used by every text-side module.
+pub(crate) fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out)
         .with_initializer(Initializer::Normal {
             mean: 0.0,
@@ -296,12 +297,17 @@ impl TextLayer {
 }
 
 impl TextEmbeddings {
-    /// Word + position (`past .. past + L`) embeddings, LayerNorm.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, past: usize) -> Tensor<3> {
+    /// Word + position (`0 .. L`) embeddings, LayerNorm.
+    pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
         let [_, l] = input_ids.dims();
         let device = input_ids.device();
-        let positions =
-            Tensor::<1, Int>::arange(past as i64..(past + l) as i64, &device).reshape([1, l]);
+        let positions = Tensor::<1, Int>::arange(0..l as i64, &device).reshape([1, l]);
+        self.forward_at(input_ids, positions)
+    }
+
+    /// Word embeddings of `input_ids` `[N, L]` plus the position embeddings of `positions`
+    /// (`[N, L]`, or `[1, L]` shared by every row), LayerNorm.
+    pub fn forward_at(&self, input_ids: Tensor<2, Int>, positions: Tensor<2, Int>) -> Tensor<3> {
         let x =
             self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(positions);
         self.layer_norm.forward(x)
@@ -406,13 +412,38 @@ impl TextModel {
             None => None,
         };
         let self_bias = attention_bias(attention_mask, b, l, l, causal, &device);
-        let mut x = self.embeddings.forward(input_ids, 0);
+        let x = self.embeddings.forward(input_ids);
+        let cross = cross
+            .as_ref()
+            .map(|(kvs, bias)| (kvs.as_slice(), bias.clone()));
+        Ok(self.layers_cached(x, self_bias, &mut Vec::new(), cross))
+    }
+
+    /// Runs the layers over embedded tokens `x` `[N, L, D]`. Each layer's self-attention
+    /// attends to the keys/values in `cache` (one entry per layer, `[N, H, T, hd]`; empty on
+    /// the first call) followed by `x`'s own, which are appended to `cache`. `self_bias` is
+    /// `[N, 1, L, T + L]`. This is the incremental decoder: past keys are never recomputed.
+    pub fn layers_cached(
+        &self,
+        mut x: Tensor<3>,
+        self_bias: Option<Tensor<4>>,
+        cache: &mut Vec<KeyValue>,
+        cross: Option<(&[KeyValue], Option<Tensor<4>>)>,
+    ) -> Tensor<3> {
+        let fresh = cache.is_empty();
         for (i, layer) in self.encoder.layer.iter().enumerate() {
-            let kv = layer.attention.self_attention.key_value(x.clone());
+            let new = layer.attention.self_attention.key_value(x.clone());
+            if fresh {
+                cache.push(new);
+            } else {
+                let past = &mut cache[i];
+                past.key = Tensor::cat(vec![past.key.clone(), new.key], 2);
+                past.value = Tensor::cat(vec![past.value.clone(), new.value], 2);
+            }
             let cross = cross.as_ref().map(|(kvs, bias)| (&kvs[i], bias.clone()));
-            x = layer.forward(x, &kv, self_bias.clone(), cross);
+            x = layer.forward(x, &cache[i], self_bias.clone(), cross);
         }
-        Ok(x)
+        x
     }
 
     /// Unimodal text encoder (ITC): bidirectional, no cross-attention; ids start with `[CLS]`.

@@ -10,13 +10,14 @@
 
 use blip_vision::VisionTransformer;
 use burn::module::Module;
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::{BlipConfig, TextConfig};
 use crate::error::Result;
+use crate::generate::{Generated, GenerationConfig};
 use crate::heads::TextLmHeadModel;
-use crate::med::{CrossInput, TextModel};
+use crate::med::{CrossInput, TextModel, linear};
 
 /// Image captioning: ViT + image-grounded decoder with LM head.
 #[derive(Module, Debug)]
@@ -55,15 +56,6 @@ pub struct VqaModel {
     pub text_decoder: TextLmHeadModel,
 }
 
-fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_initializer(Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        })
-        .init(device)
-}
-
 /// An all-attend cross mask is the same as none; kept explicit for readability.
 fn image_input(image_embeds: Tensor<3>) -> CrossInput {
     CrossInput {
@@ -92,6 +84,23 @@ impl CaptioningModel {
         let image_embeds = self.vision_model.forward(pixel_values)?;
         self.text_decoder
             .forward(input_ids, attention_mask, image_input(image_embeds))
+    }
+}
+
+impl CaptioningModel {
+    /// Captions images (`[B, 3, H, W]`): `prompts[i]` is image `i`'s decoder prompt, `[DEC]`
+    /// alone for unconditional captioning or `[DEC] a picture of` (see
+    /// [`BlipTokenizer::decoder_prompt`](crate::BlipTokenizer::decoder_prompt)); rows may
+    /// differ in length. The ViT runs once per image, whatever the number of beams.
+    pub fn generate(
+        &self,
+        pixel_values: Tensor<4>,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<Generated>>> {
+        let image_embeds = self.vision_model.forward(pixel_values)?;
+        self.text_decoder
+            .generate(image_input(image_embeds), prompts, config)
     }
 }
 
@@ -219,6 +228,30 @@ impl VqaModel {
             },
             answer_ids,
             answer_mask,
+        )
+    }
+
+    /// Generates answers: the question (ids as given, first token `[CLS]` as transformers or
+    /// `[ENC]` as the original) is encoded on the image, then the decoder starts from `[DEC]`
+    /// and attends to every question position, as both references' `generate` do.
+    pub fn generate(
+        &self,
+        pixel_values: Tensor<4>,
+        question_ids: Tensor<2, Int>,
+        question_mask: Option<Tensor<2, Int>>,
+        config: &GenerationConfig,
+        dec_token_id: u32,
+    ) -> Result<Vec<Vec<Generated>>> {
+        let image_embeds = self.vision_model.forward(pixel_values)?;
+        let question = self.encode_question(image_embeds, question_ids, question_mask)?;
+        let prompts = vec![vec![dec_token_id]; question.dims()[0]];
+        self.text_decoder.generate(
+            CrossInput {
+                states: question,
+                mask: None,
+            },
+            &prompts,
+            config,
         )
     }
 

@@ -202,6 +202,15 @@ impl BlipTokenizer {
         })
     }
 
+    /// The decoder prompt for `text`, as BLIP builds it: `[DEC]` replaces `[CLS]` and the
+    /// trailing `[SEP]` is dropped (`""` gives `[DEC]` alone: unconditional captioning).
+    pub fn decoder_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        ids.pop(); // [SEP]
+        ids[0] = self.dec_token_id;
+        Ok(ids)
+    }
+
     /// Decodes ids to text: `##` pieces joined, special tokens (`[CLS]`, `[SEP]`, `[PAD]`,
     /// `[DEC]`, `[ENC]`...) dropped when `skip_special_tokens`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

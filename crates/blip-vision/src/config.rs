@@ -132,45 +132,31 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     })
 }
 
-/// transformers' `BlipVisionConfig` with its defaults (transformers 5.x).
+/// transformers' `BlipVisionConfig`, missing fields taking its class defaults (5.x).
 #[derive(Deserialize)]
+#[serde(default)]
 struct HfVisionConfig {
-    #[serde(default = "d768")]
     hidden_size: usize,
-    #[serde(default = "d3072")]
     intermediate_size: usize,
-    #[serde(default = "d12")]
     num_hidden_layers: usize,
-    #[serde(default = "d12")]
     num_attention_heads: usize,
-    #[serde(default = "d384")]
     image_size: usize,
-    #[serde(default = "d16")]
     patch_size: usize,
-    #[serde(default = "eps")]
     layer_norm_eps: f64,
-    #[serde(default = "gelu")]
     hidden_act: String,
 }
 
-fn d768() -> usize {
-    768
-}
-fn d3072() -> usize {
-    3072
-}
-fn d12() -> usize {
-    12
-}
-fn d384() -> usize {
-    384
-}
-fn d16() -> usize {
-    16
-}
-fn eps() -> f64 {
-    1e-5
-}
-fn gelu() -> String {
-    "gelu".into()
+impl Default for HfVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            image_size: 384,
+            patch_size: 16,
+            layer_norm_eps: 1e-5,
+            hidden_act: "gelu".into(),
+        }
+    }
 }

@@ -1,0 +1,638 @@
+//! Text generation with the image-grounded decoder: greedy, beam search and nucleus
+//! sampling, one engine for captioning and VQA.
+//!
+//! Decoding keeps a self-attention key/value cache (each step feeds one token per row) and
+//! computes the cross-attention keys/values of each image once, before the first step; beam
+//! rows share their image's. Rows may carry prompts of different lengths: each row's tokens
+//! sit at its own positions, so a batch gives every row what it would get alone.
+//!
+//! Lengths follow transformers: `max_length` and `min_length` count the whole sequence,
+//! `[DEC]` and the prompt included. Beam search reproduces transformers 5's (its
+//! `early_stopping=False` stopping rule, `length_penalty`, `num_return_sequences`); greedy
+//! decoding equals its greedy; sampling draws from a seeded generator of ours, so a run is
+//! reproducible (but draws differ from PyTorch's).
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::heads::TextLmHeadModel;
+use crate::med::{CrossInput, KeyValue, attention_bias};
+
+/// Nucleus / top-k sampling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1.0: all).
+    pub top_p: f64,
+    /// Keep only the `top_k` most likely tokens (0: no limit).
+    pub top_k: usize,
+    /// Divide logits by this before filtering (1.0: unchanged).
+    pub temperature: f64,
+    /// Seed of the generator: the same seed and inputs give the same text.
+    pub seed: u64,
+}
+
+/// How to decode. Lengths count the whole sequence (`[DEC]`, prompt and new tokens).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Stop a sequence at this many tokens (transformers' default: 20).
+    pub max_length: usize,
+    /// `[SEP]` is forbidden while a sequence is shorter than this.
+    pub min_length: usize,
+    /// 1: greedy or sampling; more: beam search.
+    pub num_beams: usize,
+    /// Beam score = Σ log p / (new tokens)^length_penalty.
+    pub length_penalty: f64,
+    /// Sequences returned per input (≤ `num_beams` for beam search).
+    pub num_return_sequences: usize,
+    /// CTRL repetition penalty on every token already in the sequence (1.0: off).
+    pub repetition_penalty: f64,
+    /// `Some`: sample instead of taking the most likely token.
+    pub sampling: Option<Sampling>,
+}
+
+impl Default for GenerationConfig {
+    /// transformers' defaults: greedy, `max_length` 20.
+    fn default() -> Self {
+        Self {
+            max_length: 20,
+            min_length: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            num_return_sequences: 1,
+            repetition_penalty: 1.0,
+            sampling: None,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// The original BLIP captioner's beam search: 3 beams, 20 tokens at most, at least 5.
+    pub fn blip_beam() -> Self {
+        Self {
+            num_beams: 3,
+            min_length: 5,
+            ..Self::default()
+        }
+    }
+
+    /// The original BLIP nucleus sampling (as CapFilt uses it): top-p 0.9, repetition
+    /// penalty 1.1, top-k 50 (transformers' default then), at most 20 tokens, at least 5.
+    pub fn blip_nucleus(seed: u64) -> Self {
+        Self {
+            min_length: 5,
+            repetition_penalty: 1.1,
+            sampling: Some(Sampling {
+                top_p: 0.9,
+                top_k: 50,
+                temperature: 1.0,
+                seed,
+            }),
+            ..Self::default()
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let fail = |message: String| Err(Error::Generation(message));
+        if self.num_beams == 0 || self.num_return_sequences == 0 {
+            return fail("num_beams and num_return_sequences must be at least 1".into());
+        }
+        if self.num_beams > 1 && self.sampling.is_some() {
+            return fail("beam sampling is not supported: use num_beams = 1 with sampling".into());
+        }
+        if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
+            return fail(format!(
+                "num_return_sequences ({}) cannot exceed num_beams ({})",
+                self.num_return_sequences, self.num_beams
+            ));
+        }
+        if self.num_beams == 1 && self.sampling.is_none() && self.num_return_sequences > 1 {
+            return fail("greedy decoding returns one sequence: sample or use beams".into());
+        }
+        let positive = |x: f64| x > 0.0; // false for NaN too
+        if !positive(self.repetition_penalty) {
+            return fail("repetition_penalty must be positive".into());
+        }
+        if let Some(s) = &self.sampling
+            && !(positive(s.top_p) && s.top_p <= 1.0 && positive(s.temperature))
+        {
+            return fail("top_p must be in (0, 1] and temperature positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The whole sequence as transformers returns it: `[DEC]`, prompt, new tokens, and the
+    /// final `[SEP]` when the sequence ended by itself (no padding).
+    pub token_ids: Vec<u32>,
+    /// Σ log p(new token) / (new tokens)^length_penalty, under the processed distribution
+    /// (repetition penalty, min length) — transformers' beam score, for every strategy.
+    pub score: f64,
+}
+
+/// Special ids the decoding loop needs.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecialTokens {
+    /// `[SEP]`: ends a sequence.
+    pub eos: u32,
+    /// `[PAD]`: fills finished rows.
+    pub pad: u32,
+}
+
+/// Decoder state: the self-attention cache and the per-row bookkeeping.
+struct State<'a> {
+    model: &'a TextLmHeadModel,
+    cache: Vec<KeyValue>,
+    /// `[N, T]`: which cached keys a row may attend to (prompt padding is 0).
+    key_mask: Tensor<2, Int>,
+    /// Cross-attention keys/values per layer, one row per decoding row.
+    cross: Vec<KeyValue>,
+    cross_bias: Option<Tensor<4>>,
+    /// Position of each row's next token.
+    positions: Vec<usize>,
+}
+
+fn int_tensor<const D: usize>(
+    values: Vec<i64>,
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn host(t: Tensor<3>) -> Vec<f32> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .expect("logits convert to f32")
+}
+
+impl<'a> State<'a> {
+    /// Runs the (right-padded) prompts; returns each row's next-token logits.
+    fn prefill(
+        model: &'a TextLmHeadModel,
+        prompts: &[&[u32]],
+        cross: CrossInput,
+        row_source: &[usize],
+    ) -> (Self, Vec<Vec<f32>>) {
+        let n = prompts.len();
+        let width = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+        let mut ids = Vec::with_capacity(n * width);
+        let mut mask = Vec::with_capacity(n * width);
+        for p in prompts {
+            ids.extend(p.iter().map(|&t| t as i64));
+            ids.extend(std::iter::repeat_n(0, width - p.len()));
+            mask.extend((0..width).map(|i| i64::from(i < p.len())));
+        }
+        let device = cross.states.device();
+        let ids = int_tensor(ids, [n, width], &device);
+        let key_mask = int_tensor(mask, [n, width], &device);
+        let positions = Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]);
+
+        // Cross keys/values: once per image, then one row per decoding row.
+        let [_, lk, _] = cross.states.dims();
+        let rows = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                row_source.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [n],
+            ),
+            &device,
+        );
+        let cross_kv = model
+            .bert
+            .cross_key_values(cross.states)
+            .into_iter()
+            .map(|kv| KeyValue {
+                key: kv.key.select(0, rows.clone()),
+                value: kv.value.select(0, rows.clone()),
+            })
+            .collect();
+        let cross_bias = attention_bias(
+            cross.mask.map(|m| m.select(0, rows.clone())),
+            n,
+            1,
+            lk,
+            false,
+            &device,
+        );
+
+        let mut state = Self {
+            model,
+            cache: Vec::new(),
+            key_mask: key_mask.clone(),
+            cross: cross_kv,
+            cross_bias,
+            positions: prompts.iter().map(|p| p.len()).collect(),
+        };
+        let bias = attention_bias(Some(key_mask), n, width, width, true, &device);
+        let x = model.bert.embeddings.forward_at(ids, positions);
+        let hidden = state.run(x, bias, width);
+        // Each row's last prompt token.
+        let d = hidden.dims()[2];
+        let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
+        let index = int_tensor::<3>(last, [n, 1, 1], &device).repeat_dim(2, d);
+        let logits = host(model.logits(hidden.gather(1, index)));
+        let vocab = logits.len() / n;
+        (state, logits.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    fn run(&mut self, x: Tensor<3>, self_bias: Option<Tensor<4>>, queries: usize) -> Tensor<3> {
+        let cross_bias = self.cross_bias.clone().map(|b| {
+            let [n, h, _, lk] = b.dims();
+            b.expand([n, h, queries, lk])
+        });
+        self.model.bert.layers_cached(
+            x,
+            self_bias,
+            &mut self.cache,
+            Some((self.cross.as_slice(), cross_bias)),
+        )
+    }
+
+    /// Feeds one token per row; returns the next-token logits per row.
+    fn step(&mut self, tokens: &[u32]) -> Vec<Vec<f32>> {
+        let n = tokens.len();
+        let device = self.key_mask.device();
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [n, 1]),
+            &device,
+        );
+        let positions = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                self.positions.iter().map(|&p| p as i64).collect::<Vec<_>>(),
+                [n, 1],
+            ),
+            &device,
+        );
+        self.positions.iter_mut().for_each(|p| *p += 1);
+        self.key_mask = Tensor::cat(
+            vec![self.key_mask.clone(), Tensor::ones([n, 1], &device)],
+            1,
+        );
+        let keys = self.key_mask.dims()[1];
+        let bias = attention_bias(Some(self.key_mask.clone()), n, 1, keys, false, &device);
+        let x = self.model.bert.embeddings.forward_at(ids, positions);
+        let hidden = self.run(x, bias, 1);
+        let logits = host(self.model.logits(hidden));
+        let vocab = logits.len() / n;
+        logits.chunks(vocab).map(<[f32]>::to_vec).collect()
+    }
+
+    /// Reorders rows (beam search): row `i` becomes old row `order[i]`.
+    fn reorder(&mut self, order: &[usize]) {
+        let device = self.key_mask.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                order.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [order.len()],
+            ),
+            &device,
+        );
+        for kv in &mut self.cache {
+            kv.key = kv.key.clone().select(0, index.clone());
+            kv.value = kv.value.clone().select(0, index.clone());
+        }
+        self.key_mask = self.key_mask.clone().select(0, index);
+        self.positions = order.iter().map(|&i| self.positions[i]).collect();
+    }
+}
+
+/// transformers' logits processors, on one row: repetition penalty on the tokens already in
+/// the sequence, then `[SEP]` forbidden below `min_length`.
+fn process(scores: &mut [f32], sequence: &[u32], config: &GenerationConfig, eos: u32) {
+    if config.repetition_penalty != 1.0 {
+        let penalty = config.repetition_penalty as f32;
+        let mut seen = sequence.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            let s = &mut scores[t as usize];
+            *s = if *s < 0.0 { *s * penalty } else { *s / penalty };
+        }
+    }
+    if sequence.len() < config.min_length {
+        scores[eos as usize] = f32::NEG_INFINITY;
+    }
+}
+
+fn log_softmax(scores: &[f32]) -> Vec<f32> {
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32;
+    scores.iter().map(|&s| s - max - log_sum).collect()
+}
+
+fn argmax(scores: &[f32]) -> usize {
+    // First maximum, as torch.argmax.
+    let mut best = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// SplitMix64: a small, seedable, portable generator for sampling.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Temperature, top-k, then top-p (transformers' warper order); draws one token.
+fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
+    let scaled: Vec<f32> = scores.iter().map(|&x| x / s.temperature as f32).collect();
+    let mut order: Vec<usize> = (0..scaled.len())
+        .filter(|&i| scaled[i].is_finite())
+        .collect();
+    order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]));
+    if s.top_k > 0 && order.len() > s.top_k {
+        let kth = scaled[order[s.top_k - 1]];
+        order.retain(|&i| scaled[i] >= kth); // ties with the k-th stay, as transformers
+    }
+    let probs = {
+        let kept: Vec<f32> = order.iter().map(|&i| scaled[i]).collect();
+        log_softmax(&kept)
+            .into_iter()
+            .map(|l| (l as f64).exp())
+            .collect::<Vec<_>>()
+    };
+    // Smallest prefix whose mass reaches top_p (at least one token).
+    let mut keep = order.len();
+    if s.top_p < 1.0 {
+        let mut mass = 0.0;
+        for (k, p) in probs.iter().enumerate() {
+            mass += p;
+            if mass >= s.top_p {
+                keep = k + 1;
+                break;
+            }
+        }
+    }
+    let total: f64 = probs[..keep].iter().sum();
+    let mut u = rng.next_f64() * total;
+    for k in 0..keep {
+        u -= probs[k];
+        if u <= 0.0 {
+            return order[k];
+        }
+    }
+    order[keep - 1]
+}
+
+/// Generates from right-padded prompts (one per input; each starts with `[DEC]`), attending to
+/// `cross` (`[B, L, D]`: image tokens, or question states for VQA). Returns
+/// `num_return_sequences` sequences per input, best first for beam search.
+pub fn generate(
+    model: &TextLmHeadModel,
+    cross: CrossInput,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    special: SpecialTokens,
+) -> Result<Vec<Vec<Generated>>> {
+    config.validate()?;
+    let batch = cross.states.dims()[0];
+    if prompts.len() != batch {
+        return Err(Error::InputShape {
+            what: "prompts",
+            expected: format!("one prompt per input ({batch})"),
+            found: vec![prompts.len()],
+        });
+    }
+    let vocab = model.bert.vocab_size();
+    for (row, p) in prompts.iter().enumerate() {
+        if p.is_empty() || p.len() >= config.max_length {
+            return Err(Error::Generation(format!(
+                "prompt {row} has {} tokens; it needs at least [DEC] and fewer than max_length = {}",
+                p.len(),
+                config.max_length
+            )));
+        }
+        if config.max_length > model.bert.max_positions() {
+            return Err(Error::TooLong {
+                what: "max_length",
+                length: config.max_length,
+                max: model.bert.max_positions(),
+            });
+        }
+        if let Some((column, &id)) = p.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+            return Err(Error::TokenId {
+                what: "prompt",
+                id: id as i64,
+                row,
+                column,
+                vocab_size: vocab,
+            });
+        }
+    }
+    if config.num_beams > 1 {
+        beam_search(model, cross, prompts, config, special)
+    } else {
+        greedy_or_sample(model, cross, prompts, config, special)
+    }
+}
+
+fn greedy_or_sample(
+    model: &TextLmHeadModel,
+    cross: CrossInput,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    special: SpecialTokens,
+) -> Result<Vec<Vec<Generated>>> {
+    let k = config.num_return_sequences;
+    let source: Vec<usize> = (0..prompts.len() * k).map(|r| r / k).collect();
+    let rows: Vec<&[u32]> = source.iter().map(|&b| prompts[b].as_slice()).collect();
+    let (mut state, mut logits) = State::prefill(model, &rows, cross, &source);
+    let mut sequences: Vec<Vec<u32>> = rows.iter().map(|p| p.to_vec()).collect();
+    let mut sum_log_probs = vec![0f64; rows.len()];
+    let mut done: Vec<bool> = vec![false; rows.len()];
+    let mut rngs: Vec<Rng> = config
+        .sampling
+        .iter()
+        .flat_map(|s| {
+            (0..rows.len())
+                .map(move |r| Rng(s.seed ^ (r as u64).wrapping_mul(0xA24B_AED4_963E_E407)))
+        })
+        .collect();
+    loop {
+        let mut next = vec![special.pad; rows.len()];
+        for r in 0..rows.len() {
+            if done[r] {
+                continue;
+            }
+            let scores = &mut logits[r];
+            process(scores, &sequences[r], config, special.eos);
+            let token = match &config.sampling {
+                Some(s) => sample(scores, s, &mut rngs[r]),
+                None => argmax(scores),
+            };
+            sum_log_probs[r] += log_softmax(scores)[token] as f64;
+            next[r] = token as u32;
+            sequences[r].push(token as u32);
+            done[r] = token as u32 == special.eos || sequences[r].len() >= config.max_length;
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        logits = state.step(&next);
+    }
+    Ok(collect(sequences, sum_log_probs, &rows, config, k))
+}
+
+fn collect(
+    sequences: Vec<Vec<u32>>,
+    sum_log_probs: Vec<f64>,
+    prompts: &[&[u32]],
+    config: &GenerationConfig,
+    k: usize,
+) -> Vec<Vec<Generated>> {
+    let mut out: Vec<Vec<Generated>> = Vec::new();
+    for (r, (token_ids, sum)) in sequences.into_iter().zip(sum_log_probs).enumerate() {
+        let new = (token_ids.len() - prompts[r].len()).max(1) as f64;
+        if r % k == 0 {
+            out.push(Vec::with_capacity(k));
+        }
+        out.last_mut().expect("pushed above").push(Generated {
+            token_ids,
+            score: sum / new.powf(config.length_penalty),
+        });
+    }
+    out
+}
+
+/// One running beam.
+#[derive(Clone)]
+struct Beam {
+    tokens: Vec<u32>,
+    score: f32,
+}
+
+/// transformers 5's vectorised beam search, per input: keep the 2·beams best continuations,
+/// finish the ones among the first `beams` that end (EOS or max length) with score
+/// Σ log p / (new tokens)^length_penalty, continue the best `beams` unfinished ones, stop
+/// when no running beam can beat the worst of `beams` finished ones (`early_stopping=False`).
+fn beam_search(
+    model: &TextLmHeadModel,
+    cross: CrossInput,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    special: SpecialTokens,
+) -> Result<Vec<Vec<Generated>>> {
+    const DEAD: f32 = -1.0e9;
+    let beams = config.num_beams;
+    let batch = prompts.len();
+    let source: Vec<usize> = (0..batch * beams).map(|r| r / beams).collect();
+    let rows: Vec<&[u32]> = source.iter().map(|&b| prompts[b].as_slice()).collect();
+    let (mut state, mut logits) = State::prefill(model, &rows, cross, &source);
+    let mut running: Vec<Vec<Beam>> = prompts
+        .iter()
+        .map(|p| {
+            (0..beams)
+                .map(|i| Beam {
+                    tokens: p.clone(),
+                    score: if i == 0 { 0.0 } else { DEAD },
+                })
+                .collect()
+        })
+        .collect();
+    let mut finished: Vec<Vec<Beam>> = vec![Vec::new(); batch];
+    let mut open = vec![true; batch];
+    let lp = config.length_penalty;
+    loop {
+        let mut any_continuation = false;
+        let mut order = Vec::with_capacity(batch * beams);
+        let mut next_tokens = Vec::with_capacity(batch * beams);
+        for b in 0..batch {
+            // Candidates (beam, token, accumulated score) over every beam of this input.
+            let mut candidates: Vec<(usize, usize, f32)> = Vec::with_capacity(beams * 2 * beams);
+            for (i, beam) in running[b].iter().enumerate() {
+                let scores = &mut logits[b * beams + i];
+                let mut log_probs = log_softmax(scores);
+                process(&mut log_probs, &beam.tokens, config, special.eos);
+                // Only the best 2·beams of each beam can make the overall top 2·beams.
+                let mut best: Vec<usize> = (0..log_probs.len()).collect();
+                let keep = (2 * beams).min(best.len());
+                best.select_nth_unstable_by(keep - 1, |&x, &y| {
+                    log_probs[y].total_cmp(&log_probs[x])
+                });
+                for &t in &best[..keep] {
+                    candidates.push((i, t, beam.score + log_probs[t]));
+                }
+            }
+            // torch.topk order: score descending, lower flat index first on ties.
+            candidates.sort_by(|x, y| y.2.total_cmp(&x.2).then((x.0, x.1).cmp(&(y.0, y.1))));
+            candidates.truncate(2 * beams);
+            let cur_len = running[b][0].tokens.len();
+            let prompt_len = prompts[b].len();
+            let hits = |&(_, t, _): &(usize, usize, f32)| {
+                t as u32 == special.eos || cur_len + 1 >= config.max_length
+            };
+            if candidates.iter().any(|c| !hits(c)) {
+                any_continuation = true;
+            }
+            // Finished hypotheses: candidates among the first `beams` that end here.
+            if open[b] {
+                for c in candidates[..beams].iter().filter(|c| hits(c)) {
+                    let mut tokens = running[b][c.0].tokens.clone();
+                    tokens.push(c.1 as u32);
+                    let norm = ((cur_len + 1 - prompt_len) as f64).powf(lp) as f32;
+                    finished[b].push(Beam {
+                        tokens,
+                        score: c.2 / norm,
+                    });
+                }
+                finished[b].sort_by(|x, y| y.score.total_cmp(&x.score));
+                finished[b].truncate(beams);
+            }
+            // Continue with the best `beams` candidates that did not end.
+            let mut continuing: Vec<(usize, usize, f32)> = candidates
+                .iter()
+                .map(|c| if hits(c) { (c.0, c.1, c.2 + DEAD) } else { *c })
+                .collect();
+            continuing.sort_by(|x, y| y.2.total_cmp(&x.2));
+            continuing.truncate(beams);
+            let old = std::mem::take(&mut running[b]);
+            for (i, t, score) in continuing {
+                let mut tokens = old[i].tokens.clone();
+                tokens.push(t as u32);
+                running[b].push(Beam { tokens, score });
+                order.push(b * beams + i);
+                next_tokens.push(t as u32);
+            }
+            // early_stopping=False: stop once the best running beam, at its current length,
+            // cannot beat the worst kept hypothesis.
+            if open[b] && finished[b].len() == beams {
+                let best_running =
+                    running[b][0].score / ((cur_len + 1 - prompt_len) as f64).powf(lp) as f32;
+                let worst = finished[b].last().expect("beams > 0").score;
+                open[b] = best_running > worst;
+            }
+        }
+        if !open.iter().any(|&o| o) || !any_continuation {
+            break;
+        }
+        state.reorder(&order);
+        logits = state.step(&next_tokens);
+    }
+    Ok(finished
+        .into_iter()
+        .map(|hyps| {
+            hyps.into_iter()
+                .take(config.num_return_sequences)
+                .map(|h| Generated {
+                    token_ids: h.tokens,
+                    score: h.score as f64,
+                })
+                .collect()
+        })
+        .collect())
+}
