@@ -81,6 +81,27 @@ FAMILIES = {
 }
 
 
+# The tiny vocabulary as words: "a picture of" are ids 11 22 33 (the fixtures' prompt), every
+# other id i is "tok<i>". vocab.txt holds ids 0..VOCAB-3; [DEC] and [ENC] are added after it.
+WORDS = {11: "a", 22: "picture", 33: "of", PAD: "[PAD]", 100: "[UNK]", CLS: "[CLS]",
+         SEP: "[SEP]", 103: "[MASK]"}
+
+
+def write_vocab(d):
+    words = [WORDS.get(i, f"tok{i}") for i in range(VOCAB - 2)]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(vocab=str(d / "vocab.txt"))
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    assert tok.convert_tokens_to_ids("[DEC]") == DEC and tok.convert_tokens_to_ids("[ENC]") == ENC
+    return tok
+
+
+def text_of(ids):
+    """The text whose encoding is `ids` ([CLS] ... [SEP] [PAD]...) under the tiny vocabulary."""
+    return " ".join(WORDS.get(i, f"tok{i}") for i in ids if i not in (PAD, CLS, SEP))
+
+
 def blip_config(spec):
     text = dict(vocab_size=VOCAB, max_position_embeddings=40, bos_token_id=DEC, pad_token_id=PAD,
                 sep_token_id=SEP, eos_token_id=2, layer_norm_eps=1e-12, **spec["text"])
@@ -281,6 +302,46 @@ def vqa(model, out):
                       **gen)
 
 
+def task_texts(model, family, out, tok):
+    """What the task APIs see and should return: texts, decoded outputs, VQA rank results."""
+    ids, _ = text_inputs()
+    texts = {"texts": [text_of(r) for r in ids.tolist()]}
+    for row, text in zip(ids.tolist(), texts["texts"]):
+        assert tok(text).input_ids == [i for i in row if i != PAD], (row, text)
+    if family == "captioning":
+        for name in ("greedy_free", "greedy_prompt", "beam_free"):
+            rows = out[f"gen.{name}.sequences"].tolist()
+            texts[name] = [tok.decode([t for t in r if t >= 0], skip_special_tokens=True)
+                           for r in rows]
+    if family == "vqa":
+        # The original rank mode on question row 1 (unpadded, so the cross-attention mask
+        # that transformers drops makes no difference): first-token probabilities after
+        # [DEC] pick the k best candidates, scored by -(label-smoothed loss, summed).
+        answers = ["tok16", "tok27 tok77", "tok21", "tok8 tok54 tok21", "tok77", "tok99 tok5"]
+        k, smoothing = 3, 0.1
+        q = out["vqa.question_embeds"][1:2]
+        with torch.no_grad():
+            first = model.text_decoder(input_ids=torch.tensor([[DEC]]),
+                                       encoder_hidden_states=q).logits[0, 0].softmax(-1)
+            enc = tok(answers, padding="longest")
+            cand = torch.tensor(enc.input_ids)
+            cand[:, 0] = DEC
+            top = first[cand[:, 1]].topk(k).indices
+            chosen = cand[top]
+            mask = torch.tensor(enc.attention_mask)[top]
+            logits = model.text_decoder(input_ids=chosen, attention_mask=mask,
+                                        encoder_hidden_states=q.expand(k, -1, -1)).logits
+            labels = chosen.masked_fill(mask == 0, -100)
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                reduction="none", label_smoothing=smoothing).view(k, -1).sum(1)
+        order = (-loss).argsort(descending=True)
+        texts["rank"] = {"question": texts["texts"][1], "answers": answers, "k": k,
+                         "label_smoothing": smoothing,
+                         "indices": top[order].tolist(), "scores": (-loss[order]).tolist()}
+    return texts
+
+
 def model_fixtures():
     seed = 0
     for cname, spec in CONFIGS.items():
@@ -304,6 +365,9 @@ def model_fixtures():
             with torch.no_grad():
                 vision_outputs(model, out["inputs.pixel_values"], out)
                 {"captioning": captioning, "retrieval": retrieval, "vqa": vqa}[fname](model, out)
+            tok = write_vocab(d)
+            texts = task_texts(model, fname, out, tok)
+            (d / "expected_text.json").write_text(json.dumps(texts, indent=1) + "\n")
             save_file({k: v.contiguous() for k, v in out.items()}, d / "expected.safetensors")
             print(f"{d.relative_to(ROOT)}: {len(out)} tensors")
 

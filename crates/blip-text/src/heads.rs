@@ -127,19 +127,44 @@ pub const IGNORE_INDEX: i64 = -100;
 /// `logits[:, :-1]` vs `labels[:, 1:]` — the original BLIP decoder (ε = 0.1) and transformers
 /// (ε from the config, 0.0 in hub configs). Returns a 1-element tensor.
 pub fn lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>, label_smoothing: f64) -> Tensor<1> {
+    let (per_token, weight) = token_losses(logits, labels, label_smoothing);
+    (per_token * weight.clone()).sum() / weight.sum()
+}
+
+/// As [`lm_loss`], but summed over each sequence's supervised tokens instead of averaged
+/// over the batch: `[B]`, the original `reduction='none'` (VQA answer ranking).
+pub fn lm_loss_per_sequence(
+    logits: Tensor<3>,
+    labels: Tensor<2, Int>,
+    label_smoothing: f64,
+) -> Tensor<1> {
+    let [b, _, _] = logits.dims();
+    let (per_token, weight) = token_losses(logits, labels, label_smoothing);
+    (per_token * weight).sum_dim(1).reshape([b])
+}
+
+/// Per-token smoothed cross-entropy `[B, L-1]` of the shifted targets, and the 0/1 weights
+/// of the supervised ones.
+fn token_losses(
+    logits: Tensor<3>,
+    labels: Tensor<2, Int>,
+    label_smoothing: f64,
+) -> (Tensor<2>, Tensor<2>) {
     let [b, l, v] = logits.dims();
     let logits = logits.narrow(1, 0, l - 1).reshape([b * (l - 1), v]);
     let targets = labels.narrow(1, 1, l - 1).reshape([b * (l - 1)]);
     let keep = targets.clone().not_equal_elem(IGNORE_INDEX);
-    let weight = keep.clone().float();
+    let weight = keep.clone().float().reshape([b, l - 1]);
     let safe_targets = targets.mask_fill(keep.bool_not(), 0);
     let log_probs = log_softmax(logits, 1);
     let nll = log_probs
         .clone()
         .gather(1, safe_targets.reshape([b * (l - 1), 1]))
-        .reshape([b * (l - 1)])
+        .reshape([b, l - 1])
         .neg();
-    let smooth = log_probs.mean_dim(1).reshape([b * (l - 1)]).neg();
-    let per_token = nll * (1.0 - label_smoothing) + smooth * label_smoothing;
-    (per_token * weight.clone()).sum() / weight.sum()
+    let smooth = log_probs.mean_dim(1).reshape([b, l - 1]).neg();
+    (
+        nll * (1.0 - label_smoothing) + smooth * label_smoothing,
+        weight,
+    )
 }

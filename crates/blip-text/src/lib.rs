@@ -28,13 +28,15 @@ pub mod heads;
 pub mod hf;
 pub mod med;
 pub mod models;
+pub mod tasks;
 pub mod tokenizer;
 
 pub use config::{BlipConfig, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{Generated, GenerationConfig, Sampling, SpecialTokens, generate};
-pub use heads::{IGNORE_INDEX, LmPredictionHead, TextLmHeadModel, lm_loss};
+pub use heads::{IGNORE_INDEX, LmPredictionHead, TextLmHeadModel, lm_loss, lm_loss_per_sequence};
 pub use hf::{ModelDir, Pretrained};
 pub use med::{CrossInput, TextModel};
 pub use models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity, l2_normalize};
+pub use tasks::{Caption, Captioner, FirstToken, Matcher, QuestionAnswerer, Ranked, RankedAnswer};
 pub use tokenizer::{BlipTokenizer, Encoded, Padding};

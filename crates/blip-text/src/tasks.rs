@@ -1,0 +1,481 @@
+//! Task APIs over the three model families: images and text in, captions, match scores and
+//! answers out. Each bundles a model with its tokenizer and image processor.
+
+use std::path::Path;
+
+use blip_vision::ImageProcessor;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use image::RgbImage;
+
+use crate::config::BlipConfig;
+use crate::error::{Error, Result};
+use crate::generate::{Generated, GenerationConfig};
+use crate::heads::{IGNORE_INDEX, lm_loss_per_sequence};
+use crate::med::CrossInput;
+use crate::models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity};
+use crate::tokenizer::{BlipTokenizer, Padding, ids_tensor};
+
+fn require_tokenizer(tokenizer: Option<BlipTokenizer>, dir: &Path) -> Result<BlipTokenizer> {
+    tokenizer.ok_or_else(|| Error::MissingFile {
+        dir: dir.to_path_buf(),
+        file: "tokenizer.json",
+    })
+}
+
+/// A generated caption or answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caption {
+    /// Decoded text, special tokens dropped (the prompt included, as transformers decodes).
+    pub text: String,
+    /// The whole generated sequence, starting with `[DEC]`.
+    pub token_ids: Vec<u32>,
+    /// Length-normalised log-probability (see [`Generated::score`]).
+    pub score: f64,
+}
+
+fn to_captions(
+    tokenizer: &BlipTokenizer,
+    generated: Vec<Vec<Generated>>,
+) -> Result<Vec<Vec<Caption>>> {
+    generated
+        .into_iter()
+        .map(|per_input| {
+            per_input
+                .into_iter()
+                .map(|g| {
+                    Ok(Caption {
+                        text: tokenizer.decode(&g.token_ids, true)?,
+                        token_ids: g.token_ids,
+                        score: g.score,
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Image captioning with a `BlipForConditionalGeneration` checkpoint.
+#[derive(Debug)]
+pub struct Captioner {
+    /// The model.
+    pub model: CaptioningModel,
+    /// Its tokenizer.
+    pub tokenizer: BlipTokenizer,
+    /// Its image processor (size from the config).
+    pub processor: ImageProcessor,
+    /// Its config.
+    pub config: BlipConfig,
+    device: Device,
+}
+
+impl Captioner {
+    /// Loads a HF captioning directory (it must hold a tokenizer).
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let loaded = CaptioningModel::from_pretrained(dir, device)?;
+        Ok(Self {
+            processor: ImageProcessor::new(loaded.config.vision.image_size),
+            tokenizer: require_tokenizer(loaded.tokenizer, dir)?,
+            model: loaded.model,
+            config: loaded.config,
+            device: device.clone(),
+        })
+    }
+
+    /// Captions a batch of images, each with its own prompt (`""` for none, or e.g.
+    /// `"a picture of"`): `num_return_sequences` captions per image.
+    pub fn caption(
+        &self,
+        images: &[RgbImage],
+        prompts: &[&str],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<Caption>>> {
+        if prompts.len() != images.len() {
+            return Err(Error::InputShape {
+                what: "prompts",
+                expected: format!("one per image ({})", images.len()),
+                found: vec![prompts.len()],
+            });
+        }
+        let pixels = self.processor.preprocess(images, &self.device);
+        self.caption_pixels(pixels, prompts, config)
+    }
+
+    /// Captions already-normalised pixels `[B, 3, H, W]`.
+    pub fn caption_pixels(
+        &self,
+        pixel_values: Tensor<4>,
+        prompts: &[&str],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<Caption>>> {
+        let prompts = prompts
+            .iter()
+            .map(|p| self.tokenizer.decoder_prompt(p))
+            .collect::<Result<Vec<_>>>()?;
+        let generated = self.model.generate(pixel_values, &prompts, config)?;
+        to_captions(&self.tokenizer, generated)
+    }
+}
+
+/// Which token opens the text for the image-grounded encoder (ITM, VQA questions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstToken {
+    /// `[CLS]`, as transformers (and its converted checkpoints' demos) do: the default for HF
+    /// checkpoints.
+    Cls,
+    /// `[ENC]`, as the original BLIP training and retrieval evaluation do.
+    Enc,
+}
+
+/// An item ranked by [`Matcher::rank_texts`] / [`Matcher::rank_images`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    /// Index into the candidates.
+    pub index: usize,
+    /// ITM match logit + ITC cosine, the original retrieval evaluation's score.
+    pub score: f64,
+    /// ITC cosine similarity.
+    pub cosine: f64,
+    /// ITM match probability.
+    pub itm_probability: f64,
+}
+
+/// Image–text matching and retrieval with a `BlipForImageTextRetrieval` checkpoint.
+#[derive(Debug)]
+pub struct Matcher {
+    /// The model.
+    pub model: RetrievalModel,
+    /// Its tokenizer.
+    pub tokenizer: BlipTokenizer,
+    /// Its image processor.
+    pub processor: ImageProcessor,
+    /// Its config.
+    pub config: BlipConfig,
+    /// First token of the image-grounded encoder's input.
+    pub first_token: FirstToken,
+    /// Texts are truncated to this many tokens (35, as BLIP's retrieval).
+    pub max_length: usize,
+    device: Device,
+}
+
+impl Matcher {
+    /// Loads a HF retrieval directory; the ITM input starts with `[CLS]` as transformers'.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let loaded = RetrievalModel::from_pretrained(dir, device)?;
+        Ok(Self {
+            processor: ImageProcessor::new(loaded.config.vision.image_size),
+            tokenizer: require_tokenizer(loaded.tokenizer, dir)?,
+            model: loaded.model,
+            config: loaded.config,
+            first_token: FirstToken::Cls,
+            max_length: 35,
+            device: device.clone(),
+        })
+    }
+
+    /// Image tokens `[B, T, D]` for a batch of images.
+    pub fn encode_images(&self, images: &[RgbImage]) -> Result<Tensor<3>> {
+        let pixels = self.processor.preprocess(images, &self.device);
+        Ok(self.model.vision_model.forward(pixels)?)
+    }
+
+    fn tokens(&self, texts: &[&str]) -> Result<(Tensor<2, Int>, Tensor<2, Int>)> {
+        let encoded =
+            self.tokenizer
+                .encode_batch(texts, Some(self.max_length), Padding::Longest)?;
+        Ok(encoded.to_tensors(&self.device))
+    }
+
+    /// ITM match probabilities for pairs: text `i` with image `i` of `image_embeds`.
+    pub fn itm_probabilities(&self, image_embeds: Tensor<3>, texts: &[&str]) -> Result<Vec<f64>> {
+        let (mut ids, mask) = self.tokens(texts)?;
+        if self.first_token == FirstToken::Enc {
+            ids = replace_first(ids, self.config.text.enc_token_id);
+        }
+        let logits = self.model.itm_logits(image_embeds, ids, Some(mask))?;
+        let probs = burn::tensor::activation::softmax(logits, 1);
+        Ok(host(probs).chunks(2).map(|p| p[1] as f64).collect())
+    }
+
+    /// Normalised ITC text features `[N, 256]`.
+    pub fn text_features(&self, texts: &[&str]) -> Result<Tensor<2>> {
+        let (ids, mask) = self.tokens(texts)?;
+        self.model.text_features(ids, Some(mask))
+    }
+
+    /// Ranks `texts` for one image (`[1, T, D]` tokens): ITC cosine for all, then the ITM
+    /// head re-scores the `k` best, as the original retrieval evaluation does. Returns the
+    /// re-ranked top `k`, best first.
+    pub fn rank_texts(
+        &self,
+        image_embeds: Tensor<3>,
+        texts: &[&str],
+        k: usize,
+    ) -> Result<Vec<Ranked>> {
+        let cosine = host(cosine_similarity(
+            self.model.image_features(image_embeds.clone()),
+            self.text_features(texts)?,
+        ));
+        let top = top_k(&cosine, k);
+        let chosen: Vec<&str> = top.iter().map(|&i| texts[i]).collect();
+        let [_, t, d] = image_embeds.dims();
+        let images = image_embeds.expand([chosen.len(), t, d]);
+        let probs = self.itm_probabilities(images.clone(), &chosen)?;
+        let (mut ids, mask) = self.tokens(&chosen)?;
+        if self.first_token == FirstToken::Enc {
+            ids = replace_first(ids, self.config.text.enc_token_id);
+        }
+        let logits = host(self.model.itm_logits(images, ids, Some(mask))?);
+        Ok(rerank(&top, &cosine, &logits, &probs))
+    }
+
+    /// Ranks images (tokens `[N, T, D]`) for one text, as [`rank_texts`](Self::rank_texts).
+    pub fn rank_images(
+        &self,
+        image_embeds: Tensor<3>,
+        text: &str,
+        k: usize,
+    ) -> Result<Vec<Ranked>> {
+        let cosine = host(cosine_similarity(
+            self.model.image_features(image_embeds.clone()),
+            self.text_features(&[text])?,
+        ));
+        let top = top_k(&cosine, k);
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                top.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [top.len()],
+            ),
+            &self.device,
+        );
+        let images = image_embeds.select(0, index);
+        let texts = vec![text; top.len()];
+        let probs = self.itm_probabilities(images.clone(), &texts)?;
+        let (mut ids, mask) = self.tokens(&texts)?;
+        if self.first_token == FirstToken::Enc {
+            ids = replace_first(ids, self.config.text.enc_token_id);
+        }
+        let logits = host(self.model.itm_logits(images, ids, Some(mask))?);
+        Ok(rerank(&top, &cosine, &logits, &probs))
+    }
+}
+
+fn rerank(top: &[usize], cosine: &[f32], logits: &[f32], probs: &[f64]) -> Vec<Ranked> {
+    let mut ranked: Vec<Ranked> = top
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| Ranked {
+            index: i,
+            score: logits[2 * j + 1] as f64 + cosine[i] as f64,
+            cosine: cosine[i] as f64,
+            itm_probability: probs[j],
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
+    ranked
+}
+
+/// Indices of the `k` largest values, largest first.
+fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order.truncate(k.max(1));
+    order
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec_as::<f32>().expect("f32 output")
+}
+
+/// `ids` with column 0 replaced by `token` (`[ENC]` or `[DEC]` over `[CLS]`).
+pub fn replace_first(ids: Tensor<2, Int>, token: usize) -> Tensor<2, Int> {
+    let [b, l] = ids.dims();
+    let device = ids.device();
+    let first = Tensor::<2, Int>::full([b, 1], token as i64, &device);
+    if l == 1 {
+        return first;
+    }
+    Tensor::cat(vec![first, ids.narrow(1, 1, l - 1)], 1)
+}
+
+/// An answer ranked by [`QuestionAnswerer::rank_answers`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankedAnswer {
+    /// Index into the candidate answers.
+    pub index: usize,
+    /// −(label-smoothed LM loss summed over the answer's tokens): the original rank score.
+    pub score: f64,
+}
+
+/// Visual question answering with a `BlipForQuestionAnswering` checkpoint.
+#[derive(Debug)]
+pub struct QuestionAnswerer {
+    /// The model.
+    pub model: VqaModel,
+    /// Its tokenizer.
+    pub tokenizer: BlipTokenizer,
+    /// Its image processor.
+    pub processor: ImageProcessor,
+    /// Its config.
+    pub config: BlipConfig,
+    /// First token of the question: `[CLS]` (transformers, default) or `[ENC]` (original).
+    pub first_token: FirstToken,
+    device: Device,
+}
+
+impl QuestionAnswerer {
+    /// Loads a HF VQA directory.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let loaded = VqaModel::from_pretrained(dir, device)?;
+        Ok(Self {
+            processor: ImageProcessor::new(loaded.config.vision.image_size),
+            tokenizer: require_tokenizer(loaded.tokenizer, dir)?,
+            model: loaded.model,
+            config: loaded.config,
+            first_token: FirstToken::Cls,
+            device: device.clone(),
+        })
+    }
+
+    fn questions(&self, questions: &[&str]) -> Result<(Tensor<2, Int>, Tensor<2, Int>)> {
+        let encoded = self
+            .tokenizer
+            .encode_batch(questions, Some(35), Padding::Longest)?;
+        let (mut ids, mask) = encoded.to_tensors(&self.device);
+        if self.first_token == FirstToken::Enc {
+            ids = replace_first(ids, self.config.text.enc_token_id);
+        }
+        Ok((ids, mask))
+    }
+
+    /// Answers one question per image by generation.
+    pub fn answer(
+        &self,
+        images: &[RgbImage],
+        questions: &[&str],
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<Caption>>> {
+        if questions.len() != images.len() {
+            return Err(Error::InputShape {
+                what: "questions",
+                expected: format!("one per image ({})", images.len()),
+                found: vec![questions.len()],
+            });
+        }
+        let pixels = self.processor.preprocess(images, &self.device);
+        let (ids, mask) = self.questions(questions)?;
+        let generated = self.model.generate(
+            pixels,
+            ids,
+            Some(mask),
+            config,
+            self.config.text.bos_token_id as u32,
+        )?;
+        to_captions(&self.tokenizer, generated)
+    }
+
+    /// Ranks candidate answers for one image and question, as the original rank mode: the
+    /// `k` candidates whose first token is likeliest after `[DEC]` are scored by their whole
+    /// sequence (label-smoothed LM loss, `label_smoothing` 0.1 in the original), best first.
+    pub fn rank_answers(
+        &self,
+        image: &RgbImage,
+        question: &str,
+        answers: &[&str],
+        k: usize,
+        label_smoothing: f64,
+    ) -> Result<Vec<RankedAnswer>> {
+        let pixels = self
+            .processor
+            .preprocess(std::slice::from_ref(image), &self.device);
+        self.rank_answers_pixels(pixels, question, answers, k, label_smoothing)
+    }
+
+    /// As [`rank_answers`](Self::rank_answers), for one already-normalised image
+    /// `[1, 3, H, W]`.
+    pub fn rank_answers_pixels(
+        &self,
+        pixels: Tensor<4>,
+        question: &str,
+        answers: &[&str],
+        k: usize,
+        label_smoothing: f64,
+    ) -> Result<Vec<RankedAnswer>> {
+        if answers.is_empty() {
+            return Ok(vec![]);
+        }
+        let (q_ids, q_mask) = self.questions(&[question])?;
+        let image_embeds = self.model.vision_model.forward(pixels)?;
+        let states = self
+            .model
+            .encode_question(image_embeds, q_ids, Some(q_mask.clone()))?;
+        let dec = self.config.text.bos_token_id as u32;
+        // First-token probabilities after [DEC].
+        let first = self.model.answer_logits(
+            CrossInput {
+                states: states.clone(),
+                mask: Some(q_mask.clone()),
+            },
+            ids_tensor(&[vec![dec]], &self.device),
+            None,
+        )?;
+        let first = host(burn::tensor::activation::softmax(first.reshape([1, -1]), 1));
+        let encoded = self
+            .tokenizer
+            .encode_batch(answers, None, Padding::Longest)?;
+        let first_probs: Vec<f32> = encoded
+            .input_ids
+            .iter()
+            .map(|ids| first[ids.get(1).copied().unwrap_or(0) as usize])
+            .collect();
+        let top = top_k(&first_probs, k);
+        // Whole-answer scores for the top k.
+        let rows: Vec<Vec<u32>> = top
+            .iter()
+            .map(|&i| {
+                let mut ids = encoded.input_ids[i].clone();
+                ids[0] = dec;
+                ids
+            })
+            .collect();
+        let masks: Vec<Vec<u32>> = top
+            .iter()
+            .map(|&i| encoded.attention_mask[i].clone())
+            .collect();
+        let n = rows.len();
+        let [_, lq, d] = states.dims();
+        let logits = self.model.answer_logits(
+            CrossInput {
+                states: states.expand([n, lq, d]),
+                mask: Some(q_mask.expand([n, lq])),
+            },
+            ids_tensor(&rows, &self.device),
+            Some(ids_tensor(&masks, &self.device)),
+        )?;
+        let labels: Vec<i64> = rows
+            .iter()
+            .zip(&masks)
+            .flat_map(|(r, m)| {
+                r.iter()
+                    .zip(m)
+                    .map(|(&t, &keep)| if keep == 1 { t as i64 } else { IGNORE_INDEX })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let width = rows[0].len();
+        let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [n, width]), &self.device);
+        let losses = host(lm_loss_per_sequence(logits, labels, label_smoothing));
+        let mut ranked: Vec<RankedAnswer> = top
+            .iter()
+            .zip(losses)
+            .map(|(&index, loss)| RankedAnswer {
+                index,
+                score: -(loss as f64),
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
+        Ok(ranked)
+    }
+}
