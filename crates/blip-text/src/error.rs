@@ -64,6 +64,14 @@ pub enum Error {
     /// Generation settings that cannot be honoured.
     #[error("generation: {0}")]
     Generation(String),
+    /// A `--model` argument that names no usable local directory or cached hub model.
+    #[error("model {spec:?} not found: {detail}")]
+    ModelNotFound {
+        /// What was asked for.
+        spec: String,
+        /// Why, and what to do.
+        detail: String,
+    },
     /// A model directory lacks a required file.
     #[error(
         "{dir} has no {file}: a HF model directory holds config.json, model.safetensors and tokenizer.json"

@@ -26,6 +26,7 @@ mod error;
 pub mod generate;
 pub mod heads;
 pub mod hf;
+pub mod hub;
 pub mod med;
 pub mod models;
 pub mod tasks;

@@ -1,0 +1,76 @@
+//! What the command-line examples share: model resolution, image discovery, JSON output.
+#![allow(dead_code)] // each example uses its part
+
+use std::path::{Path, PathBuf};
+
+use blip::Device;
+use blip::text::hub::{cache_dir, resolve_model};
+
+/// Extensions of the files a directory argument contributes (the formats `image` decodes).
+const IMAGE_EXTENSIONS: [&str; 13] = [
+    "jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp", "ico", "pnm", "tga", "qoi", "exr",
+];
+
+/// The device named on the command line, or exit with the list of available ones.
+pub fn device(name: &str) -> Device {
+    blip::backend_device(name).unwrap_or_else(|e| fail(&e.to_string()))
+}
+
+/// A local model directory or a cached hub id, or exit with what to download.
+pub fn model_dir(spec: &str) -> PathBuf {
+    resolve_model(spec, &cache_dir()).unwrap_or_else(|e| fail(&e.to_string()))
+}
+
+pub fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(1)
+}
+
+/// Files named on the command line plus the images inside named directories (sorted).
+/// Problems (a missing path, an empty directory) are reported and counted, not fatal.
+pub fn image_paths(inputs: &[PathBuf], errors: &mut usize) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+                .map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.is_file() && is_image(p))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if found.is_empty() {
+                eprintln!("error: {}: no images in this directory", input.display());
+                *errors += 1;
+            }
+            found.sort();
+            paths.extend(found);
+        } else {
+            // A missing file is reported when it fails to open, in input order.
+            paths.push(input.clone());
+        }
+    }
+    paths
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// A progress bar on stderr for long runs (hidden when stderr is not a terminal).
+pub fn progress(total: usize, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images  {per_sec}  eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
