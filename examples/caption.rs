@@ -83,7 +83,7 @@ fn main() {
         num_beams: args.num_beams,
         num_return_sequences: args.num_captions,
         repetition_penalty: args.repetition_penalty,
-        sampling: args.sample.then(|| Sampling {
+        sampling: args.sample.then_some(Sampling {
             top_p: args.top_p,
             top_k: args.top_k,
             temperature: args.temperature,
