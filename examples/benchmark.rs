@@ -1,5 +1,6 @@
 //! Full-size BLIP-base figures on this machine: f32 GEMM rate, checkpoint load time, ViT
-//! forward time at 384 px, and peak memory against the weight file.
+//! forward time at 384 px, peak memory against the weight file, captioning (greedy, 3 beams,
+//! batch 8) and ITM times. `scripts/bench_torch.py` measures the same in PyTorch.
 //!
 //! ```sh
 //! cargo run --release --example benchmark -- [--device cpu|wgpu] [--dir DIR] [--runs N]
@@ -13,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use blip::{BlipConfig, CaptioningModel, Device, backend_device};
-use burn::tensor::{Distribution, Tensor};
+use blip::text::GenerationConfig;
+use blip::{BlipConfig, CaptioningModel, Device, RetrievalModel, backend_device};
+use burn::tensor::{Distribution, Int, Tensor};
 
 struct Args {
     device: String,
@@ -116,7 +118,7 @@ fn child(args: &Args) {
     let loaded = CaptioningModel::from_pretrained(&args.dir, &device).expect("loads");
     let load = start.elapsed().as_secs_f64();
     let config = loaded.config;
-    let vit = loaded.model.vision_model;
+    let vit = loaded.model.vision_model.clone();
     let size = config.vision.image_size;
     let pixels = Tensor::<4>::random([1, 3, size, size], Distribution::Normal(0.0, 1.0), &device);
     sync(vit.forward(pixels.clone()).unwrap()); // warm-up
@@ -131,6 +133,10 @@ fn child(args: &Args) {
     let flops = vit_flops(&config);
     let gemm = gemm_rate(&device, args.runs);
     let peak = peak_rss().unwrap_or(0);
+    let model = CaptioningModel {
+        vision_model: vit,
+        text_decoder: loaded.model.text_decoder,
+    };
     println!("f32 GEMM rate ([577,768]x[768,3072])   {gemm:>9.1} GFLOP/s");
     println!(
         "checkpoint load                       {load:>9.2} s    ({:.0} MB file)",
@@ -147,6 +153,71 @@ fn child(args: &Args) {
         peak as f64 / 1e6,
         peak as f64 / file_size as f64
     );
+    captioning(&model, &config, &device, args.runs);
+}
+
+/// Times `f` (after one warm-up run): median seconds.
+fn time(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// Captioning and ITM figures: vision + 20 decoded tokens (forced, so every run decodes
+/// the same amount), 3 beams, batch 8, and one ITM pair.
+fn captioning(model: &CaptioningModel, config: &BlipConfig, device: &Device, runs: usize) {
+    let size = config.vision.image_size;
+    let dec = config.text.bos_token_id as u32;
+    let pixels =
+        |b| Tensor::<4>::random([b, 3, size, size], Distribution::Normal(0.0, 1.0), device);
+    let forced = GenerationConfig {
+        min_length: 21,
+        max_length: 21,
+        ..GenerationConfig::default()
+    };
+    let caption = |b: usize, g: GenerationConfig| {
+        let px = pixels(b);
+        move || {
+            let out = model
+                .generate(px.clone(), &vec![vec![dec]; b], &g)
+                .expect("generates");
+            assert_eq!(out[0][0].token_ids.len(), 21);
+        }
+    };
+    let greedy = time(runs, caption(1, forced.clone()));
+    let beams = GenerationConfig {
+        num_beams: 3,
+        ..forced.clone()
+    };
+    let beam = time(runs, caption(1, beams));
+    let batch8 = time(runs.min(3), caption(8, forced));
+    println!("caption, greedy, vision + 20 tokens     {greedy:>9.3} s");
+    println!(
+        "caption, 3 beams, vision + 20 tokens    {beam:>9.3} s    ({:.2}x greedy)",
+        beam / greedy
+    );
+    println!(
+        "images/s, greedy 20 tokens             {:>9.2} at batch 1, {:.2} at batch 8 ({:.2}x)",
+        1.0 / greedy,
+        8.0 / batch8,
+        greedy * 8.0 / batch8
+    );
+    let itm_model = RetrievalModel::new(config, device);
+    let ids = Tensor::<2, Int>::ones([1, 35], device);
+    let px = pixels(1);
+    let itm = time(runs, || {
+        let image = itm_model.vision_model.forward(px.clone()).expect("vision");
+        let logits = itm_model.itm_logits(image, ids.clone(), None).expect("itm");
+        let _ = logits.into_data();
+    });
+    println!("ITM, one pair (vision + 35 tokens)     {itm:>9.3} s");
 }
 
 fn main() {

@@ -378,7 +378,16 @@ impl TextModel {
             .layer
             .iter()
             .filter_map(|layer| layer.crossattention.as_ref())
-            .map(|block| block.self_attention.key_value(states.clone()))
+            .map(|block| {
+                let kv = block.self_attention.key_value(states.clone());
+                // Split heads are strided views; attention kernels copy such inputs to a
+                // contiguous layout on every call. Materialise once, as they are reused by
+                // every decoding step.
+                KeyValue {
+                    key: kv.key.mul_scalar(1.0),
+                    value: kv.value.mul_scalar(1.0),
+                }
+            })
             .collect()
     }
 
