@@ -6,6 +6,8 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, log_softmax};
 use burn::tensor::{Device, Int, Tensor};
 
+use blip_vision::dense;
+
 use crate::config::TextConfig;
 use crate::error::Result;
 use crate::generate::{Generated, GenerationConfig, SpecialTokens, generate};
@@ -70,9 +72,13 @@ impl LmPredictionHead {
         let h = self
             .transform
             .layer_norm
-            .forward(gelu(self.transform.dense.forward(hidden)));
+            .forward(gelu(dense(&self.transform.dense, hidden)));
         let [b, l, d] = h.dims();
-        let logits = h.reshape([b * l, d]).matmul(word_embeddings.transpose());
+        // E·hᵀ, then transpose the small result: multiplying by Eᵀ would make the kernel
+        // stride through (or copy) the whole [vocab, D] matrix at every decoding step.
+        let logits = word_embeddings
+            .matmul(h.reshape([b * l, d]).transpose())
+            .transpose();
         let vocab = logits.dims()[1];
         (logits + self.bias.val().reshape([1, vocab])).reshape([b, l, vocab])
     }

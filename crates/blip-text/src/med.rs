@@ -19,6 +19,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor};
 
+use blip_vision::dense;
+
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 
@@ -240,15 +242,15 @@ impl TextSelfAttention {
     /// Keys and values of `states` (`[B, L, D_kv]`), split into heads.
     pub fn key_value(&self, states: Tensor<3>) -> KeyValue {
         KeyValue {
-            key: self.split_heads(self.key.forward(states.clone())),
-            value: self.split_heads(self.value.forward(states)),
+            key: self.split_heads(dense(&self.key, states.clone())),
+            value: self.split_heads(dense(&self.value, states)),
         }
     }
 
     /// Scaled dot-product attention of `x`'s queries over `kv`, heads merged back.
     pub fn attend(&self, x: Tensor<3>, kv: &KeyValue, bias: Option<Tensor<4>>) -> Tensor<3> {
         let [b, l, d] = x.dims();
-        let q = self.split_heads(self.query.forward(x));
+        let q = self.split_heads(dense(&self.query, x));
         let bias = bias.map(|bias| {
             let [bb, _, lq, lk] = bias.dims();
             bias.expand([bb, self.num_heads, lq, lk])
@@ -271,7 +273,7 @@ impl TextAttention {
         let context = self.self_attention.attend(x.clone(), kv, bias);
         self.output
             .layer_norm
-            .forward(self.output.dense.forward(context) + x)
+            .forward(dense(&self.output.dense, context) + x)
     }
 }
 
@@ -289,10 +291,10 @@ impl TextLayer {
         if let (Some(block), Some((kv, bias))) = (&self.crossattention, cross) {
             x = block.forward(x, kv, bias);
         }
-        let hidden = gelu(self.intermediate.dense.forward(x.clone()));
+        let hidden = gelu(dense(&self.intermediate.dense, x.clone()));
         self.output
             .layer_norm
-            .forward(self.output.dense.forward(hidden) + x)
+            .forward(dense(&self.output.dense, hidden) + x)
     }
 }
 

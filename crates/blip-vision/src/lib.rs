@@ -32,5 +32,5 @@ pub use interpolate::bicubic_resize;
 pub use processor::{BLIP_MEAN, BLIP_STD, ImageProcessor, resize_bicubic_aa, to_rgb};
 pub use vit::{
     VisionAttention, VisionEmbeddings, VisionEncoder, VisionLayer, VisionMlp, VisionOutput,
-    VisionTransformer,
+    VisionTransformer, dense,
 };

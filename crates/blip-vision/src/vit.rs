@@ -133,6 +133,16 @@ impl VisionConfig {
     }
 }
 
+/// Applies `linear` to `[B, L, D]` as one `[B·L, D]` product. burn broadcasts a rank-3 input
+/// into B separate products, each reading the whole weight again: with batched images, or
+/// with one token per row while decoding, that multiplies the memory traffic by B.
+pub fn dense(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [b, l, d] = x.dims();
+    let y = linear.forward(x.reshape([b * l, d]));
+    let out = y.dims()[1];
+    y.reshape([b, l, out])
+}
+
 impl VisionEmbeddings {
     /// `[B, 3, H, W]` → `[B, 1 + (H/P)·(W/P), D]`; the position table is bicubically
     /// resized when the patch grid differs from the one it was trained for.
@@ -183,9 +193,7 @@ impl VisionAttention {
         let [b, t, d] = x.dims();
         let h = self.num_heads;
         // [B, T, 3, H, hd] → [3, B, H, T, hd]: the 3 is the outer split, heads inner.
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = dense(&self.qkv, x)
             .reshape([b, t, 3, h, d / h])
             .permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, t, d / h]);
@@ -197,8 +205,7 @@ impl VisionAttention {
             None,
             AttentionModuleOptions::default(),
         );
-        self.projection
-            .forward(context.swap_dims(1, 2).reshape([b, t, d]))
+        dense(&self.projection, context.swap_dims(1, 2).reshape([b, t, d]))
     }
 }
 
@@ -206,8 +213,8 @@ impl VisionLayer {
     /// One pre-norm block.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        let hidden = gelu_threaded(self.mlp.fc1.forward(self.layer_norm2.forward(x.clone())));
-        x + self.mlp.fc2.forward(hidden)
+        let hidden = gelu_threaded(dense(&self.mlp.fc1, self.layer_norm2.forward(x.clone())));
+        x + dense(&self.mlp.fc2, hidden)
     }
 }
 
