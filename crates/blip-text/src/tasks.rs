@@ -187,15 +187,26 @@ impl Matcher {
         Ok(encoded.to_tensors(&self.device))
     }
 
-    /// ITM match probabilities for pairs: text `i` with image `i` of `image_embeds`.
-    pub fn itm_probabilities(&self, image_embeds: Tensor<3>, texts: &[&str]) -> Result<Vec<f64>> {
+    /// ITM logits `[N, 2]` (host) for text `i` with image `i`, first token per `first_token`.
+    fn itm_logits(&self, image_embeds: Tensor<3>, texts: &[&str]) -> Result<Vec<f32>> {
         let (mut ids, mask) = self.tokens(texts)?;
         if self.first_token == FirstToken::Enc {
             ids = replace_first(ids, self.config.text.enc_token_id);
         }
-        let logits = self.model.itm_logits(image_embeds, ids, Some(mask))?;
-        let probs = burn::tensor::activation::softmax(logits, 1);
-        Ok(host(probs).chunks(2).map(|p| p[1] as f64).collect())
+        Ok(host(self.model.itm_logits(
+            image_embeds,
+            ids,
+            Some(mask),
+        )?))
+    }
+
+    /// ITM match probabilities for pairs: text `i` with image `i` of `image_embeds`.
+    pub fn itm_probabilities(&self, image_embeds: Tensor<3>, texts: &[&str]) -> Result<Vec<f64>> {
+        Ok(self
+            .itm_logits(image_embeds, texts)?
+            .chunks(2)
+            .map(|l| match_probability(l[0], l[1]))
+            .collect())
     }
 
     /// Normalised ITC text features `[N, 256]`.
@@ -220,14 +231,8 @@ impl Matcher {
         let top = top_k(&cosine, k);
         let chosen: Vec<&str> = top.iter().map(|&i| texts[i]).collect();
         let [_, t, d] = image_embeds.dims();
-        let images = image_embeds.expand([chosen.len(), t, d]);
-        let probs = self.itm_probabilities(images.clone(), &chosen)?;
-        let (mut ids, mask) = self.tokens(&chosen)?;
-        if self.first_token == FirstToken::Enc {
-            ids = replace_first(ids, self.config.text.enc_token_id);
-        }
-        let logits = host(self.model.itm_logits(images, ids, Some(mask))?);
-        Ok(rerank(&top, &cosine, &logits, &probs))
+        let logits = self.itm_logits(image_embeds.expand([chosen.len(), t, d]), &chosen)?;
+        Ok(rerank(&top, &cosine, &logits))
     }
 
     /// Ranks images (tokens `[N, T, D]`) for one text, as [`rank_texts`](Self::rank_texts).
@@ -249,19 +254,18 @@ impl Matcher {
             ),
             &self.device,
         );
-        let images = image_embeds.select(0, index);
-        let texts = vec![text; top.len()];
-        let probs = self.itm_probabilities(images.clone(), &texts)?;
-        let (mut ids, mask) = self.tokens(&texts)?;
-        if self.first_token == FirstToken::Enc {
-            ids = replace_first(ids, self.config.text.enc_token_id);
-        }
-        let logits = host(self.model.itm_logits(images, ids, Some(mask))?);
-        Ok(rerank(&top, &cosine, &logits, &probs))
+        let logits = self.itm_logits(image_embeds.select(0, index), &vec![text; top.len()])?;
+        Ok(rerank(&top, &cosine, &logits))
     }
 }
 
-fn rerank(top: &[usize], cosine: &[f32], logits: &[f32], probs: &[f64]) -> Vec<Ranked> {
+/// softmax([no, yes])[1].
+fn match_probability(no: f32, yes: f32) -> f64 {
+    1.0 / (1.0 + ((no - yes) as f64).exp())
+}
+
+/// Candidates `top` (indices into `cosine`) re-scored by their ITM logits (`[k, 2]`, host).
+fn rerank(top: &[usize], cosine: &[f32], logits: &[f32]) -> Vec<Ranked> {
     let mut ranked: Vec<Ranked> = top
         .iter()
         .enumerate()
@@ -269,7 +273,7 @@ fn rerank(top: &[usize], cosine: &[f32], logits: &[f32], probs: &[f64]) -> Vec<R
             index: i,
             score: logits[2 * j + 1] as f64 + cosine[i] as f64,
             cosine: cosine[i] as f64,
-            itm_probability: probs[j],
+            itm_probability: match_probability(logits[2 * j], logits[2 * j + 1]),
         })
         .collect();
     ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
