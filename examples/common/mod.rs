@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use blip::Device;
-use blip::text::hub::{cache_dir, resolve_model};
+use blip::text::hub::{cache_dir, find_or_download};
 
 /// Extensions of the files a directory argument contributes (the formats `image` decodes).
 const IMAGE_EXTENSIONS: [&str; 13] = [
@@ -16,9 +16,10 @@ pub fn device(name: &str) -> Device {
     blip::backend_device(name).unwrap_or_else(|e| fail(&e.to_string()))
 }
 
-/// A local model directory or a cached hub id, or exit with what to download.
+/// A local model directory, or a hub id from the HF cache (downloaded into it if missing and
+/// the machine is online), or exit saying what to download and where.
 pub fn model_dir(spec: &str) -> PathBuf {
-    resolve_model(spec, &cache_dir()).unwrap_or_else(|e| fail(&e.to_string()))
+    find_or_download(spec, &cache_dir()).unwrap_or_else(|e| fail(&e.to_string()))
 }
 
 pub fn fail(message: &str) -> ! {
