@@ -98,7 +98,7 @@ impl TextLmHeadModel {
     }
 
     /// Generates from `prompts` (each starting with `[DEC]`) attending to `cross`; see
-    /// [`crate::generate`].
+    /// [`crate::generate()`].
     pub fn generate(
         &self,
         cross: CrossInput,
