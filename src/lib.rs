@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`vision`] (`blip-vision`) | ViT encoder, image processor, checked safetensors loading |
 //! | [`text`] (`blip-text`) | MED text transformer, LM head and loss, tokenizer, task models, HF loaders |
+//! | `train` (`blip-train`, feature `train`) | ITC, ITM and LM pre-training losses |
 //!
 //! Dependency direction: `blip-vision` ← `blip-text` ← (`blip-train` ← `blip-capfilt`), and
 //! this facade on top. Inference users depend on `blip` alone and compile no training code.
@@ -28,6 +29,9 @@
 #![warn(missing_docs)]
 
 pub use blip_text as text;
+/// The pre-training objectives (cargo feature `train`).
+#[cfg(feature = "train")]
+pub use blip_train as train;
 pub use blip_vision as vision;
 pub use burn::tensor::Device;
 

@@ -1,0 +1,22 @@
+//! BLIP's pre-training objectives as plain functions over tensors.
+//!
+//! Each loss takes the tensors it needs and returns a 1-element tensor, with its formula in
+//! the doc comment, so a researcher can combine them by weights or add a fourth without
+//! touching the others:
+//!
+//! * [`itc_loss`]: image–text contrastive loss with momentum-distilled soft targets over a
+//!   feature queue (ALBEF/BLIP);
+//! * [`itm_loss`]: image–text matching on positives and mined hard negatives, with
+//!   [`hard_negative_weights`] for the mining;
+//! * [`lm_loss`]: the decoder's label-smoothed language-modelling loss (from `blip-text`,
+//!   where captioning fine-tuning and inference also use it).
+//!
+//! This crate builds on the inference crates (`blip-vision` ← `blip-text` ← `blip-train`);
+//! the pre-training model, trainer and data pipeline are still to come.
+
+#![warn(missing_docs)]
+
+mod losses;
+
+pub use blip_text::lm_loss;
+pub use losses::{hard_negative_weights, itc_loss, itm_labels, itm_loss};

@@ -1,0 +1,89 @@
+//! ITC and ITM, exactly as the original `BLIP_Pretrain.forward` computes them.
+
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Device, Int, Tensor};
+
+/// Image–text contrastive loss with momentum distillation.
+///
+/// Inputs: L2-normalised online features `v = image_feat`, `t = text_feat` (`[B, D]`), the
+/// momentum encoders' features `v_m`, `t_m` (`[B, D]`), the feature queues `Q_v`, `Q_t`
+/// (`[D, K]`, normalised along `D`), the temperature `τ` (`[1]`, learnable) and the
+/// distillation weight `α`.
+///
+/// With `T_all = [t_mᵀ | Q_t]` and `V_all = [v_mᵀ | Q_v]` (`[D, B + K]`):
+///
+/// * `s_i2t = v·T_all / τ`, `s_t2i = t·V_all / τ` (online vs momentum + queue);
+/// * targets `y_i2t = α·softmax(v_m·T_all / τ) + (1 − α)·I`, likewise `y_t2i`, where `I`
+///   is 1 at column `i` of row `i` (the paired sample) and 0 elsewhere, queue included —
+///   computed without gradient;
+/// * `L_itc = ½·[ mean_i(−Σ_j y_i2t[i,j]·log_softmax(s_i2t)[i,j]) + mean_i(same for t2i) ]`.
+///
+/// `positives`, when given (`[B, B + K]`, rows summing to 1), replaces `I`: retrieval
+/// fine-tuning spreads the target over every caption of the same image.
+#[allow(clippy::too_many_arguments)]
+pub fn itc_loss(
+    image_feat: Tensor<2>,
+    text_feat: Tensor<2>,
+    image_feat_m: Tensor<2>,
+    text_feat_m: Tensor<2>,
+    image_queue: Tensor<2>,
+    text_queue: Tensor<2>,
+    temp: Tensor<1>,
+    alpha: f64,
+    positives: Option<Tensor<2>>,
+) -> Tensor<1> {
+    let [b, _] = image_feat.dims();
+    let [_, k] = image_queue.dims();
+    let device = image_feat.device();
+    let image_all = Tensor::cat(vec![image_feat_m.clone().transpose(), image_queue], 1);
+    let text_all = Tensor::cat(vec![text_feat_m.clone().transpose(), text_queue], 1);
+    let inv_temp = temp.recip().reshape([1, 1]);
+    let hard = positives.unwrap_or_else(|| identity_targets(b, b + k, &device));
+    let soft = |momentum: Tensor<2>, keys: Tensor<2>| {
+        let inv = inv_temp.clone().detach();
+        let sim = momentum.matmul(keys) * inv;
+        (softmax(sim, 1) * alpha + hard.clone() * (1.0 - alpha)).detach()
+    };
+    let i2t_targets = soft(image_feat_m, text_all.clone());
+    let t2i_targets = soft(text_feat_m, image_all.clone());
+    let sim_i2t = image_feat.matmul(text_all) * inv_temp.clone();
+    let sim_t2i = text_feat.matmul(image_all) * inv_temp;
+    let cross_entropy = |sim: Tensor<2>, targets: Tensor<2>| {
+        (log_softmax(sim, 1) * targets).sum_dim(1).mean().neg()
+    };
+    (cross_entropy(sim_i2t, i2t_targets) + cross_entropy(sim_t2i, t2i_targets)) / 2.0
+}
+
+/// `[rows, cols]` with 1 at `(i, i)`: each sample's own pair is its positive.
+fn identity_targets(rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    let r = Tensor::<1, Int>::arange(0..rows as i64, device).reshape([rows, 1]);
+    let c = Tensor::<1, Int>::arange(0..cols as i64, device).reshape([1, cols]);
+    r.equal(c).float()
+}
+
+/// Hard-negative sampling weights from an ITC similarity block `sim` (`[B, B]`: row `i`
+/// against the batch's own momentum features): `softmax(sim, rows) + 1e-4`, diagonal set to
+/// 0 so that a sample never draws its own pair. Draw one negative per row in proportion.
+pub fn hard_negative_weights(sim: Tensor<2>) -> Tensor<2> {
+    let [b, _] = sim.dims();
+    let off_diagonal = identity_targets(b, b, &sim.device()).neg() + 1.0;
+    ((softmax(sim.detach(), 1) + 1e-4) * off_diagonal).detach()
+}
+
+/// ITM labels for `B` positives followed by `2B` negatives: `[1]·B ++ [0]·2B`.
+pub fn itm_labels(batch: usize, device: &Device) -> Tensor<1, Int> {
+    let ones = Tensor::<1, Int>::ones([batch], device);
+    Tensor::cat(vec![ones, Tensor::zeros([2 * batch], device)], 0)
+}
+
+/// Image–text matching loss: `L_itm = mean_i −log softmax(logits_i)[y_i]` over the ITM
+/// head's logits `[3B, 2]` for (text_i, image_i), (text_i, hard negative image),
+/// (hard negative text, image_i), with `y` from [`itm_labels`] (class 1 = match).
+pub fn itm_loss(logits: Tensor<2>) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let labels = itm_labels(n / 3, &logits.device());
+    log_softmax(logits, 1)
+        .gather(1, labels.reshape([n, 1]))
+        .mean()
+        .neg()
+}
