@@ -11,12 +11,17 @@
 //! * [`lm_loss`]: the decoder's label-smoothed language-modelling loss (from `blip-text`,
 //!   where captioning fine-tuning and inference also use it).
 //!
+//! The distillation state lives beside them: [`momentum_update`] (the EMA of the momentum
+//! encoders), [`FeatureQueue`] (the image/text feature queues) and [`clamp_temperature`].
+//!
 //! This crate builds on the inference crates (`blip-vision` ← `blip-text` ← `blip-train`);
 //! the pre-training model, trainer and data pipeline are still to come.
 
 #![warn(missing_docs)]
 
 mod losses;
+mod momentum;
 
 pub use blip_text::lm_loss;
 pub use losses::{hard_negative_weights, itc_loss, itm_labels, itm_loss};
+pub use momentum::{FeatureQueue, QueueSizeError, clamp_temperature, momentum_update};

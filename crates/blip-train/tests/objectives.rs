@@ -150,3 +150,74 @@ fn lm_loss_and_gradient_match_the_original() {
         r.floats("lm.grad.logits"),
     );
 }
+
+mod state {
+    use super::values;
+    use blip_train::{FeatureQueue, clamp_temperature, momentum_update};
+    use burn::module::Param;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::{Device, Tensor};
+
+    fn linear(weight: [[f32; 2]; 2], bias: [f32; 2], device: &Device) -> Linear {
+        let mut l = LinearConfig::new(2, 2).init(device);
+        l.weight = Param::from_tensor(Tensor::from_floats(weight, device));
+        l.bias = Some(Param::from_tensor(Tensor::from_floats(bias, device)));
+        l
+    }
+
+    #[test]
+    fn momentum_update_moves_each_parameter_by_one_minus_m() {
+        let device = Device::flex();
+        let online = linear([[1.0, 2.0], [3.0, 4.0]], [10.0, 20.0], &device);
+        let momentum = linear([[0.0; 2]; 2], [0.0, 100.0], &device);
+        let ids = (momentum.weight.id, momentum.bias.as_ref().unwrap().id);
+        let updated = momentum_update(&online, momentum, 0.9);
+        let w = values(updated.weight.val());
+        for (got, want) in w.iter().zip([0.1, 0.2, 0.3, 0.4]) {
+            assert!((got - want).abs() < 1e-6, "{w:?}");
+        }
+        let b = values(updated.bias.as_ref().unwrap().val());
+        assert!(
+            (b[0] - 1.0).abs() < 1e-5 && (b[1] - 92.0).abs() < 1e-4,
+            "{b:?}"
+        );
+        assert_eq!(
+            (updated.weight.id, updated.bias.unwrap().id),
+            ids,
+            "same parameters, new values"
+        );
+        // The online module is untouched.
+        assert_eq!(values(online.weight.val()), vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn queue_overwrites_the_oldest_columns_and_wraps() {
+        let device = Device::flex();
+        let mut queue = FeatureQueue::new(2, 6, &device);
+        let norms: Vec<f32> = values(queue.features.clone().powi_scalar(2).sum_dim(0));
+        assert!(
+            norms.iter().all(|n| (n - 1.0).abs() < 1e-5),
+            "unit columns: {norms:?}"
+        );
+        for step in 0..4 {
+            let v = step as f32;
+            queue
+                .enqueue(Tensor::from_floats([[v, -v], [v + 0.5, -v - 0.5]], &device))
+                .unwrap();
+        }
+        // Steps 0, 1, 2 filled columns 0..6; step 3 overwrote columns 0 and 1.
+        assert_eq!(queue.ptr, 2);
+        let f = values(queue.features.clone()); // row-major [2, 6]
+        assert_eq!(&f[0..6], &[3.0, 3.5, 1.0, 1.5, 2.0, 2.5]);
+        assert_eq!(&f[6..12], &[-3.0, -3.5, -1.0, -1.5, -2.0, -2.5]);
+        let err = queue.enqueue(Tensor::zeros([4, 2], &device)).unwrap_err();
+        assert_eq!((err.queue, err.batch), (6, 4));
+    }
+
+    #[test]
+    fn temperature_is_clamped_to_blips_range() {
+        let device = Device::flex();
+        let t = clamp_temperature(Tensor::from_floats([0.0001, 0.07, 0.9], &device));
+        assert_eq!(values(t), vec![0.001, 0.07, 0.5]);
+    }
+}

@@ -1,0 +1,118 @@
+//! The state ITC distillation keeps across steps: momentum encoders, feature queues and the
+//! learnable temperature's range.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Distribution, Tensor};
+
+/// The error of a queue whose size the batch does not divide.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a feature queue of {queue} entries cannot take batches of {batch}: the batch must divide the queue size (the original asserts it)"
+)]
+pub struct QueueSizeError {
+    /// Queue size `K`.
+    pub queue: usize,
+    /// Batch size `B`.
+    pub batch: usize,
+}
+
+/// Exponential moving average of parameters: `θ_m ← m·θ_m + (1 − m)·θ` for every float
+/// parameter of `momentum`, paired by position with `online`'s (the two modules must have
+/// the same structure, as BLIP's `visual_encoder`/`visual_encoder_m` do). No gradient flows.
+pub fn momentum_update<M: Module>(online: &M, momentum: M, m: f64) -> M {
+    let mut collect = Collect(Vec::new());
+    online.visit(&mut collect);
+    let mut update = Update {
+        online: collect.0.into_iter(),
+        m,
+    };
+    momentum.map(&mut update)
+}
+
+struct Collect(Vec<Tensor<1>>);
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val().detach();
+        let n = value.shape().num_elements();
+        self.0.push(value.reshape([n]));
+    }
+}
+
+struct Update {
+    online: std::vec::IntoIter<Tensor<1>>,
+    m: f64,
+}
+
+impl ModuleMapper for Update {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let online = self
+            .online
+            .next()
+            .expect("online and momentum modules have the same parameters");
+        let m = self.m;
+        param.map(|value| {
+            let dims = value.dims();
+            (value.detach() * m + online.reshape(dims) * (1.0 - m)).detach()
+        })
+    }
+}
+
+/// A FIFO of L2-normalised features stored as columns (`[D, K]`), as BLIP's `image_queue` /
+/// `text_queue`: a batch overwrites the `B` oldest columns.
+#[derive(Debug, Clone)]
+pub struct FeatureQueue {
+    /// `[D, K]` features, one per column.
+    pub features: Tensor<2>,
+    /// Column where the next batch is written.
+    pub ptr: usize,
+}
+
+impl FeatureQueue {
+    /// A queue of `size` random unit vectors of width `dim` (the original initialisation).
+    pub fn new(dim: usize, size: usize, device: &Device) -> Self {
+        let random = Tensor::<2>::random([dim, size], Distribution::Normal(0.0, 1.0), device);
+        let norm = random
+            .clone()
+            .powi_scalar(2)
+            .sum_dim(0)
+            .sqrt()
+            .clamp_min(1e-12);
+        Self {
+            features: random / norm,
+            ptr: 0,
+        }
+    }
+
+    /// Number of entries `K`.
+    pub fn len(&self) -> usize {
+        self.features.dims()[1]
+    }
+
+    /// Whether the queue holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes a batch of features `[B, D]` over the oldest `B` columns, after the loss has
+    /// used the queue (the original enqueues last).
+    pub fn enqueue(&mut self, batch: Tensor<2>) -> Result<(), QueueSizeError> {
+        let [b, d] = batch.dims();
+        let k = self.len();
+        if b == 0 || !k.is_multiple_of(b) {
+            return Err(QueueSizeError { queue: k, batch: b });
+        }
+        self.features = self
+            .features
+            .clone()
+            .slice_assign([0..d, self.ptr..self.ptr + b], batch.detach().transpose());
+        self.ptr = (self.ptr + b) % k;
+        Ok(())
+    }
+}
+
+/// The learnable temperature kept in BLIP's range: clamped to [0.001, 0.5] before every
+/// forward pass (its initial value is 0.07).
+pub fn clamp_temperature(temp: Tensor<1>) -> Tensor<1> {
+    temp.clamp(0.001, 0.5)
+}
