@@ -334,17 +334,33 @@ fn argmax(scores: &[f32]) -> usize {
     best
 }
 
-/// SplitMix64: a small, seedable, portable generator for sampling.
-struct Rng(u64);
+/// SplitMix64: a small, seedable, portable random generator. Decoding draws from it, and so
+/// does training's negative sampling, so that a run is reproducible from its seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next_f64(&mut self) -> f64 {
+    /// A uniform draw in `[0, 1)`.
+    pub fn next_f64(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
         (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// An index drawn with probability proportional to `weights` (non-negative, not all 0).
+    pub fn weighted_index(&mut self, weights: &[f64]) -> usize {
+        let total: f64 = weights.iter().sum();
+        let mut u = self.next_f64() * total;
+        for (i, w) in weights.iter().enumerate() {
+            u -= w;
+            if u < 0.0 {
+                return i;
+            }
+        }
+        weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
     }
 }
 
@@ -378,15 +394,7 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
             }
         }
     }
-    let total: f64 = probs[..keep].iter().sum();
-    let mut u = rng.next_f64() * total;
-    for k in 0..keep {
-        u -= probs[k];
-        if u <= 0.0 {
-            return order[k];
-        }
-    }
-    order[keep - 1]
+    order[rng.weighted_index(&probs[..keep])]
 }
 
 /// Generates from right-padded prompts (one per input; each starts with `[DEC]`), attending to

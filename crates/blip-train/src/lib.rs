@@ -7,7 +7,7 @@
 //! * [`itc_loss`]: image–text contrastive loss with momentum-distilled soft targets over a
 //!   feature queue (ALBEF/BLIP);
 //! * [`itm_loss`]: image–text matching on positives and mined hard negatives, with
-//!   [`hard_negative_weights`] for the mining;
+//!   [`hard_negative_weights`] and [`sample_negatives`] (seeded) for the mining;
 //! * [`lm_loss`]: the decoder's label-smoothed language-modelling loss (from `blip-text`,
 //!   where captioning fine-tuning and inference also use it).
 //!
@@ -22,6 +22,9 @@
 mod losses;
 mod momentum;
 
+pub use blip_text::Rng;
 pub use blip_text::lm_loss;
-pub use losses::{hard_negative_weights, itc_loss, itm_labels, itm_loss};
+pub use losses::{
+    alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
+};
 pub use momentum::{FeatureQueue, QueueSizeError, clamp_temperature, momentum_update};

@@ -1,5 +1,6 @@
 //! ITC and ITM, exactly as the original `BLIP_Pretrain.forward` computes them.
 
+use blip_text::Rng;
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor};
 
@@ -68,6 +69,37 @@ pub fn hard_negative_weights(sim: Tensor<2>) -> Tensor<2> {
     let [b, _] = sim.dims();
     let off_diagonal = identity_targets(b, b, &sim.device()).neg() + 1.0;
     ((softmax(sim.detach(), 1) + 1e-4) * off_diagonal).detach()
+}
+
+/// Draws one hard negative per row of `weights` (`[B, B]`, from [`hard_negative_weights`]):
+/// index `j` with probability proportional to `weights[i, j]`, from the seeded `rng`, as the
+/// original's `torch.multinomial(weights[i], 1)`.
+pub fn sample_negatives(weights: Tensor<2>, rng: &mut Rng) -> Vec<usize> {
+    let [b, _] = weights.dims();
+    let values = weights
+        .into_data()
+        .convert::<f64>()
+        .try_into_vec_as::<f64>()
+        .expect("float weights");
+    values
+        .chunks(b)
+        .map(|row| rng.weighted_index(row))
+        .collect()
+}
+
+/// BLIP's ramp of the distillation weight: `α·min(1, (epoch·S + step) / (ramp_epochs·S))`
+/// with `S` steps per epoch — over the first 2 epochs in pre-training, 1 in retrieval
+/// fine-tuning.
+pub fn alpha_ramp(
+    alpha: f64,
+    epoch: usize,
+    step: usize,
+    steps_per_epoch: usize,
+    ramp_epochs: usize,
+) -> f64 {
+    let progress =
+        (epoch * steps_per_epoch + step) as f64 / (ramp_epochs * steps_per_epoch).max(1) as f64;
+    alpha * progress.min(1.0)
 }
 
 /// ITM labels for `B` positives followed by `2B` negatives: `[1]·B ++ [0]·2B`.

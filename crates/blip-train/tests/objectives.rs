@@ -221,3 +221,52 @@ mod state {
         assert_eq!(values(t), vec![0.001, 0.07, 0.5]);
     }
 }
+
+mod sampling {
+    use blip_train::{Rng, alpha_ramp, sample_negatives};
+    use burn::tensor::{Device, Tensor};
+
+    #[test]
+    fn negatives_follow_the_weights_never_the_pair_and_repeat_with_the_seed() {
+        let device = Device::flex();
+        let weights = || {
+            Tensor::<2>::from_floats([[0.0, 0.9, 0.1], [0.5, 0.0, 0.5], [0.0, 1.0, 0.0]], &device)
+        };
+        let mut rng = Rng(42);
+        let mut counts = [[0usize; 3]; 3];
+        for _ in 0..2000 {
+            for (i, j) in sample_negatives(weights(), &mut rng)
+                .into_iter()
+                .enumerate()
+            {
+                counts[i][j] += 1;
+            }
+        }
+        for (i, row) in counts.iter().enumerate() {
+            assert_eq!(row[i], 0, "row {i} drew its own pair");
+        }
+        assert_eq!(counts[2][1], 2000, "a one-hot row always draws its index");
+        let share = counts[0][1] as f64 / 2000.0;
+        assert!(
+            (share - 0.9).abs() < 0.03,
+            "row 0 drew index 1 {share} of the time"
+        );
+        let share = counts[1][0] as f64 / 2000.0;
+        assert!(
+            (share - 0.5).abs() < 0.04,
+            "row 1 drew index 0 {share} of the time"
+        );
+        let draw = |seed| sample_negatives(weights(), &mut Rng(seed));
+        assert_eq!(draw(7), draw(7));
+    }
+
+    #[test]
+    fn alpha_ramps_linearly_then_holds() {
+        assert_eq!(alpha_ramp(0.4, 0, 0, 100, 2), 0.0);
+        assert!((alpha_ramp(0.4, 0, 50, 100, 2) - 0.1).abs() < 1e-12);
+        assert!((alpha_ramp(0.4, 1, 0, 100, 2) - 0.2).abs() < 1e-12);
+        assert_eq!(alpha_ramp(0.4, 2, 0, 100, 2), 0.4);
+        assert_eq!(alpha_ramp(0.4, 5, 17, 100, 2), 0.4);
+        assert!((alpha_ramp(0.4, 0, 50, 100, 1) - 0.2).abs() < 1e-12);
+    }
+}
