@@ -84,6 +84,24 @@ loss_lm.backward()
 out.update({"lm.logits": lm_logits.detach(), "lm.labels": labels,
             "lm.loss": loss_lm.detach().reshape(1), "lm.grad.logits": lm_logits.grad})
 
+# Two AdamW steps as BLIP configures it (torch's AdamW, eps 1e-8, weight decay 0.05) on a
+# Linear 3 -> 2 with loss sum(linear(x) * c).
+lin = torch.nn.Linear(3, 2)
+with torch.no_grad():
+    lin.weight.copy_(rand(2, 3))
+    lin.bias.copy_(rand(2))
+x, c = rand(5, 3), rand(5, 2)
+out.update({"adamw.weight0": lin.weight.detach().clone(), "adamw.bias0": lin.bias.detach().clone(),
+            "adamw.x": x, "adamw.c": c})
+opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=0.05)
+for step in range(2):
+    opt.zero_grad()
+    (lin(x) * c).sum().backward()
+    opt.step()
+    out[f"adamw.weight{step + 1}"] = lin.weight.detach().clone()
+    out[f"adamw.bias{step + 1}"] = lin.bias.detach().clone()
+
 OUT.mkdir(parents=True, exist_ok=True)
 save_file({k: v.contiguous() for k, v in out.items()}, OUT / "expected.safetensors")
 print(f"wrote {len(out)} tensors to {OUT / 'expected.safetensors'}")

@@ -21,6 +21,7 @@
 
 mod losses;
 mod momentum;
+mod optim;
 
 pub use blip_text::Rng;
 pub use blip_text::lm_loss;
@@ -28,3 +29,4 @@ pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
 };
 pub use momentum::{FeatureQueue, QueueSizeError, clamp_temperature, momentum_update};
+pub use optim::blip_adamw;

@@ -270,3 +270,44 @@ mod sampling {
         assert!((alpha_ramp(0.4, 0, 50, 100, 1) - 0.2).abs() < 1e-12);
     }
 }
+
+mod optimiser {
+    use super::{Reference, values};
+    use blip_train::blip_adamw;
+    use burn::module::Param;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Device, Tensor};
+
+    #[test]
+    fn two_adamw_steps_equal_torchs() {
+        let r = Reference::open();
+        let device = Device::flex().autodiff();
+        let mut model: Linear = LinearConfig::new(3, 2).init(&device);
+        // torch stores [out, in]; burn [in, out].
+        model.weight = Param::from_tensor(r.float::<2>("adamw.weight0", &device).transpose());
+        model.bias = Some(Param::from_tensor(r.float::<1>("adamw.bias0", &device)));
+        let (x, c) = (
+            r.float::<2>("adamw.x", &device),
+            r.float::<2>("adamw.c", &device),
+        );
+        let mut optim = blip_adamw().init();
+        for step in 1..=2 {
+            let loss = (model.forward(x.clone()) * c.clone()).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-2, model, grads);
+            let w: Tensor<2> = model.weight.val().transpose();
+            super::assert_close(
+                &format!("weight after step {step}"),
+                values(w),
+                r.floats(&format!("adamw.weight{step}")),
+            );
+            let b = values(model.bias.as_ref().unwrap().val());
+            super::assert_close(
+                &format!("bias after step {step}"),
+                b,
+                r.floats(&format!("adamw.bias{step}")),
+            );
+        }
+    }
+}
