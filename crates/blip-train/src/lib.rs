@@ -22,6 +22,7 @@
 mod losses;
 mod momentum;
 mod optim;
+mod schedule;
 
 pub use blip_text::Rng;
 pub use blip_text::lm_loss;
@@ -30,3 +31,4 @@ pub use losses::{
 };
 pub use momentum::{FeatureQueue, QueueSizeError, clamp_temperature, momentum_update};
 pub use optim::blip_adamw;
+pub use schedule::{cosine_lr, step_decay_lr, warmup_lr};
