@@ -102,6 +102,15 @@ for step in range(2):
     out[f"adamw.weight{step + 1}"] = lin.weight.detach().clone()
     out[f"adamw.bias{step + 1}"] = lin.bias.detach().clone()
 
+# Global-norm clipping (clip_grad_norm_, max norm 0.5) of the same Linear's gradients.
+opt.zero_grad()
+(lin(x) * c).sum().backward()
+out["clip.weight"] = lin.weight.detach().clone()
+out["clip.bias"] = lin.bias.detach().clone()
+out["clip.norm"] = torch.nn.utils.clip_grad_norm_(lin.parameters(), 0.5).reshape(1)
+out["clip.grad.weight"] = lin.weight.grad.clone()
+out["clip.grad.bias"] = lin.bias.grad.clone()
+
 OUT.mkdir(parents=True, exist_ok=True)
 save_file({k: v.contiguous() for k, v in out.items()}, OUT / "expected.safetensors")
 print(f"wrote {len(out)} tensors to {OUT / 'expected.safetensors'}")

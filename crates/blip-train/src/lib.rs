@@ -30,5 +30,5 @@ pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
 };
 pub use momentum::{FeatureQueue, QueueSizeError, clamp_temperature, momentum_update};
-pub use optim::blip_adamw;
+pub use optim::{blip_adamw, clip_grad_norm};
 pub use schedule::{cosine_lr, step_decay_lr, warmup_lr};

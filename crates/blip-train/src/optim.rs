@@ -12,3 +12,59 @@ pub fn blip_adamw() -> AdamWConfig {
         .with_epsilon(1e-8)
         .with_weight_decay(0.05)
 }
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+/// Clips gradients by their global norm, as PyTorch's `clip_grad_norm_`: with
+/// `‖g‖ = sqrt(Σ_params Σ g²)` over every parameter of `module` together, each gradient is
+/// scaled by `min(1, max_norm / (‖g‖ + 1e-6))`. (burn's own `GradientClipping::Norm` clips
+/// each tensor separately.) Returns the gradients and the norm before clipping.
+pub fn clip_grad_norm<M: Module>(
+    module: &M,
+    mut grads: GradientsParams,
+    max_norm: f64,
+) -> (GradientsParams, f64) {
+    let mut norm = SquaredNorm {
+        grads: &grads,
+        sum: 0.0,
+    };
+    module.visit(&mut norm);
+    let total = norm.sum.sqrt();
+    let scale = (max_norm / (total + 1e-6)).min(1.0);
+    if scale < 1.0 {
+        module.visit(&mut Scale {
+            grads: &mut grads,
+            scale,
+        });
+    }
+    (grads, total)
+}
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    sum: f64,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s: f32 = g.powi_scalar(2).sum().into_scalar();
+            self.sum += s as f64;
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    scale: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g * self.scale);
+        }
+    }
+}

@@ -311,3 +311,40 @@ mod optimiser {
         }
     }
 }
+
+mod clipping {
+    use super::{Reference, values};
+    use blip_train::clip_grad_norm;
+    use burn::module::Param;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Device, Tensor};
+
+    #[test]
+    fn global_norm_clipping_equals_torchs() {
+        let r = Reference::open();
+        let device = Device::flex().autodiff();
+        let mut model: Linear = LinearConfig::new(3, 2).init(&device);
+        model.weight = Param::from_tensor(r.float::<2>("clip.weight", &device).transpose());
+        model.bias = Some(Param::from_tensor(r.float::<1>("clip.bias", &device)));
+        let (x, c) = (
+            r.float::<2>("adamw.x", &device),
+            r.float::<2>("adamw.c", &device),
+        );
+        let loss = (model.forward(x) * c).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (clipped, norm) = clip_grad_norm(&model, grads, 0.5);
+        assert!(
+            (norm - r.floats("clip.norm")[0] as f64).abs() < 1e-4,
+            "norm {norm}"
+        );
+        let w: Tensor<2> = clipped.get::<2>(model.weight.id).unwrap().transpose();
+        super::assert_close(
+            "clipped weight grad",
+            values(w),
+            r.floats("clip.grad.weight"),
+        );
+        let b: Tensor<1> = clipped.get::<1>(model.bias.as_ref().unwrap().id).unwrap();
+        super::assert_close("clipped bias grad", values(b), r.floats("clip.grad.bias"));
+    }
+}
