@@ -127,6 +127,17 @@ pub enum FirstToken {
     Enc,
 }
 
+impl FirstToken {
+    /// Tokenized `ids` (`[CLS]` first) as the image-grounded encoder takes them: unchanged
+    /// for [`Cls`](Self::Cls), column 0 replaced by `enc_token_id` for [`Enc`](Self::Enc).
+    pub fn apply(self, ids: Tensor<2, Int>, enc_token_id: usize) -> Tensor<2, Int> {
+        match self {
+            Self::Cls => ids,
+            Self::Enc => replace_first(ids, enc_token_id),
+        }
+    }
+}
+
 /// An item ranked by [`Matcher::rank_texts`] / [`Matcher::rank_images`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ranked {
@@ -189,10 +200,8 @@ impl Matcher {
 
     /// ITM logits `[N, 2]` (host) for text `i` with image `i`, first token per `first_token`.
     fn itm_logits(&self, image_embeds: Tensor<3>, texts: &[&str]) -> Result<Vec<f32>> {
-        let (mut ids, mask) = self.tokens(texts)?;
-        if self.first_token == FirstToken::Enc {
-            ids = replace_first(ids, self.config.text.enc_token_id);
-        }
+        let (ids, mask) = self.tokens(texts)?;
+        let ids = self.first_token.apply(ids, self.config.text.enc_token_id);
         Ok(host(self.model.itm_logits(
             image_embeds,
             ids,
@@ -347,11 +356,11 @@ impl QuestionAnswerer {
         let encoded = self
             .tokenizer
             .encode_batch(questions, Some(35), Padding::Longest)?;
-        let (mut ids, mask) = encoded.to_tensors(&self.device);
-        if self.first_token == FirstToken::Enc {
-            ids = replace_first(ids, self.config.text.enc_token_id);
-        }
-        Ok((ids, mask))
+        let (ids, mask) = encoded.to_tensors(&self.device);
+        Ok((
+            self.first_token.apply(ids, self.config.text.enc_token_id),
+            mask,
+        ))
     }
 
     /// Answers one question per image by generation.
