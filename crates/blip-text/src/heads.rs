@@ -48,20 +48,25 @@ pub struct TextLmHeadModel {
 impl TextConfig {
     /// Builds a decoder with LM head, random weights.
     pub fn init_lm_head_model(&self, device: &Device) -> TextLmHeadModel {
-        let d = self.hidden_size;
         TextLmHeadModel {
             bert: self.init(device),
-            lm_head: LmPredictionHead {
-                transform: PredictionHeadTransform {
-                    dense: linear(d, d, device),
-                    layer_norm: LayerNormConfig::new(d)
-                        .with_epsilon(self.layer_norm_eps)
-                        .init(device),
-                },
-                bias: Initializer::Zeros.init([self.vocab_size], device),
-            },
+            lm_head: self.init_lm_prediction_head(device),
             sep_token_id: self.sep_token_id,
             pad_token_id: self.pad_token_id,
+        }
+    }
+
+    /// The LM head alone (transform + bias; its decoder is the tied word embeddings).
+    pub fn init_lm_prediction_head(&self, device: &Device) -> LmPredictionHead {
+        let d = self.hidden_size;
+        LmPredictionHead {
+            transform: PredictionHeadTransform {
+                dense: linear(d, d, device),
+                layer_norm: LayerNormConfig::new(d)
+                    .with_epsilon(self.layer_norm_eps)
+                    .init(device),
+            },
+            bias: Initializer::Zeros.init([self.vocab_size], device),
         }
     }
 }

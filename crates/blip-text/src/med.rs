@@ -130,8 +130,9 @@ pub struct KeyValue {
     pub value: Tensor<4>,
 }
 
-/// A Linear with BERT's initialisation (normal, std 0.02), used by every text-side module.
-pub(crate) fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+/// A Linear with BERT's initialisation (normal, std 0.02), used by every text-side module
+/// and the ITC/ITM heads.
+pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out)
         .with_initializer(Initializer::Normal {
             mean: 0.0,
@@ -141,7 +142,8 @@ pub(crate) fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
 }
 
 impl TextConfig {
-    fn attention(&self, kv_width: usize, device: &Device) -> TextAttention {
+    /// A self- (`kv_width` = hidden size) or cross-attention block with random weights.
+    pub fn init_attention(&self, kv_width: usize, device: &Device) -> TextAttention {
         let d = self.hidden_size;
         TextAttention {
             self_attention: TextSelfAttention {
@@ -177,10 +179,10 @@ impl TextConfig {
         };
         let layer = (0..self.num_hidden_layers)
             .map(|_| TextLayer {
-                attention: self.attention(d, device),
+                attention: self.init_attention(d, device),
                 crossattention: self
                     .add_cross_attention
-                    .then(|| self.attention(self.encoder_hidden_size, device)),
+                    .then(|| self.init_attention(self.encoder_hidden_size, device)),
                 intermediate: TextIntermediate {
                     dense: linear(d, self.intermediate_size, device),
                 },
@@ -287,7 +289,20 @@ impl TextLayer {
         self_bias: Option<Tensor<4>>,
         cross: Option<(&KeyValue, Option<Tensor<4>>)>,
     ) -> Tensor<3> {
-        let mut x = self.attention.forward(x, self_kv, self_bias);
+        self.forward_with(&self.attention, x, self_kv, self_bias, cross)
+    }
+
+    /// [`Self::forward`] with another self-attention block in place of `self.attention`:
+    /// pre-training's decoder shares every weight of the encoder's layer but this one.
+    pub fn forward_with(
+        &self,
+        attention: &TextAttention,
+        x: Tensor<3>,
+        self_kv: &KeyValue,
+        self_bias: Option<Tensor<4>>,
+        cross: Option<(&KeyValue, Option<Tensor<4>>)>,
+    ) -> Tensor<3> {
+        let mut x = attention.forward(x, self_kv, self_bias);
         if let (Some(block), Some((kv, bias))) = (&self.crossattention, cross) {
             x = block.forward(x, kv, bias);
         }
@@ -404,6 +419,20 @@ impl TextModel {
         cross: Option<CrossInput>,
         causal: bool,
     ) -> Result<Tensor<3>> {
+        self.forward_with(input_ids, attention_mask, cross, causal, None)
+    }
+
+    /// [`Self::forward`] where, when `self_attention` is given (one block per layer), those
+    /// blocks replace the layers' own self-attention: the pre-training decoder, which shares
+    /// everything else with the encoder (BLIP §3.1, `tie_encoder_decoder_weights`).
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cross: Option<CrossInput>,
+        causal: bool,
+        self_attention: Option<&[TextAttention]>,
+    ) -> Result<Tensor<3>> {
         self.check_input("input_ids", &input_ids, attention_mask.as_ref())?;
         let [b, l] = input_ids.dims();
         let device = input_ids.device();
@@ -427,7 +456,7 @@ impl TextModel {
         let cross = cross
             .as_ref()
             .map(|(kvs, bias)| (kvs.as_slice(), bias.clone()));
-        Ok(self.layers_cached(x, self_bias, &mut Vec::new(), cross))
+        Ok(self.layers_with(x, self_bias, &mut Vec::new(), cross, self_attention))
     }
 
     /// Runs the layers over embedded tokens `x` `[N, L, D]`. Each layer's self-attention
@@ -436,14 +465,28 @@ impl TextModel {
     /// `[N, 1, L, T + L]`. This is the incremental decoder: past keys are never recomputed.
     pub fn layers_cached(
         &self,
-        mut x: Tensor<3>,
+        x: Tensor<3>,
         self_bias: Option<Tensor<4>>,
         cache: &mut Vec<KeyValue>,
         cross: Option<(&[KeyValue], Option<Tensor<4>>)>,
     ) -> Tensor<3> {
+        self.layers_with(x, self_bias, cache, cross, None)
+    }
+
+    /// [`Self::layers_cached`] with `self_attention` (one block per layer), when given, in
+    /// place of the layers' own self-attention blocks.
+    pub fn layers_with(
+        &self,
+        mut x: Tensor<3>,
+        self_bias: Option<Tensor<4>>,
+        cache: &mut Vec<KeyValue>,
+        cross: Option<(&[KeyValue], Option<Tensor<4>>)>,
+        self_attention: Option<&[TextAttention]>,
+    ) -> Tensor<3> {
         let fresh = cache.is_empty();
         for (i, layer) in self.encoder.layer.iter().enumerate() {
-            let new = layer.attention.self_attention.key_value(x.clone());
+            let attention = self_attention.map_or(&layer.attention, |blocks| &blocks[i]);
+            let new = attention.self_attention.key_value(x.clone());
             if fresh {
                 cache.push(new);
             } else {
@@ -452,7 +495,7 @@ impl TextModel {
                 past.value = Tensor::cat(vec![past.value.clone(), new.value], 2);
             }
             let cross = cross.as_ref().map(|(kvs, bias)| (&kvs[i], bias.clone()));
-            x = layer.forward(x, &cache[i], self_bias.clone(), cross);
+            x = layer.forward_with(attention, x, &cache[i], self_bias.clone(), cross);
         }
         x
     }

@@ -19,16 +19,26 @@
 
 #![warn(missing_docs)]
 
+mod error;
 mod losses;
+pub mod model;
 mod momentum;
 mod optim;
+pub mod pretrain;
 mod schedule;
+pub mod trainer;
 
 pub use blip_text::Rng;
 pub use blip_text::lm_loss;
+pub use error::{Result, TrainError};
 pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
 };
-pub use momentum::{FeatureQueue, QueueSizeError, clamp_temperature, momentum_update};
+pub use model::{BlipPretrain, LossWeights, MomentumEncoders, PretrainConfig, SharedDecoder};
+pub use momentum::{
+    FeatureQueue, QueueSizeError, clamp_temperature, momentum_copy, momentum_update,
+};
 pub use optim::{blip_adamw, clip_grad_norm};
+pub use pretrain::{Distillation, Losses, TrainBatch, compute_losses};
 pub use schedule::{cosine_lr, step_decay_lr, warmup_lr};
+pub use trainer::{LrSchedule, Progress, StepReport, TrainConfig, Trainer};

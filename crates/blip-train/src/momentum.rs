@@ -1,7 +1,7 @@
 //! The state ITC distillation keeps across steps: momentum encoders, feature queues and the
 //! learnable temperature's range.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Distribution, Tensor};
 
 /// The error of a queue whose size the batch does not divide.
@@ -27,6 +27,22 @@ pub fn momentum_update<M: Module>(online: &M, momentum: M, m: f64) -> M {
         m,
     };
     momentum.map(&mut update)
+}
+
+/// An independent copy of `online` for a momentum encoder (the original's `copy_params`):
+/// same values, new parameter ids, detached and excluded from gradient tracking. (A plain
+/// `clone` would share the parameters' lazy initialisation, so freezing the copy would
+/// freeze the online model too.)
+pub fn momentum_copy<M: Module>(online: &M) -> M {
+    online.clone().map(&mut Fresh).no_grad()
+}
+
+struct Fresh;
+
+impl ModuleMapper for Fresh {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        Param::initialized(ParamId::new(), param.val().detach())
+    }
 }
 
 struct Collect(Vec<Tensor<1>>);
@@ -95,10 +111,14 @@ impl FeatureQueue {
     }
 
     /// Writes a batch of features `[B, D]` over the oldest `B` columns, after the loss has
-    /// used the queue (the original enqueues last).
+    /// used the queue (the original enqueues last). A queue of size 0 keeps nothing: ITC
+    /// then contrasts within the batch only.
     pub fn enqueue(&mut self, batch: Tensor<2>) -> Result<(), QueueSizeError> {
         let [b, d] = batch.dims();
         let k = self.len();
+        if k == 0 {
+            return Ok(());
+        }
         if b == 0 || !k.is_multiple_of(b) {
             return Err(QueueSizeError { queue: k, batch: b });
         }

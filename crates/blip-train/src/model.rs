@@ -1,0 +1,407 @@
+//! The pre-training model (the original `BLIP_Pretrain`): image encoder, a text encoder that
+//! is unimodal for ITC and image-grounded for ITM, and an image-grounded decoder that shares
+//! every encoder weight except the self-attention blocks (BLIP §3.1, Table 3).
+//!
+//! Sharing is structural, not copies kept in sync: [`BlipPretrain::text_encoder`] holds the
+//! embeddings, cross-attention and feed-forward blocks once, and [`SharedDecoder`] holds only
+//! what the decoder owns alone (its causal self-attention blocks and the LM head, whose
+//! decoder matrix is the shared word embeddings). The optimiser therefore updates each shared
+//! tensor once per step, with the sum of the encoder's and decoder's gradients — what the
+//! original's tied `nn.Parameter`s receive.
+
+use blip_text::heads::LmPredictionHead;
+use blip_text::med::{CrossInput, TextAttention, linear};
+use blip_text::{
+    BlipConfig, BlipTokenizer, CaptioningModel, Encoded, RetrievalModel, TextConfig,
+    TextLmHeadModel, TextModel, l2_normalize, tokenizer::ids_tensor,
+};
+use blip_vision::{VisionConfig, VisionTransformer};
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::error::{Result, TrainError};
+
+/// Hyper-parameters of pre-training (the original `configs/pretrain.yaml` and
+/// `BLIP_Pretrain.__init__`).
+#[derive(Config, Debug, PartialEq)]
+pub struct PretrainConfig {
+    /// The ViT and MED sizes (the decoder's LM head uses the text config's vocabulary).
+    pub blip: BlipConfig,
+    /// Entries in each ITC feature queue (57600; the batch must divide it).
+    #[config(default = 57600)]
+    pub queue_size: usize,
+    /// Momentum of the EMA encoders (0.995).
+    #[config(default = 0.995)]
+    pub momentum: f64,
+    /// Distillation weight `α` of the ITC soft targets once ramped up (0.4).
+    #[config(default = 0.4)]
+    pub alpha: f64,
+    /// Initial ITC temperature (0.07; clamped to [0.001, 0.5] before every step).
+    #[config(default = 0.07)]
+    pub temp: f64,
+    /// LM label smoothing (0.1, hard-coded in the original).
+    #[config(default = 0.1)]
+    pub label_smoothing: f64,
+    /// Maximum caption length in tokens (30 in pre-training, 35 in retrieval fine-tuning).
+    #[config(default = 30)]
+    pub max_length: usize,
+    /// How the objectives are combined.
+    #[config(default = "LossWeights::new()")]
+    pub weights: LossWeights,
+}
+
+/// Weights of the objectives in the total loss, `L = w_itc·L_itc + w_itm·L_itm + w_lm·L_lm`
+/// (all 1 in the paper). An objective with weight 0 is not computed at all: fine-tuning the
+/// captioner is `itc = itm = 0`, the filter `lm = 0`.
+#[derive(Config, Debug, PartialEq)]
+pub struct LossWeights {
+    /// Image–text contrastive.
+    #[config(default = 1.0)]
+    pub itc: f64,
+    /// Image–text matching.
+    #[config(default = 1.0)]
+    pub itm: f64,
+    /// Language modelling.
+    #[config(default = 1.0)]
+    pub lm: f64,
+}
+
+impl PretrainConfig {
+    /// BLIP pre-training with ViT-B/16 at 224 px (the paper's pre-training resolution).
+    pub fn base() -> Self {
+        let mut blip = BlipConfig::base();
+        blip.vision.image_size = 224;
+        Self::new(blip)
+    }
+
+    /// BLIP pre-training with ViT-L/16 at 224 px.
+    pub fn large() -> Self {
+        let mut blip = BlipConfig::large();
+        blip.vision.image_size = 224;
+        Self::new(blip)
+    }
+
+    /// A tiny BLIP (ViT and MED of width 64, 2 layers, 4 heads, 64 px images, 256 queued
+    /// features) for tests, examples and CPU experiments; `vocab_size` from the tokenizer.
+    pub fn tiny(vocab_size: usize) -> Self {
+        let vision = VisionConfig::new(64, 128, 2, 4, 64);
+        let mut text = TextConfig::base(64);
+        text.vocab_size = vocab_size;
+        text.hidden_size = 64;
+        text.intermediate_size = 128;
+        text.num_hidden_layers = 2;
+        text.num_attention_heads = 4;
+        text.max_position_embeddings = 64;
+        Self::new(BlipConfig::new(vision, text).with_image_text_hidden_size(32))
+            .with_queue_size(256)
+    }
+
+    /// The vocabulary size and special-token ids of `tokenizer` (for vocabularies other
+    /// than bert-base-uncased's).
+    pub fn with_tokenizer(mut self, tokenizer: &BlipTokenizer) -> Self {
+        let text = &mut self.blip.text;
+        text.vocab_size = tokenizer.vocab_size();
+        text.pad_token_id = tokenizer.pad_token_id as usize;
+        text.cls_token_id = tokenizer.cls_token_id as usize;
+        text.sep_token_id = tokenizer.sep_token_id as usize;
+        text.bos_token_id = tokenizer.dec_token_id as usize;
+        text.enc_token_id = tokenizer.enc_token_id as usize;
+        self
+    }
+
+    /// Builds the trainable model with random weights.
+    pub fn init(&self, device: &Device) -> BlipPretrain {
+        let (dv, dt, dp) = (
+            self.blip.vision.hidden_size,
+            self.blip.text.hidden_size,
+            self.blip.image_text_hidden_size,
+        );
+        let text = &self.blip.text;
+        BlipPretrain {
+            visual_encoder: self.blip.vision.init(device),
+            text_encoder: text.init(device),
+            text_decoder: SharedDecoder {
+                attention: (0..text.num_hidden_layers)
+                    .map(|_| text.init_attention(dt, device))
+                    .collect(),
+                lm_head: text.init_lm_prediction_head(device),
+            },
+            vision_proj: linear(dv, dp, device),
+            text_proj: linear(dt, dp, device),
+            itm_head: linear(dt, 2, device),
+            temp: Param::from_tensor(Tensor::from_floats([self.temp as f32], device)),
+            enc_token_id: text.enc_token_id,
+            dec_token_id: text.bos_token_id,
+            pad_token_id: text.pad_token_id,
+            sep_token_id: text.sep_token_id,
+        }
+    }
+}
+
+/// What the pre-training decoder owns alone; everything else it reads from the encoder.
+#[derive(Module, Debug)]
+pub struct SharedDecoder {
+    /// Causal self-attention block of each layer (`text_decoder.bert.encoder.layer.N.attention`).
+    pub attention: Vec<TextAttention>,
+    /// LM head (`text_decoder.cls.predictions`), tied to the shared word embeddings.
+    pub lm_head: LmPredictionHead,
+}
+
+/// The trainable pre-training model. Field names are the original checkpoint prefixes.
+#[derive(Module, Debug)]
+pub struct BlipPretrain {
+    /// The ViT.
+    pub visual_encoder: VisionTransformer,
+    /// MED: unimodal (ITC) and image-grounded (ITM) encoder, and every weight the decoder
+    /// shares with it.
+    pub text_encoder: TextModel,
+    /// The decoder's own weights.
+    pub text_decoder: SharedDecoder,
+    /// ITC image projection `D_v → 256`.
+    pub vision_proj: Linear,
+    /// ITC text projection `D_t → 256`.
+    pub text_proj: Linear,
+    /// ITM head `D_t → 2` (index 1 = match).
+    pub itm_head: Linear,
+    /// Learnable ITC temperature `τ` (`[1]`).
+    pub temp: Param<Tensor<1>>,
+    /// `[ENC]`: first token of the image-grounded encoder.
+    pub enc_token_id: usize,
+    /// `[DEC]`: first token of the decoder.
+    pub dec_token_id: usize,
+    /// `[PAD]`.
+    pub pad_token_id: usize,
+    /// `[SEP]`: end of caption.
+    pub sep_token_id: usize,
+}
+
+/// The EMA copies ITC distils from (`*_m` in the original), never trained by gradients.
+#[derive(Module, Debug)]
+pub struct MomentumEncoders {
+    /// EMA of the ViT.
+    pub visual_encoder_m: VisionTransformer,
+    /// EMA of `vision_proj`.
+    pub vision_proj_m: Linear,
+    /// EMA of the text encoder (used in unimodal mode only).
+    pub text_encoder_m: TextModel,
+    /// EMA of `text_proj`.
+    pub text_proj_m: Linear,
+}
+
+/// Replaces the first token of every row (`[CLS]` → `[ENC]` or `[DEC]`).
+fn with_first_token(ids: &[Vec<u32>], first: usize) -> Vec<Vec<u32>> {
+    ids.iter()
+        .map(|row| {
+            let mut row = row.clone();
+            if let Some(t) = row.first_mut() {
+                *t = first as u32;
+            }
+            row
+        })
+        .collect()
+}
+
+fn first_token(states: Tensor<3>) -> Tensor<2> {
+    let [b, _, d] = states.dims();
+    states.narrow(1, 0, 1).reshape([b, d])
+}
+
+impl BlipPretrain {
+    /// The momentum encoders, initialised as copies of the online ones (`copy_params`) and
+    /// excluded from gradient tracking.
+    pub fn momentum_copy(&self) -> MomentumEncoders {
+        crate::momentum::momentum_copy(&self.momentum_sources())
+    }
+
+    /// The online modules paired with [`MomentumEncoders`], in the same order, for
+    /// [`crate::momentum_update`].
+    pub fn momentum_sources(&self) -> MomentumEncoders {
+        MomentumEncoders {
+            visual_encoder_m: self.visual_encoder.clone(),
+            vision_proj_m: self.vision_proj.clone(),
+            text_encoder_m: self.text_encoder.clone(),
+            text_proj_m: self.text_proj.clone(),
+        }
+    }
+
+    /// Image tokens `[B, 1 + N, D_v]`.
+    pub fn image_embeds(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
+        Ok(self.visual_encoder.forward(pixel_values)?)
+    }
+
+    /// L2-normalised ITC image features `[B, 256]`.
+    pub fn image_features(&self, image_embeds: Tensor<3>) -> Tensor<2> {
+        l2_normalize(self.vision_proj.forward(first_token(image_embeds)))
+    }
+
+    /// L2-normalised ITC text features `[B, 256]` (unimodal encoder, `[CLS]` first).
+    pub fn text_features(&self, text: &Encoded, device: &Device) -> Result<Tensor<2>> {
+        let (ids, mask) = text.to_tensors(device);
+        let states = self.text_encoder.encode_text(ids, Some(mask))?;
+        Ok(l2_normalize(self.text_proj.forward(first_token(states))))
+    }
+
+    /// ITM logits `[N, 2]` for rows of `ids`/`mask` (first token replaced by `[ENC]`) paired
+    /// with the rows of `image_embeds`.
+    pub fn itm_logits(
+        &self,
+        image_embeds: Tensor<3>,
+        input_ids: &[Vec<u32>],
+        attention_mask: &[Vec<u32>],
+    ) -> Result<Tensor<2>> {
+        let device = image_embeds.device();
+        let ids = ids_tensor(&with_first_token(input_ids, self.enc_token_id), &device);
+        let mask = ids_tensor(attention_mask, &device);
+        let states = self.text_encoder.encode_multimodal(
+            ids,
+            Some(mask),
+            CrossInput {
+                states: image_embeds,
+                mask: None,
+            },
+        )?;
+        Ok(self.itm_head.forward(first_token(states)))
+    }
+
+    /// Decoder logits `[B, L, vocab]` for captions (`[CLS]` replaced by `[DEC]`), causal,
+    /// cross-attending to `image_embeds`: the encoder's layers with the decoder's own
+    /// self-attention blocks.
+    pub fn decoder_logits(
+        &self,
+        image_embeds: Tensor<3>,
+        input_ids: &[Vec<u32>],
+        attention_mask: &[Vec<u32>],
+    ) -> Result<Tensor<3>> {
+        let device = image_embeds.device();
+        let ids = ids_tensor(&with_first_token(input_ids, self.dec_token_id), &device);
+        let mask = ids_tensor(attention_mask, &device);
+        let hidden = self.text_encoder.forward_with(
+            ids,
+            Some(mask),
+            Some(CrossInput {
+                states: image_embeds,
+                mask: None,
+            }),
+            true,
+            Some(&self.text_decoder.attention),
+        )?;
+        Ok(self.text_decoder.lm_head.forward(
+            hidden,
+            self.text_encoder.embeddings.word_embeddings.weight.val(),
+        ))
+    }
+
+    /// LM labels: the decoder ids with padding and the first `prompt_length` positions
+    /// (`[DEC]` + prompt) set to [`blip_text::IGNORE_INDEX`].
+    pub fn lm_labels(
+        &self,
+        text: &Encoded,
+        prompt_length: usize,
+        device: &Device,
+    ) -> Tensor<2, Int> {
+        let rows: Vec<Vec<i64>> = text
+            .input_ids
+            .iter()
+            .zip(&text.attention_mask)
+            .map(|(ids, mask)| {
+                ids.iter()
+                    .zip(mask)
+                    .enumerate()
+                    .map(|(i, (&id, &m))| {
+                        if m == 0 || i < prompt_length {
+                            blip_text::IGNORE_INDEX
+                        } else {
+                            id as i64
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let [b, l] = text.shape();
+        let flat: Vec<i64> = rows.into_iter().flatten().collect();
+        Tensor::from_data(burn::tensor::TensorData::new(flat, [b, l]), device)
+    }
+
+    /// The captioning model of the HF layout: this ViT and the decoder (shared weights
+    /// copied, decoder self-attention swapped in). Loadable by `blip-text` and transformers.
+    pub fn to_captioning(&self) -> CaptioningModel {
+        let mut bert = self.text_encoder.clone();
+        for (layer, attention) in bert
+            .encoder
+            .layer
+            .iter_mut()
+            .zip(&self.text_decoder.attention)
+        {
+            layer.attention = attention.clone();
+        }
+        CaptioningModel {
+            vision_model: self.visual_encoder.clone(),
+            text_decoder: TextLmHeadModel {
+                bert,
+                lm_head: self.text_decoder.lm_head.clone(),
+                sep_token_id: self.sep_token_id,
+                pad_token_id: self.pad_token_id,
+            },
+        }
+    }
+
+    /// The retrieval (ITM + ITC) model of the HF layout. The temperature is not part of it:
+    /// HF's `BlipForImageTextRetrieval` has none.
+    pub fn to_retrieval(&self) -> RetrievalModel {
+        RetrievalModel {
+            vision_model: self.visual_encoder.clone(),
+            text_encoder: self.text_encoder.clone(),
+            vision_proj: self.vision_proj.clone(),
+            text_proj: self.text_proj.clone(),
+            itm_head: self.itm_head.clone(),
+        }
+    }
+
+    /// The current temperature as a number.
+    pub fn temperature(&self) -> f64 {
+        self.temp.val().into_scalar::<f32>() as f64
+    }
+
+    /// Number of float parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.num_params()
+    }
+
+    /// Checks that a text batch is one the model can take: as many rows as images, ids and
+    /// mask of equal shape, not longer than the position table.
+    pub(crate) fn check_text(&self, text: &Encoded, images: usize) -> Result<()> {
+        let [b, l] = text.shape();
+        if b != images {
+            return Err(TrainError::Batch(format!(
+                "{b} captions for {images} images: each image needs exactly one caption"
+            )));
+        }
+        let mask_shape = [
+            text.attention_mask.len(),
+            text.attention_mask.first().map_or(0, Vec::len),
+        ];
+        if mask_shape != [b, l] || text.input_ids.iter().any(|r| r.len() != l) {
+            return Err(TrainError::Batch(format!(
+                "ragged text batch: ids [{b}, {l}], mask {mask_shape:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl MomentumEncoders {
+    /// Momentum image features `[B, 256]` (no gradient).
+    pub fn image_features(&self, pixel_values: Tensor<4>) -> Result<Tensor<2>> {
+        let embeds = self.visual_encoder_m.forward(pixel_values)?;
+        Ok(l2_normalize(self.vision_proj_m.forward(first_token(embeds))).detach())
+    }
+
+    /// Momentum text features `[B, 256]` (no gradient).
+    pub fn text_features(&self, text: &Encoded, device: &Device) -> Result<Tensor<2>> {
+        let (ids, mask) = text.to_tensors(device);
+        let states = self.text_encoder_m.encode_text(ids, Some(mask))?;
+        Ok(l2_normalize(self.text_proj_m.forward(first_token(states))).detach())
+    }
+}

@@ -1,0 +1,294 @@
+//! One forward pass of BLIP's objectives on a batch (the original `BLIP_Pretrain.forward`,
+//! and with image ids `BLIP_Retrieval.forward`), combined by [`crate::LossWeights`].
+
+use blip_text::{Encoded, Rng, lm_loss};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::error::{Result, TrainError};
+use crate::losses::{hard_negative_weights, itc_loss, itm_loss, sample_negatives};
+use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
+use crate::momentum::{FeatureQueue, clamp_temperature, momentum_update};
+
+/// What ITC distillation keeps across steps: the momentum encoders and the feature queues
+/// (plus, in retrieval fine-tuning, the image ids of the queued features).
+#[derive(Debug, Clone)]
+pub struct Distillation {
+    /// The EMA encoders.
+    pub momentum: MomentumEncoders,
+    /// Momentum image features `[256, K]`.
+    pub image_queue: FeatureQueue,
+    /// Momentum text features `[256, K]`.
+    pub text_queue: FeatureQueue,
+    /// Image id of each queued pair (`idx_queue`, initialised to −100), kept when batches
+    /// carry image ids.
+    pub idx_queue: Vec<i64>,
+}
+
+impl Distillation {
+    /// Momentum copies of `model` and fresh queues of random unit vectors.
+    pub fn new(model: &BlipPretrain, config: &PretrainConfig, device: &Device) -> Self {
+        let dim = config.blip.image_text_hidden_size;
+        Self {
+            momentum: model.momentum_copy(),
+            image_queue: FeatureQueue::new(dim, config.queue_size, device),
+            text_queue: FeatureQueue::new(dim, config.queue_size, device),
+            idx_queue: vec![-100; config.queue_size],
+        }
+    }
+}
+
+/// A training batch: images, their captions tokenized with `[CLS]` first (padded), and
+/// optionally the image id of each pair (retrieval fine-tuning: captions of one image are
+/// not each other's negatives).
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    /// `[B, 3, S, S]` normalised pixels.
+    pub pixel_values: Tensor<4>,
+    /// Captions, one per image.
+    pub text: Encoded,
+    /// Image ids, one per pair.
+    pub image_ids: Option<Vec<i64>>,
+    /// Leading decoder positions (`[DEC]` + prompt) excluded from the LM loss: 0 in
+    /// pre-training, 4 for `"a picture of "` in captioning fine-tuning.
+    pub prompt_length: usize,
+}
+
+/// The objectives' values for one batch.
+#[derive(Debug, Clone)]
+pub struct Losses {
+    /// `(name, loss)` of each computed objective (`"itc"`, `"itm"`, `"lm"`), each `[1]`.
+    pub terms: Vec<(&'static str, Tensor<1>)>,
+    /// `Σ weight·loss`, what is differentiated.
+    pub total: Tensor<1>,
+}
+
+impl Losses {
+    /// The value of objective `name`, if it was computed.
+    pub fn value(&self, name: &str) -> Option<f64> {
+        self.terms
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t.clone().into_scalar::<f32>() as f64)
+    }
+}
+
+/// The temperature clamp the original applies in place before every forward pass
+/// (`temp.clamp_(0.001, 0.5)` under `no_grad`): the parameter keeps its id and stays a leaf.
+pub fn clamp_model_temperature(mut model: BlipPretrain) -> BlipPretrain {
+    model.temp = model
+        .temp
+        .map(|t| clamp_temperature(t.detach()).detach().require_grad());
+    model
+}
+
+/// The `[B, B + K]` ITC targets of retrieval fine-tuning: every column whose image id equals
+/// the row's (batch and queue) shares the target mass equally.
+fn id_positives(ids: &[i64], queue: &[i64], device: &Device) -> Tensor<2> {
+    let b = ids.len();
+    let all: Vec<i64> = ids.iter().chain(queue).copied().collect();
+    let mut values = Vec::with_capacity(b * all.len());
+    for &i in ids {
+        let row: Vec<f32> = all.iter().map(|&j| f32::from(i == j)).collect();
+        let n: f32 = row.iter().sum();
+        values.extend(row.into_iter().map(|v| v / n));
+    }
+    Tensor::from_data(TensorData::new(values, [b, all.len()]), device)
+}
+
+/// `[B, B]` with 1 where two pairs share an image id.
+fn same_image(ids: &[i64], device: &Device) -> Tensor<2> {
+    let b = ids.len();
+    let values: Vec<f32> = ids
+        .iter()
+        .flat_map(|&i| ids.iter().map(move |&j| f32::from(i == j)))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [b, b]), device)
+}
+
+fn select_rows(rows: &[Vec<u32>], index: &[usize]) -> Vec<Vec<u32>> {
+    index.iter().map(|&i| rows[i].clone()).collect()
+}
+
+/// Computes the weighted objectives of one batch, updating the momentum encoders first and
+/// the queues last, in the original order:
+///
+/// 1. image tokens, online ITC features `v`, `t`;
+/// 2. momentum update `θ_m ← m·θ_m + (1 − m)·θ`, then momentum features `v_m`, `t_m`;
+/// 3. [`itc_loss`] against `[v_m | Q_v]`, `[t_m | Q_t]` with distillation weight `alpha`;
+/// 4. ITM: one hard negative image per text and one hard negative text per image, drawn
+///    from `rng` ([`hard_negative_weights`]; with image ids, every same-image pair is
+///    excluded instead of only the diagonal), [`itm_loss`] on positives + negatives;
+/// 5. LM: decoder on `[DEC]` + caption, [`lm_loss`] with the config's label smoothing;
+/// 6. enqueue `v_m`, `t_m` (and the image ids).
+///
+/// An objective whose weight is 0 is skipped; ITC/ITM need `distillation`.
+pub fn compute_losses(
+    model: &BlipPretrain,
+    distillation: Option<&mut Distillation>,
+    config: &PretrainConfig,
+    batch: &TrainBatch,
+    alpha: f64,
+    rng: &mut Rng,
+) -> Result<Losses> {
+    let [b, _, _, _] = batch.pixel_values.dims();
+    model.check_text(&batch.text, b)?;
+    if let Some(ids) = &batch.image_ids
+        && ids.len() != b
+    {
+        return Err(TrainError::Batch(format!(
+            "{} image ids for {b} images",
+            ids.len()
+        )));
+    }
+    let device = batch.pixel_values.device();
+    let w = &config.weights;
+    let contrastive = w.itc != 0.0 || w.itm != 0.0;
+    let image_embeds = model.image_embeds(batch.pixel_values.clone())?;
+    let mut terms = Vec::new();
+
+    if contrastive {
+        let Some(state) = distillation else {
+            return Err(TrainError::Batch(
+                "ITC/ITM need the momentum encoders and queues (`Distillation`)".into(),
+            ));
+        };
+        let k = state.image_queue.len();
+        if b == 0 || !k.is_multiple_of(b) {
+            return Err(crate::momentum::QueueSizeError { queue: k, batch: b }.into());
+        }
+        let temp = model.temp.val();
+        let image_feat = model.image_features(image_embeds.clone());
+        let text_feat = model.text_features(&batch.text, &device)?;
+
+        state.momentum = momentum_update(
+            &model.momentum_sources(),
+            state.momentum.clone(),
+            config.momentum,
+        );
+        let image_feat_m = state.momentum.image_features(batch.pixel_values.clone())?;
+        let text_feat_m = state.momentum.text_features(&batch.text, &device)?;
+
+        if w.itc != 0.0 {
+            let positives = batch
+                .image_ids
+                .as_ref()
+                .map(|ids| id_positives(ids, &state.idx_queue, &device));
+            let loss = itc_loss(
+                image_feat.clone(),
+                text_feat.clone(),
+                image_feat_m.clone(),
+                text_feat_m.clone(),
+                state.image_queue.features.clone(),
+                state.text_queue.features.clone(),
+                temp.clone(),
+                alpha,
+                positives,
+            );
+            terms.push(("itc", loss, w.itc));
+        }
+
+        if w.itm != 0.0 {
+            let inv_temp = temp.detach().recip().reshape([1, 1]);
+            let (w_i2t, w_t2i) = match &batch.image_ids {
+                None => (
+                    hard_negative_weights(
+                        image_feat
+                            .clone()
+                            .detach()
+                            .matmul(text_feat_m.clone().transpose())
+                            * inv_temp.clone(),
+                    ),
+                    hard_negative_weights(
+                        text_feat
+                            .clone()
+                            .detach()
+                            .matmul(image_feat_m.clone().transpose())
+                            * inv_temp,
+                    ),
+                ),
+                Some(ids) => {
+                    // Retrieval: online × online similarities, plain softmax, every pair of
+                    // the same image zeroed (`BLIP_Retrieval`).
+                    let keep = same_image(ids, &device).neg() + 1.0;
+                    let sim = image_feat
+                        .clone()
+                        .detach()
+                        .matmul(text_feat.clone().detach().transpose())
+                        * inv_temp;
+                    (
+                        softmax(sim.clone(), 1) * keep.clone(),
+                        softmax(sim.transpose(), 1) * keep,
+                    )
+                }
+            };
+            let negative_images = sample_negatives(w_t2i, rng);
+            let negative_texts = sample_negatives(w_i2t, rng);
+            let neg_index = Tensor::<1, Int>::from_data(
+                TensorData::new(
+                    negative_images
+                        .iter()
+                        .map(|&i| i as i64)
+                        .collect::<Vec<_>>(),
+                    [b],
+                ),
+                &device,
+            );
+            // One pass over 3B rows: (text_i, image_i), (text_i, negative image),
+            // (negative text, image_i).
+            let images = Tensor::cat(
+                vec![
+                    image_embeds.clone(),
+                    image_embeds.clone().select(0, neg_index),
+                    image_embeds.clone(),
+                ],
+                0,
+            );
+            let text = &batch.text;
+            let ids = [
+                text.input_ids.clone(),
+                text.input_ids.clone(),
+                select_rows(&text.input_ids, &negative_texts),
+            ]
+            .concat();
+            let mask = [
+                text.attention_mask.clone(),
+                text.attention_mask.clone(),
+                select_rows(&text.attention_mask, &negative_texts),
+            ]
+            .concat();
+            let logits = model.itm_logits(images, &ids, &mask)?;
+            terms.push(("itm", itm_loss(logits), w.itm));
+        }
+
+        state.image_queue.enqueue(image_feat_m)?;
+        state.text_queue.enqueue(text_feat_m)?;
+        if let Some(ids) = batch.image_ids.as_ref().filter(|_| k > 0) {
+            let ptr = (state.idx_queue.len() + state.image_queue.ptr - b) % state.idx_queue.len();
+            state.idx_queue[ptr..ptr + b].copy_from_slice(ids);
+        }
+    }
+
+    if w.lm != 0.0 {
+        let logits = model.decoder_logits(
+            image_embeds,
+            &batch.text.input_ids,
+            &batch.text.attention_mask,
+        )?;
+        let labels = model.lm_labels(&batch.text, batch.prompt_length, &device);
+        terms.push(("lm", lm_loss(logits, labels, config.label_smoothing), w.lm));
+    }
+
+    let total = terms
+        .iter()
+        .map(|(_, loss, weight)| loss.clone() * *weight)
+        .reduce(|a, b| a + b)
+        .ok_or_else(|| TrainError::Batch("every loss weight is 0: nothing to train".into()))?;
+    Ok(Losses {
+        terms: terms
+            .into_iter()
+            .map(|(name, loss, _)| (name, loss))
+            .collect(),
+        total,
+    })
+}

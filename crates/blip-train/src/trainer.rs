@@ -1,0 +1,545 @@
+//! The training loop's state and step: AdamW, the original LR schedules, global-norm
+//! clipping, gradient accumulation, and checkpoints that resume exactly.
+//!
+//! burn's `Learner` cannot drive BLIP (its step cannot update momentum encoders or queues),
+//! so [`Trainer`] owns everything a step changes and [`Trainer::save`] /
+//! [`Trainer::resume`] write and read all of it.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN/` under the checkpoint root, written as
+//! `step-NNNNNNNN.partial/` and renamed when complete; the file `latest` (replaced
+//! atomically) names the newest one. A crash at any moment leaves the previous checkpoint
+//! and `latest` intact.
+//!
+//! | file | content |
+//! |---|---|
+//! | `model.safetensors` | [`BlipPretrain`], original key names (`text_decoder.attention.N.*` are the decoder's own self-attention blocks) |
+//! | `momentum.safetensors` | the `*_m` encoders, queues (`image_queue`, `text_queue`) |
+//! | `optimizer.bpk` | AdamW moments (burnpack, burn's optimiser record) |
+//! | `state.json` | step, epoch, position in the epoch, RNG, queue pointer and ids, configs, parameter ids |
+
+use std::path::{Path, PathBuf};
+
+use blip_text::Rng;
+use blip_vision::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
+use burn::config::Config;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor};
+use serde_json::json;
+
+use crate::error::{Result, TrainError};
+use crate::losses::alpha_ramp;
+use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
+use crate::momentum::FeatureQueue;
+use crate::optim::{blip_adamw, clip_grad_norm};
+use crate::pretrain::{Distillation, TrainBatch, clamp_model_temperature, compute_losses};
+use crate::schedule::{cosine_lr, step_decay_lr, warmup_lr};
+
+/// How the learning rate moves.
+#[derive(Config, Debug, PartialEq, Copy)]
+pub enum LrSchedule {
+    /// Pre-training: epoch 0 warms up linearly per step, each later epoch `e` runs at
+    /// `max(min_lr, init_lr·decay^e)`.
+    StepDecay,
+    /// Fine-tuning: cosine over epochs from `init_lr` to `min_lr`, no warm-up.
+    Cosine,
+}
+
+/// Optimisation settings (the original `configs/*.yaml`).
+#[derive(Config, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// Peak learning rate (3e-4 pre-training ViT-B, 1e-5 caption/retrieval fine-tuning).
+    #[config(default = 3e-4)]
+    pub init_lr: f64,
+    /// Floor of the schedule.
+    #[config(default = 1e-6)]
+    pub min_lr: f64,
+    /// Warm-up start (step decay only).
+    #[config(default = 1e-6)]
+    pub warmup_lr: f64,
+    /// Warm-up length in optimiser steps (3000; step decay only).
+    #[config(default = 3000)]
+    pub warmup_steps: usize,
+    /// Per-epoch decay factor (0.9 in the code, 0.85 in the paper).
+    #[config(default = 0.9)]
+    pub lr_decay_rate: f64,
+    /// The schedule.
+    #[config(default = "LrSchedule::StepDecay")]
+    pub schedule: LrSchedule,
+    /// Number of epochs (20 pre-training, 5 captioning, 6 retrieval).
+    #[config(default = 20)]
+    pub epochs: usize,
+    /// Batches whose gradients are summed before one optimiser step (1 = none). The loss
+    /// of each is divided by this, so the step equals one on the concatenated batch.
+    #[config(default = 1)]
+    pub grad_accumulation: usize,
+    /// Clip the global gradient norm to this (none in the original).
+    #[config(default = "None")]
+    pub clip_grad_norm: Option<f64>,
+    /// Epochs over which ITC's `α` ramps up (2 pre-training, 1 retrieval).
+    #[config(default = 2)]
+    pub alpha_ramp_epochs: usize,
+    /// Seed of negative sampling (data order and augmentation have their own).
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The original pre-training schedule.
+    pub fn pretrain() -> Self {
+        Self::new()
+    }
+
+    /// The original captioning fine-tuning: cosine from 1e-5 to 0 over 5 epochs.
+    pub fn finetune_caption() -> Self {
+        Self::new()
+            .with_init_lr(1e-5)
+            .with_min_lr(0.0)
+            .with_schedule(LrSchedule::Cosine)
+            .with_epochs(5)
+    }
+
+    /// The original retrieval fine-tuning: cosine from 1e-5 to 0 over 6 epochs, `α` ramped
+    /// over the first.
+    pub fn finetune_retrieval() -> Self {
+        Self::new()
+            .with_init_lr(1e-5)
+            .with_min_lr(0.0)
+            .with_schedule(LrSchedule::Cosine)
+            .with_epochs(6)
+            .with_alpha_ramp_epochs(1)
+    }
+}
+
+/// Where training stands. `batch` counts the batches consumed in the current epoch (what a
+/// resumed data loader skips), `step` the optimiser steps overall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Batches consumed in this epoch.
+    pub batch: usize,
+    /// Optimiser steps taken.
+    pub step: usize,
+}
+
+/// What one call of [`Trainer::train_batch`] did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Each objective's value.
+    pub losses: Vec<(&'static str, f64)>,
+    /// The weighted total.
+    pub total: f64,
+    /// ITC distillation weight used.
+    pub alpha: f64,
+    /// Learning rate, when this batch completed an optimiser step.
+    pub lr: Option<f64>,
+    /// Global gradient norm before clipping, when a step was taken.
+    pub grad_norm: Option<f64>,
+}
+
+/// The model, its distillation state and optimiser, and the position in training.
+pub struct Trainer {
+    /// The trainable model.
+    pub model: BlipPretrain,
+    /// Momentum encoders and queues (`None` when ITC and ITM are off).
+    pub distillation: Option<Distillation>,
+    /// Model hyper-parameters and loss weights.
+    pub config: PretrainConfig,
+    /// Optimisation settings.
+    pub train: TrainConfig,
+    /// Position in training.
+    pub progress: Progress,
+    /// Negative-sampling generator.
+    pub rng: Rng,
+    optimizer: ModuleOptimizer,
+    accumulator: GradientsAccumulator<BlipPretrain>,
+    pending: usize,
+    device: Device,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("progress", &self.progress)
+            .field("config", &self.config)
+            .field("train", &self.train)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// A trainer starting at step 0. `device` should be an autodiff device
+    /// (`Device::flex().autodiff()`); `model` is moved onto it.
+    pub fn new(
+        model: BlipPretrain,
+        config: PretrainConfig,
+        train: TrainConfig,
+        device: &Device,
+    ) -> Self {
+        // `fork` keeps a plain module plain; `train` turns gradient tracking on.
+        let model = model.fork(device).train();
+        let contrastive = config.weights.itc != 0.0 || config.weights.itm != 0.0;
+        let distillation = contrastive.then(|| Distillation::new(&model, &config, device));
+        let rng = Rng(train.seed);
+        Self {
+            model,
+            distillation,
+            config,
+            train,
+            progress: Progress::default(),
+            rng,
+            optimizer: blip_adamw().init(),
+            accumulator: GradientsAccumulator::new(),
+            pending: 0,
+            device: device.clone(),
+        }
+    }
+
+    /// The learning rate of the next optimiser step, given the number of optimiser steps
+    /// per epoch.
+    pub fn learning_rate(&self) -> f64 {
+        let t = &self.train;
+        let Progress { epoch, .. } = self.progress;
+        match t.schedule {
+            LrSchedule::StepDecay if epoch == 0 => {
+                let step_in_epoch = self.progress.batch / t.grad_accumulation.max(1);
+                warmup_lr(step_in_epoch, t.warmup_steps, t.warmup_lr, t.init_lr)
+            }
+            LrSchedule::StepDecay => step_decay_lr(epoch, t.init_lr, t.min_lr, t.lr_decay_rate),
+            LrSchedule::Cosine => cosine_lr(epoch, t.epochs, t.init_lr, t.min_lr),
+        }
+    }
+
+    /// One batch: losses, backward, and (every `grad_accumulation` batches) clipping and an
+    /// AdamW step. `batches_per_epoch` drives the `α` ramp.
+    pub fn train_batch(
+        &mut self,
+        batch: &TrainBatch,
+        batches_per_epoch: usize,
+    ) -> Result<StepReport> {
+        let alpha = alpha_ramp(
+            self.config.alpha,
+            self.progress.epoch,
+            self.progress.batch,
+            batches_per_epoch,
+            self.train.alpha_ramp_epochs,
+        );
+        let model = clamp_model_temperature(self.model.clone());
+        let losses = compute_losses(
+            &model,
+            self.distillation.as_mut(),
+            &self.config,
+            batch,
+            alpha,
+            &mut self.rng,
+        )?;
+        let accumulation = self.train.grad_accumulation.max(1);
+        let values: Vec<(&'static str, f64)> = losses
+            .terms
+            .iter()
+            .map(|(name, t)| (*name, t.clone().into_scalar::<f32>() as f64))
+            .collect();
+        let total = losses.total.clone().into_scalar::<f32>() as f64;
+        let grads = (losses.total / accumulation as f64).backward();
+        let grads = GradientsParams::from_grads(grads, &model);
+        self.accumulator.accumulate(&model, grads);
+        self.model = model;
+        self.pending += 1;
+        let mut report = StepReport {
+            losses: values,
+            total,
+            alpha,
+            lr: None,
+            grad_norm: None,
+        };
+        if self.pending == accumulation {
+            let lr = self.learning_rate();
+            let grads = self.accumulator.grads();
+            let (grads, norm) = match self.train.clip_grad_norm {
+                Some(max) => clip_grad_norm(&self.model, grads, max),
+                None => (grads, f64::NAN),
+            };
+            self.model = self.optimizer.step(lr, self.model.clone(), grads);
+            self.pending = 0;
+            self.progress.step += 1;
+            report.lr = Some(lr);
+            report.grad_norm = norm.is_finite().then_some(norm);
+        }
+        self.progress.batch += 1;
+        Ok(report)
+    }
+
+    /// Marks the end of an epoch (the data loader starts the next one from its first batch).
+    pub fn end_epoch(&mut self) {
+        self.progress.epoch += 1;
+        self.progress.batch = 0;
+    }
+
+    /// Writes a checkpoint of everything a step changes under `root` and points `latest` at
+    /// it. Only between optimiser steps: gradients accumulated for an unfinished step are
+    /// not part of a checkpoint.
+    pub fn save(&self, root: &Path) -> Result<PathBuf> {
+        if self.pending != 0 {
+            return Err(TrainError::Checkpoint {
+                path: root.to_path_buf(),
+                message: format!(
+                    "{} of {} accumulated batches pending: save after an optimiser step",
+                    self.pending, self.train.grad_accumulation
+                ),
+            });
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        std::fs::create_dir_all(root).map_err(io(root))?;
+        let name = format!("step-{:08}", self.progress.step);
+        let final_dir = root.join(&name);
+        let partial = root.join(format!("{name}.partial"));
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+
+        save_safetensors(
+            &self.model,
+            &partial.join("model.safetensors"),
+            &PRETRAIN_KEYS,
+        )?;
+        if let Some(d) = &self.distillation {
+            let record = DistillationRecord {
+                momentum: d.momentum.clone(),
+                image_queue: Param::from_tensor(d.image_queue.features.clone()),
+                text_queue: Param::from_tensor(d.text_queue.features.clone()),
+            };
+            save_safetensors(
+                &record,
+                &partial.join("momentum.safetensors"),
+                &PRETRAIN_KEYS,
+            )?;
+        }
+        let optimizer_path = partial.join("optimizer.bpk");
+        self.optimizer
+            .save(&optimizer_path)
+            .map_err(|e| TrainError::Checkpoint {
+                path: optimizer_path.clone(),
+                message: e.to_string(),
+            })?;
+        let state = json!({
+            "progress": {"epoch": self.progress.epoch, "batch": self.progress.batch, "step": self.progress.step},
+            "rng": self.rng.0.to_string(),
+            "queue_ptr": self.distillation.as_ref().map(|d| d.image_queue.ptr),
+            "idx_queue": self.distillation.as_ref().map(|d| d.idx_queue.clone()),
+            "param_ids": param_ids(&self.model).iter().map(|id| id.val().to_string()).collect::<Vec<_>>(),
+            "config": serde_json::to_value(&self.config).expect("configs serialise"),
+            "train": serde_json::to_value(&self.train).expect("configs serialise"),
+        });
+        write_synced(
+            &partial.join("state.json"),
+            serde_json::to_string_pretty(&state)
+                .expect("JSON serialises")
+                .as_bytes(),
+        )?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        std::fs::rename(&partial, &final_dir).map_err(io(&final_dir))?;
+        let latest = root.join("latest");
+        let tmp = root.join("latest.partial");
+        write_synced(&tmp, name.as_bytes())?;
+        std::fs::rename(&tmp, &latest).map_err(io(&latest))?;
+        Ok(final_dir)
+    }
+
+    /// The checkpoint `latest` names under `root`, if any.
+    pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
+        let latest = root.join("latest");
+        match std::fs::read_to_string(&latest) {
+            Ok(name) => Ok(Some(root.join(name.trim()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(TrainError::Io {
+                path: latest,
+                source,
+            }),
+        }
+    }
+
+    /// Restores a trainer from a checkpoint directory written by [`Self::save`]: the next
+    /// batch continues exactly where the saved run was.
+    pub fn resume(dir: &Path, device: &Device) -> Result<Self> {
+        let bad = |message: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message,
+        };
+        let state_path = dir.join("state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|source| TrainError::Io {
+            path: state_path.clone(),
+            source,
+        })?;
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+        let config: PretrainConfig = serde_json::from_value(state["config"].clone())
+            .map_err(|e| bad(format!("state.json `config`: {e}")))?;
+        let train: TrainConfig = serde_json::from_value(state["train"].clone())
+            .map_err(|e| bad(format!("state.json `train`: {e}")))?;
+        let number = |v: &serde_json::Value, what: &str| {
+            v.as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(format!("state.json: `{what}` missing")))
+        };
+        let progress = Progress {
+            epoch: number(&state["progress"]["epoch"], "progress.epoch")?,
+            batch: number(&state["progress"]["batch"], "progress.batch")?,
+            step: number(&state["progress"]["step"], "progress.step")?,
+        };
+        let rng = state["rng"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .map(Rng)
+            .ok_or_else(|| bad("state.json: `rng` missing".into()))?;
+        let ids: Vec<ParamId> = state["param_ids"]
+            .as_array()
+            .ok_or_else(|| bad("state.json: `param_ids` missing".into()))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(ParamId::from)
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("state.json: malformed `param_ids`".into()))?;
+
+        // Everything is read on the plain device and handed over the way `new` takes a
+        // fresh model (values read from files are results of ops, not graph leaves).
+        let plain = device.clone().inner();
+        let header = SafetensorsHeader::read(&dir.join("model.safetensors"))?;
+        let model = load_safetensors(config.init(&plain), &header, &PRETRAIN_KEYS)?;
+        // The optimiser's moments are keyed by parameter id: give the loaded parameters the
+        // ids they had when saved.
+        let expected = param_ids(&model).len();
+        if ids.len() != expected {
+            return Err(bad(format!(
+                "{} parameter ids saved, the model has {expected}",
+                ids.len()
+            )));
+        }
+        let model = model.map(&mut SetIds(ids.into_iter()));
+        let mut trainer = Self::new(model, config, train, device);
+        if let Some(d) = trainer.distillation.as_mut() {
+            let record = DistillationRecord {
+                momentum: d.momentum.clone(),
+                image_queue: Param::from_tensor(d.image_queue.features.clone()),
+                text_queue: Param::from_tensor(d.text_queue.features.clone()),
+            }
+            .fork(&plain);
+            let header = SafetensorsHeader::read(&dir.join("momentum.safetensors"))?;
+            // Rebuilt from host data: forked values keep a link to the ops that read them,
+            // which a later backward would find already consumed.
+            let record = load_safetensors(record, &header, &PRETRAIN_KEYS)?
+                .map(&mut FromData(device.clone()))
+                .no_grad();
+            let ptr = number(&state["queue_ptr"], "queue_ptr")?;
+            d.momentum = record.momentum;
+            d.image_queue = FeatureQueue {
+                features: record.image_queue.val().detach(),
+                ptr,
+            };
+            d.text_queue = FeatureQueue {
+                features: record.text_queue.val().detach(),
+                ptr,
+            };
+            d.idx_queue = state["idx_queue"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_i64()).collect())
+                .filter(|q: &Vec<i64>| q.len() == d.idx_queue.len())
+                .ok_or_else(
+                    || bad("state.json: `idx_queue` missing or of the wrong size".into()),
+                )?;
+        }
+        let optimizer_path = dir.join("optimizer.bpk");
+        trainer.optimizer =
+            trainer
+                .optimizer
+                .load(&optimizer_path)
+                .map_err(|e| TrainError::Checkpoint {
+                    path: optimizer_path,
+                    message: e.to_string(),
+                })?;
+        trainer.progress = progress;
+        trainer.rng = rng;
+        Ok(trainer)
+    }
+
+    /// The device training runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// Key names of the pre-training checkpoint: the original's (`self`, `LayerNorm`,
+/// `cls.predictions`) where Rust field names differ.
+pub const PRETRAIN_KEYS: KeyMap = KeyMap {
+    renames: &[
+        ("cls.predictions", "lm_head"),
+        ("self", "self_attention"),
+        ("LayerNorm", "layer_norm"),
+    ],
+    ignored: &[],
+};
+
+/// The momentum encoders and queues as one module, so one safetensors file holds them.
+#[derive(Module, Debug)]
+struct DistillationRecord {
+    momentum: MomentumEncoders,
+    image_queue: Param<Tensor<2>>,
+    text_queue: Param<Tensor<2>>,
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::create(path).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+/// Float parameter ids in visiting order.
+fn param_ids<M: Module>(module: &M) -> Vec<ParamId> {
+    struct Ids(Vec<ParamId>);
+    impl ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.id);
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    module.visit(&mut ids);
+    ids.0
+}
+
+/// Every value copied through host memory onto `device`, under a new parameter id.
+struct FromData(Device);
+
+impl ModuleMapper for FromData {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        Param::initialized(
+            ParamId::new(),
+            Tensor::from_data(param.val().into_data(), &self.0),
+        )
+    }
+}
+
+struct SetIds(std::vec::IntoIter<ParamId>);
+
+impl ModuleMapper for SetIds {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, value, mapper) = param.consume();
+        let id = self.0.next().unwrap_or(id);
+        // Read on a plain device, the parameter is not marked trainable; mark it, or the
+        // optimiser's update would not be a fresh leaf.
+        Param::from_mapped_value(id, value, mapper).set_require_grad(true)
+    }
+}

@@ -1,0 +1,350 @@
+//! The pre-training model and trainer on a tiny configuration: weight sharing, objective
+//! selection, over-fitting a batch, and checkpoints that resume exactly.
+
+use blip_text::Encoded;
+use blip_train::{
+    BlipPretrain, PretrainConfig, TrainBatch, TrainConfig, Trainer, compute_losses,
+    pretrain::Distillation,
+};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Distribution, Tensor};
+
+const VOCAB: usize = 40;
+
+fn config() -> PretrainConfig {
+    let mut config = PretrainConfig::tiny(VOCAB);
+    let text = &mut config.blip.text;
+    (text.pad_token_id, text.cls_token_id, text.sep_token_id) = (0, 1, 2);
+    (text.bos_token_id, text.enc_token_id) = (3, 4);
+    config.blip.vision.image_size = 32;
+    config.with_queue_size(8)
+}
+
+/// Four captions `[CLS] w… [SEP] [PAD]…` of different lengths over ids 5..40.
+fn captions() -> Encoded {
+    let rows: [&[u32]; 4] = [&[7, 8, 9], &[10, 11], &[12, 13, 14, 15], &[16]];
+    let width = 6;
+    let mut input_ids = Vec::new();
+    let mut attention_mask = Vec::new();
+    for words in rows {
+        let mut ids = vec![1];
+        ids.extend_from_slice(words);
+        ids.push(2);
+        let len = ids.len();
+        ids.resize(width, 0);
+        input_ids.push(ids);
+        attention_mask.push((0..width).map(|i| u32::from(i < len)).collect());
+    }
+    Encoded {
+        input_ids,
+        attention_mask,
+    }
+}
+
+fn batch(device: &Device) -> TrainBatch {
+    TrainBatch {
+        pixel_values: Tensor::random([4, 3, 32, 32], Distribution::Normal(0.0, 1.0), device),
+        text: captions(),
+        image_ids: None,
+        prompt_length: 0,
+    }
+}
+
+/// Names of the float parameters that received a gradient.
+fn with_gradient(model: &BlipPretrain, grads: &GradientsParams) -> Vec<String> {
+    struct Names<'a> {
+        grads: &'a GradientsParams,
+        path: Vec<String>,
+        found: Vec<String>,
+    }
+    impl ModuleVisitor for Names<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let norm: f32 = g.abs().sum().into_scalar();
+                if norm > 0.0 {
+                    self.found.push(self.path.join("."));
+                }
+            }
+        }
+    }
+    let mut names = Names {
+        grads,
+        path: vec![],
+        found: vec![],
+    };
+    model.visit(&mut names);
+    names.found
+}
+
+fn gradients_of(objective: &str) -> Vec<String> {
+    let device = Device::flex().autodiff();
+    let mut config = config();
+    config.weights.itc = f64::from(objective == "itc");
+    config.weights.itm = f64::from(objective == "itm");
+    config.weights.lm = f64::from(objective == "lm");
+    let model = config.init(&device);
+    let mut distillation = Distillation::new(&model, &config, &device);
+    let losses = compute_losses(
+        &model,
+        Some(&mut distillation),
+        &config,
+        &batch(&device),
+        0.4,
+        &mut blip_text::Rng(1),
+    )
+    .unwrap();
+    assert_eq!(losses.terms.len(), 1, "only {objective} is computed");
+    assert_eq!(losses.terms[0].0, objective);
+    let grads = GradientsParams::from_grads(losses.total.backward(), &model);
+    with_gradient(&model, &grads)
+}
+
+#[test]
+fn decoder_shares_everything_with_the_encoder_but_self_attention() {
+    let lm = gradients_of("lm");
+    let has = |names: &[String], prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+    // The decoder trains the shared embeddings, cross-attention and feed-forward blocks ...
+    for shared in [
+        "text_encoder.embeddings.word_embeddings",
+        "text_encoder.encoder.layer.0.crossattention",
+        "text_encoder.encoder.layer.1.intermediate",
+        "text_encoder.encoder.layer.1.output",
+        "text_decoder.attention.0",
+        "text_decoder.lm_head",
+        "visual_encoder",
+    ] {
+        assert!(has(&lm, shared), "LM gives no gradient to {shared}: {lm:?}");
+    }
+    // ... but never the encoder's own self-attention, nor the ITC/ITM heads.
+    for own in [
+        "text_encoder.encoder.layer.0.attention",
+        "text_encoder.encoder.layer.1.attention",
+        "text_proj",
+        "itm_head",
+        "temp",
+    ] {
+        assert!(!has(&lm, own), "LM reached {own}");
+    }
+    let itc = gradients_of("itc");
+    assert!(has(&itc, "temp") && has(&itc, "text_proj") && has(&itc, "vision_proj"));
+    assert!(has(&itc, "text_encoder.encoder.layer.0.attention"));
+    assert!(!has(&itc, "text_decoder") && !has(&itc, "itm_head"));
+    assert!(
+        !has(&itc, "text_encoder.encoder.layer.0.crossattention"),
+        "ITC is unimodal"
+    );
+    let itm = gradients_of("itm");
+    assert!(has(&itm, "itm_head") && has(&itm, "text_encoder.encoder.layer.0.crossattention"));
+    assert!(!has(&itm, "text_decoder") && !has(&itm, "temp") && !has(&itm, "text_proj"));
+}
+
+#[test]
+fn one_tensor_per_shared_weight() {
+    let config = config();
+    let model = config.init(&Device::flex());
+    let separate = {
+        // encoder and decoder as two full text models, plus the rest
+        let text = config.blip.text.init(&Device::flex()).num_params();
+        let attention = config
+            .blip
+            .text
+            .init_attention(config.blip.text.hidden_size, &Device::flex())
+            .num_params();
+        model.num_params() + text - attention * config.blip.text.num_hidden_layers
+    };
+    assert!(model.num_params() < separate);
+    let exported = model.to_captioning();
+    assert_eq!(
+        exported.text_decoder.bert.num_params(),
+        model.text_encoder.num_params(),
+        "the exported decoder is a full text model"
+    );
+}
+
+#[test]
+fn queues_take_the_momentum_features_after_the_loss() {
+    let device = Device::flex().autodiff();
+    let config = config();
+    let model = config.init(&device);
+    let mut distillation = Distillation::new(&model, &config, &device);
+    let before = distillation.image_queue.features.clone();
+    let batch = batch(&device);
+    compute_losses(
+        &model,
+        Some(&mut distillation),
+        &config,
+        &batch,
+        0.4,
+        &mut blip_text::Rng(1),
+    )
+    .unwrap();
+    assert_eq!(distillation.image_queue.ptr, 4);
+    // The first 4 columns now hold the momentum features of this batch (the momentum model
+    // was just copied, so they equal the online features); the other 4 are untouched.
+    let online = model.image_features(model.image_embeds(batch.pixel_values.clone()).unwrap());
+    let queued = distillation.image_queue.features.clone();
+    let head: Vec<f32> = queued
+        .clone()
+        .narrow(1, 0, 4)
+        .transpose()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let want: Vec<f32> = online.into_data().try_to_vec::<f32>().unwrap();
+    for (a, b) in head.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let tail: Vec<f32> = queued.narrow(1, 4, 4).into_data().try_to_vec::<f32>().unwrap();
+    let old: Vec<f32> = before.narrow(1, 4, 4).into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(tail, old);
+    // A batch that does not divide the queue is refused before anything changes.
+    let mut odd = batch.clone();
+    odd.pixel_values = odd.pixel_values.narrow(0, 0, 3);
+    odd.text.input_ids.truncate(3);
+    odd.text.attention_mask.truncate(3);
+    let err = compute_losses(
+        &model,
+        Some(&mut distillation),
+        &config,
+        &odd,
+        0.4,
+        &mut blip_text::Rng(1),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("8 entries"), "{err}");
+    assert_eq!(distillation.image_queue.ptr, 4);
+}
+
+#[test]
+fn a_tiny_model_overfits_a_batch() {
+    let device = Device::flex().autodiff();
+    // No queue: with one batch seen over and over, a queue would hold copies of the
+    // positives as negatives and bound ITC away from 0; likewise soft targets (α) and label
+    // smoothing put floors under ITC and LM.
+    let config = config()
+        .with_queue_size(0)
+        .with_alpha(0.0)
+        .with_label_smoothing(0.0);
+    let train = TrainConfig::new()
+        .with_init_lr(2e-3)
+        .with_warmup_steps(0)
+        .with_seed(3);
+    let model = config.init(&Device::flex());
+    let mut trainer = Trainer::new(model, config, train, &device);
+    let batch = batch(&device);
+    let first = trainer.train_batch(&batch, 1).unwrap();
+    let mut last = first.clone();
+    for _ in 0..150 {
+        last = trainer.train_batch(&batch, 1).unwrap();
+    }
+    for ((name, start), (_, end)) in first.losses.iter().zip(&last.losses) {
+        assert!(
+            *end <= 0.1 * start,
+            "{name} fell from {start} to {end}, less than 90 %"
+        );
+    }
+}
+
+/// Eight batches with fixed pixels (a resumed process must see the same ones).
+fn fixed_batches(device: &Device) -> Vec<TrainBatch> {
+    (0..8)
+        .map(|k| {
+            let values: Vec<f32> = (0..4 * 3 * 32 * 32)
+                .map(|i| ((i * 7919 + k * 104_729) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            TrainBatch {
+                pixel_values: Tensor::from_data(
+                    burn::tensor::TensorData::new(values, [4, 3, 32, 32]),
+                    device,
+                ),
+                text: captions(),
+                image_ids: None,
+                prompt_length: 0,
+            }
+        })
+        .collect()
+}
+
+fn resume_settings() -> (PretrainConfig, TrainConfig) {
+    let train = TrainConfig::new()
+        .with_init_lr(1e-3)
+        .with_warmup_steps(4)
+        .with_grad_accumulation(2)
+        .with_clip_grad_norm(Some(1.0))
+        .with_seed(9);
+    (config(), train)
+}
+
+/// The second half of [`resuming_a_checkpoint_continues_exactly`], run in a fresh process
+/// as a real resume is: prints the losses of batches 4..8.
+#[test]
+fn resume_child() {
+    let Ok(dir) = std::env::var("BLIP_RESUME_DIR") else {
+        return; // only meaningful as the child of the test below
+    };
+    let device = Device::flex().autodiff();
+    let batches = fixed_batches(&device);
+    let dir = std::path::PathBuf::from(dir);
+    let checkpoint = Trainer::latest_checkpoint(&dir)
+        .unwrap()
+        .expect("a checkpoint");
+    let mut resumed = Trainer::resume(&checkpoint, &device).unwrap();
+    assert_eq!((resumed.progress.batch, resumed.progress.step), (4, 2));
+    for b in &batches[4..] {
+        println!("loss {}", resumed.train_batch(b, 8).unwrap().total);
+    }
+    // Mid-accumulation state is not checkpointable.
+    resumed.train_batch(&batches[0], 8).unwrap();
+    assert!(resumed.save(&dir).is_err());
+}
+
+#[test]
+fn resuming_a_checkpoint_continues_exactly() {
+    let device = Device::flex().autodiff();
+    let (config, train) = resume_settings();
+    let batches = fixed_batches(&device);
+    let dir = std::env::temp_dir().join(format!("blip-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut straight = Trainer::new(config.init(&Device::flex()), config, train, &device);
+    let mut expected = Vec::new();
+    for (i, b) in batches.iter().enumerate() {
+        if i == 4 {
+            straight.save(&dir).unwrap();
+        }
+        expected.push(straight.train_batch(b, 8).unwrap().total);
+    }
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["resume_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env("BLIP_RESUME_DIR", &dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    assert!(
+        child.status.success(),
+        "resumed run failed: {stdout}{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let resumed: Vec<f64> = stdout
+        .split("loss ")
+        .skip(1)
+        .map(|v| v.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(resumed.len(), 4, "{stdout}");
+    for (i, got) in resumed.iter().enumerate() {
+        let want = expected[4 + i];
+        assert!(
+            (got - want).abs() <= 1e-6,
+            "batch {}: resumed {got}, uninterrupted {want}",
+            4 + i
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
