@@ -15,6 +15,9 @@ pub enum TrainError {
     /// The batch does not divide the feature queue.
     #[error(transparent)]
     Queue(#[from] crate::momentum::QueueSizeError),
+    /// An annotation file or training image that cannot be used.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     /// A batch the model cannot take.
     #[error("invalid batch: {0}")]
     Batch(String),

@@ -14,11 +14,17 @@
 //! The distillation state lives beside them: [`momentum_update`] (the EMA of the momentum
 //! encoders), [`FeatureQueue`] (the image/text feature queues) and [`clamp_temperature`].
 //!
-//! This crate builds on the inference crates (`blip-vision` ← `blip-text` ← `blip-train`);
-//! the pre-training model, trainer and data pipeline are still to come.
+//! Around them: the pre-training model with the encoder/decoder weight sharing
+//! ([`model`]), one weighted step of the objectives ([`pretrain`]), the optimiser loop with
+//! exactly resumable checkpoints ([`trainer`]), and the data pipeline (annotations,
+//! `pre_caption`, the original augmentation, batches prepared in parallel).
+//!
+//! This crate builds on the inference crates (`blip-vision` ← `blip-text` ← `blip-train`).
 
 #![warn(missing_docs)]
 
+mod augment;
+mod data;
 mod error;
 mod losses;
 pub mod model;
@@ -28,8 +34,13 @@ pub mod pretrain;
 mod schedule;
 pub mod trainer;
 
+pub use augment::{AutoContrast, CropBox, RandAugOp, TrainTransform, normalize};
 pub use blip_text::Rng;
 pub use blip_text::lm_loss;
+pub use data::{
+    Annotation, Batch, BatchLoader, Batches, DataError, LoaderConfig, Location, load_annotations,
+    pre_caption, pre_question,
+};
 pub use error::{Result, TrainError};
 pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
