@@ -222,6 +222,24 @@ impl BlipTokenizer {
             })
     }
 
+    /// Writes the tokenizer as a `tokenizer.json` (with `[DEC]`/`[ENC]`) that
+    /// [`Self::from_file`] and transformers read; atomically (temp file, then rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tmp = path.with_extension("json.partial");
+        self.inner
+            .save(&tmp, true)
+            .map_err(|e| tokenizer_error(path, e))?;
+        std::fs::rename(&tmp, path).map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            blip_vision::Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+            .into()
+        })
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner

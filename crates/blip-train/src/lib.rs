@@ -26,6 +26,7 @@
 mod augment;
 mod data;
 mod error;
+pub mod fit;
 mod losses;
 pub mod model;
 mod momentum;
@@ -42,6 +43,7 @@ pub use data::{
     pre_caption, pre_question,
 };
 pub use error::{Result, TrainError};
+pub use fit::{FitOptions, FitReport, TextRecipe, fit};
 pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
 };

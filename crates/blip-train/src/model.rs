@@ -359,6 +359,35 @@ impl BlipPretrain {
         }
     }
 
+    /// Writes the captioner in the HF layout (`config.json`, `model.safetensors`,
+    /// `tokenizer.json`): what `blip_text::Captioner::from_pretrained` and transformers'
+    /// `BlipForConditionalGeneration` load.
+    pub fn save_captioner(
+        &self,
+        config: &BlipConfig,
+        tokenizer: &BlipTokenizer,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<()> {
+        let dir = dir.as_ref();
+        self.to_captioning().save_pretrained(config, dir)?;
+        tokenizer.save(dir.join("tokenizer.json"))?;
+        Ok(())
+    }
+
+    /// Writes the filter (ITM + ITC) in the HF layout, with `tokenizer.json`: what
+    /// `blip_text::Matcher::from_pretrained` and `BlipForImageTextRetrieval` load.
+    pub fn save_filter(
+        &self,
+        config: &BlipConfig,
+        tokenizer: &BlipTokenizer,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<()> {
+        let dir = dir.as_ref();
+        self.to_retrieval().save_pretrained(config, dir)?;
+        tokenizer.save(dir.join("tokenizer.json"))?;
+        Ok(())
+    }
+
     /// The current temperature as a number.
     pub fn temperature(&self) -> f64 {
         self.temp.val().into_scalar::<f32>() as f64

@@ -177,8 +177,9 @@ impl Trainer {
         train: TrainConfig,
         device: &Device,
     ) -> Self {
-        // `fork` keeps a plain module plain; `train` turns gradient tracking on.
-        let model = model.fork(device).train();
+        // `fork` keeps a plain module plain; parameters read from files on a plain device
+        // are not marked trainable: mark every one, then `train` turns tracking on.
+        let model = model.fork(device).map(&mut Trainable).train();
         let contrastive = config.weights.itc != 0.0 || config.weights.itm != 0.0;
         let distillation = contrastive.then(|| Distillation::new(&model, &config, device));
         let rng = Rng(train.seed);
@@ -365,6 +366,28 @@ impl Trainer {
         }
     }
 
+    /// The model and its config from a checkpoint directory written by [`Self::save`],
+    /// without the training state: the starting point of a fine-tuning run (or of a new
+    /// model's pre-training from an old one).
+    pub fn load_model(dir: &Path, device: &Device) -> Result<(BlipPretrain, PretrainConfig)> {
+        let bad = |message: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message,
+        };
+        let state_path = dir.join("state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|source| TrainError::Io {
+            path: state_path.clone(),
+            source,
+        })?;
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+        let config: PretrainConfig = serde_json::from_value(state["config"].clone())
+            .map_err(|e| bad(format!("state.json `config`: {e}")))?;
+        let header = SafetensorsHeader::read(&dir.join("model.safetensors"))?;
+        let model = load_safetensors(config.init(device), &header, &PRETRAIN_KEYS)?;
+        Ok((model, config))
+    }
+
     /// Restores a trainer from a checkpoint directory written by [`Self::save`]: the next
     /// batch continues exactly where the saved run was.
     pub fn resume(dir: &Path, device: &Device) -> Result<Self> {
@@ -471,6 +494,11 @@ impl Trainer {
         Ok(trainer)
     }
 
+    /// Whether a checkpoint can be written now (no accumulated gradients pending).
+    pub fn can_checkpoint(&self) -> bool {
+        self.pending == 0
+    }
+
     /// The device training runs on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -532,14 +560,20 @@ impl ModuleMapper for FromData {
     }
 }
 
+struct Trainable;
+
+impl ModuleMapper for Trainable {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.set_require_grad(true)
+    }
+}
+
 struct SetIds(std::vec::IntoIter<ParamId>);
 
 impl ModuleMapper for SetIds {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, value, mapper) = param.consume();
         let id = self.0.next().unwrap_or(id);
-        // Read on a plain device, the parameter is not marked trainable; mark it, or the
-        // optimiser's update would not be a fresh leaf.
-        Param::from_mapped_value(id, value, mapper).set_require_grad(true)
+        Param::from_mapped_value(id, value, mapper)
     }
 }

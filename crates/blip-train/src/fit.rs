@@ -1,0 +1,268 @@
+//! [`fit`]: the epoch loop around [`Trainer`] — batches from a [`BatchLoader`] (prepared in
+//! parallel), tokenization per the task, checkpoints, a progress bar and JSON-lines metrics.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use blip_text::{BlipTokenizer, Padding};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::data::{Batch, BatchLoader};
+use crate::error::{Result, TrainError};
+use crate::pretrain::TrainBatch;
+use crate::trainer::Trainer;
+
+/// How captions become decoder/encoder inputs for a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextRecipe {
+    /// Prepended to every caption and excluded from the LM loss (`"a picture of "` in
+    /// captioning fine-tuning, empty otherwise).
+    pub prompt: String,
+    /// Token limit (30 pre-training, 40 captioning, 35 retrieval).
+    pub max_length: usize,
+    /// Padding (`MaxLength` in pre-training and retrieval, `Longest` in captioning).
+    pub padding: Padding,
+    /// Pass image ids to the objectives (retrieval fine-tuning: captions of the same image
+    /// are not negatives).
+    pub image_ids: bool,
+}
+
+impl TextRecipe {
+    /// Pre-training: 30 tokens, padded to the maximum.
+    pub fn pretrain() -> Self {
+        Self {
+            prompt: String::new(),
+            max_length: 30,
+            padding: Padding::MaxLength,
+            image_ids: false,
+        }
+    }
+
+    /// Captioning fine-tuning: `"a picture of "` + caption, 40 tokens, padded to the longest.
+    pub fn caption() -> Self {
+        Self {
+            prompt: "a picture of ".into(),
+            max_length: 40,
+            padding: Padding::Longest,
+            image_ids: false,
+        }
+    }
+
+    /// Retrieval (filter) fine-tuning: 35 tokens, image ids as positives.
+    pub fn retrieval() -> Self {
+        Self {
+            prompt: String::new(),
+            max_length: 35,
+            padding: Padding::MaxLength,
+            image_ids: true,
+        }
+    }
+}
+
+/// Options of [`fit`].
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// The task's text handling.
+    pub text: TextRecipe,
+    /// Where checkpoints go (none: no checkpoints).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every this many optimiser steps (and at each epoch's end).
+    pub checkpoint_every: usize,
+    /// JSON-lines file the metrics of every optimiser step are appended to.
+    pub metrics: Option<PathBuf>,
+    /// Show a progress bar with the loss and throughput on stderr.
+    pub progress: bool,
+    /// Stop after this many optimiser steps in total (for smoke runs and benchmarks).
+    pub max_steps: Option<usize>,
+}
+
+impl FitOptions {
+    /// No checkpoints, no metrics, no progress bar.
+    pub fn new(text: TextRecipe) -> Self {
+        Self {
+            text,
+            checkpoint_dir: None,
+            checkpoint_every: 1000,
+            metrics: None,
+            progress: false,
+            max_steps: None,
+        }
+    }
+}
+
+/// What [`fit`] did.
+#[derive(Debug, Clone, Default)]
+pub struct FitReport {
+    /// Batches trained on in this call.
+    pub batches: usize,
+    /// Samples trained on in this call.
+    pub samples: usize,
+    /// Wall time spent in model steps, seconds (data preparation overlaps it).
+    pub seconds: f64,
+    /// The losses of the last batch.
+    pub last_losses: Vec<(&'static str, f64)>,
+}
+
+impl FitReport {
+    /// Training throughput.
+    pub fn samples_per_second(&self) -> f64 {
+        self.samples as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// A stable numeric id for an image id string (FNV-1a), for the ITC/ITM positives.
+fn numeric_id(id: &str) -> i64 {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash >> 1) as i64
+}
+
+/// Tokenizes a loader batch per `recipe` onto the trainer's device.
+pub fn to_train_batch(
+    batch: &Batch,
+    tokenizer: &BlipTokenizer,
+    recipe: &TextRecipe,
+    device: &burn::tensor::Device,
+) -> Result<TrainBatch> {
+    let texts: Vec<String> = batch
+        .captions
+        .iter()
+        .map(|c| format!("{}{c}", recipe.prompt))
+        .collect();
+    let text = tokenizer.encode_batch(&texts, Some(recipe.max_length), recipe.padding)?;
+    let prompt_length = if recipe.prompt.is_empty() {
+        0
+    } else {
+        tokenizer.encode(&recipe.prompt)?.len() - 1 // [CLS]→[DEC] + prompt, without [SEP]
+    };
+    Ok(TrainBatch {
+        pixel_values: batch.pixel_tensor(device),
+        text,
+        image_ids: recipe
+            .image_ids
+            .then(|| batch.image_ids.iter().map(|id| numeric_id(id)).collect()),
+        prompt_length,
+    })
+}
+
+/// Trains until `trainer.train.epochs` (or `max_steps`), continuing from
+/// `trainer.progress`: a resumed trainer skips the batches its epoch already consumed.
+pub fn fit(
+    trainer: &mut Trainer,
+    loader: &BatchLoader,
+    tokenizer: &BlipTokenizer,
+    options: &FitOptions,
+) -> Result<FitReport> {
+    let per_epoch = loader.batches_per_epoch();
+    let mut metrics = match &options.metrics {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| TrainError::Io {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let total = (trainer.train.epochs * per_epoch) as u64;
+    let bar = if options.progress {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} batches {msg} (eta {eta})",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_position((trainer.progress.epoch * per_epoch + trainer.progress.batch) as u64);
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut report = FitReport::default();
+    let device = trainer.device().clone();
+    let checkpoint = |trainer: &Trainer| -> Result<()> {
+        if let Some(dir) = options
+            .checkpoint_dir
+            .as_ref()
+            .filter(|_| trainer.can_checkpoint())
+        {
+            trainer.save(dir)?;
+        }
+        Ok(())
+    };
+    let done = |trainer: &Trainer| {
+        options
+            .max_steps
+            .is_some_and(|m| trainer.progress.step >= m)
+    };
+    while trainer.progress.epoch < trainer.train.epochs && !done(trainer) {
+        let epoch = trainer.progress.epoch;
+        for batch in loader.batches(epoch, trainer.progress.batch) {
+            let batch = batch?;
+            let train_batch = to_train_batch(&batch, tokenizer, &options.text, &device)?;
+            let start = Instant::now();
+            let step = trainer.train_batch(&train_batch, per_epoch)?;
+            let seconds = start.elapsed().as_secs_f64();
+            report.batches += 1;
+            report.samples += batch.len();
+            report.seconds += seconds;
+            report.last_losses = step.losses.clone();
+            let losses: String = step
+                .losses
+                .iter()
+                .map(|(n, v)| format!("{n} {v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            bar.set_message(format!(
+                "{losses} | {:.1} samples/s",
+                report.samples_per_second()
+            ));
+            bar.inc(1);
+            if let (Some(file), Some(lr)) = (metrics.as_mut(), step.lr) {
+                let mut line = json!({
+                    "epoch": epoch,
+                    "step": trainer.progress.step,
+                    "batch": trainer.progress.batch,
+                    "lr": lr,
+                    "alpha": step.alpha,
+                    "loss": step.total,
+                    "grad_norm": step.grad_norm,
+                    "samples_per_second": batch.len() as f64 / seconds.max(1e-9),
+                });
+                for (name, value) in &step.losses {
+                    line[format!("loss_{name}")] = json!(value);
+                }
+                writeln!(file, "{line}").map_err(|source| TrainError::Io {
+                    path: options.metrics.clone().unwrap_or_default(),
+                    source,
+                })?;
+            }
+            if step.lr.is_some()
+                && options.checkpoint_every > 0
+                && trainer
+                    .progress
+                    .step
+                    .is_multiple_of(options.checkpoint_every)
+            {
+                checkpoint(trainer)?;
+            }
+            if done(trainer) {
+                break;
+            }
+        }
+        if done(trainer) {
+            break;
+        }
+        trainer.end_epoch();
+        checkpoint(trainer)?;
+    }
+    bar.finish_and_clear();
+    Ok(report)
+}
