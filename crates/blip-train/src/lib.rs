@@ -31,6 +31,7 @@ mod losses;
 pub mod model;
 mod momentum;
 mod optim;
+pub mod original;
 pub mod pretrain;
 mod schedule;
 pub mod trainer;
@@ -52,6 +53,7 @@ pub use momentum::{
     FeatureQueue, QueueSizeError, clamp_temperature, momentum_copy, momentum_update,
 };
 pub use optim::{blip_adamw, clip_grad_norm};
+pub use original::{Family, OriginalCheckpoint};
 pub use pretrain::{Distillation, Losses, TrainBatch, compute_losses};
 pub use schedule::{cosine_lr, step_decay_lr, warmup_lr};
 pub use trainer::{LrSchedule, Progress, StepReport, TrainConfig, Trainer};

@@ -30,7 +30,7 @@ fn data_set(dir: &Path) -> PathBuf {
     for i in 0..8 {
         let (name, rgb) = colours[i % 4];
         let image = image::RgbImage::from_fn(40, 40, |x, y| {
-            if (x / 10 + y / 10 + i as u32) % 2 == 0 {
+            if (x / 10 + y / 10 + i as u32).is_multiple_of(2) {
                 image::Rgb(rgb)
             } else {
                 image::Rgb([250, 250, 250])
@@ -137,7 +137,7 @@ fn fit_writes_metrics_and_checkpoints_and_a_stopped_run_resumes() {
         ..GenerationConfig::default()
     };
     let captions = captioner
-        .caption(&[image.clone()], &[""], &generation)
+        .caption(std::slice::from_ref(&image), &[""], &generation)
         .unwrap();
     assert_eq!(captions[0][0].token_ids[0], tokenizer.dec_token_id);
     let matcher = Matcher::from_pretrained(dir.join("filter"), &plain).unwrap();

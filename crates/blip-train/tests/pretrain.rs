@@ -201,8 +201,16 @@ fn queues_take_the_momentum_features_after_the_loss() {
     for (a, b) in head.iter().zip(&want) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
-    let tail: Vec<f32> = queued.narrow(1, 4, 4).into_data().try_to_vec::<f32>().unwrap();
-    let old: Vec<f32> = before.narrow(1, 4, 4).into_data().try_to_vec::<f32>().unwrap();
+    let tail: Vec<f32> = queued
+        .narrow(1, 4, 4)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let old: Vec<f32> = before
+        .narrow(1, 4, 4)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
     assert_eq!(tail, old);
     // A batch that does not divide the queue is refused before anything changes.
     let mut odd = batch.clone();

@@ -1,0 +1,706 @@
+//! [`run`]: enumerate → decode (background threads) → model → commit chunk by chunk.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Cursor, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
+
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::fsutil::{
+    create_dir_all, remove_stale_temps, sync_dir, write_atomic, write_atomic_no_dir_sync,
+};
+use crate::input::{Flow, Input, Sample, Skip};
+use crate::manifest::{self, RunManifest};
+use crate::records::{ChunkHeader, DoneMarker};
+use crate::{
+    CHUNKS_DIR, CapFiltModel, DONE_FILE, Error, LOCK_FILE, ProvenanceRecord, RUN_FILE, RunOptions,
+    Shard, SkipKind, SkippedRecord, Summary, TextRecord, TextSource,
+};
+
+/// What one [`run`] invocation did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunReport {
+    /// The shard's run directory.
+    pub shard_dir: PathBuf,
+    /// Chunks committed by this invocation.
+    pub chunks_committed: usize,
+    /// Chunks found committed by an earlier invocation (skipped without decoding).
+    pub chunks_already_done: usize,
+    /// Images decoded and given to the model by this invocation.
+    pub images_processed: u64,
+    /// Images recorded as skipped by this invocation.
+    pub images_skipped: u64,
+    /// Every chunk of the shard is committed and its `done` marker written.
+    pub complete: bool,
+    /// The merged summary, when an unsharded run completed (it merges by itself).
+    pub summary: Option<Summary>,
+}
+
+/// Runs CapFilt over `options.shard` of the input with `model`, resuming a killed run in
+/// the same output directory. See the crate docs for the layout and guarantees.
+pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunReport, Error> {
+    options.validate()?;
+    let input = Input::resolve(&options.input, options.image_root.as_deref())?;
+    let captioner = model.captioner_name();
+    let filter = model.filter_name();
+    let manifest = RunManifest::new(options, &input, captioner.clone(), filter.clone())?;
+    let shard = options.shard;
+    let shard_dir = shard.dir(&options.out_dir);
+    let chunks_dir = shard_dir.join(CHUNKS_DIR);
+
+    // Checked before anything is created, so a refused run leaves no trace.
+    let run_file = shard_dir.join(RUN_FILE);
+    let recorded = match std::fs::metadata(&run_file) {
+        Ok(_) => Some(RunManifest::read(&run_file)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(Error::Io {
+                path: run_file,
+                source,
+            });
+        }
+    };
+    if let Some(recorded) = &recorded {
+        manifest::check(run_file.clone(), &manifest, recorded, false)?;
+    }
+    check_siblings(&options.out_dir, &manifest)?;
+    create_dir_all(&chunks_dir)?;
+    // Held until this function returns; the OS drops it when the process dies (kill -9
+    // included), so it never goes stale.
+    let _lock = lock_shard(&shard_dir.join(LOCK_FILE))?;
+    if recorded.is_none() {
+        manifest.write(&run_file)?;
+    }
+    remove_stale_temps(&shard_dir)?;
+    remove_stale_temps(&chunks_dir)?;
+    let committed = list_chunks(&chunks_dir)?;
+
+    let plan = Plan {
+        shard,
+        chunk_size: options.chunk_size as u64,
+        committed: &committed,
+        max_chunks: options.max_chunks,
+    };
+    let bar = progress_bar(options, &input, &plan)?;
+    let ctx = Context {
+        options,
+        captioner,
+        filter,
+        chunks_dir: &chunks_dir,
+        keep_bytes: matches!(input, Input::Tars { .. }),
+    };
+
+    let mut report = RunReport {
+        shard_dir: shard_dir.clone(),
+        chunks_committed: 0,
+        chunks_already_done: committed.len(),
+        images_processed: 0,
+        images_skipped: 0,
+        complete: false,
+        summary: None,
+    };
+    let end = std::thread::scope(|scope| -> Result<WalkEnd, Error> {
+        // One batch queued while the next decodes: decoding overlaps the model, and at
+        // most three batches of pixels are alive.
+        let (tx, rx) = sync_channel::<Event>(1);
+        let producer = scope.spawn(|| produce(&input, &plan, options, ctx.keep_bytes, tx));
+        let mut buffer = ChunkBuffer::default();
+        let mut end = None;
+        for event in rx.iter() {
+            match event {
+                Event::Batch { chunk, items } => {
+                    let n = items.len() as u64;
+                    let (processed, skipped) =
+                        process_batch(&ctx, model, chunk, items, &mut buffer)?;
+                    report.images_processed += processed;
+                    report.images_skipped += skipped;
+                    bar.inc(n);
+                }
+                Event::ChunkEnd { chunk, samples } => {
+                    commit_chunk(&ctx, chunk, samples, &mut buffer)?;
+                    report.chunks_committed += 1;
+                }
+                Event::End(walk_end) => end = Some(walk_end),
+            }
+        }
+        drop(rx);
+        match producer.join() {
+            Ok(result) => result?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        end.ok_or_else(|| Error::CorruptOutput {
+            path: shard_dir.clone(),
+            reason: "input enumeration ended without a result".into(),
+        })
+    });
+    bar.finish_and_clear();
+    let end = end?;
+    if !end.complete {
+        return Ok(report);
+    }
+    // A committed chunk beyond the input's last one means the input changed under us.
+    if let Some(&extra) = committed.range(end.chunks..).next() {
+        return Err(Error::CorruptOutput {
+            path: chunk_path(&chunks_dir, extra),
+            reason: format!(
+                "committed chunk {extra} but the input gives this shard only {} chunks; \
+                 did the input change? use a new output directory",
+                end.chunks
+            ),
+        });
+    }
+    let done = DoneMarker {
+        chunks: end.chunks,
+        samples: end.samples,
+    };
+    write_atomic(&shard_dir.join(DONE_FILE), |out| {
+        serde_json::to_writer(&mut *out, &done)?;
+        out.write_all(b"\n")
+    })?;
+    report.complete = true;
+    if shard.count == 1 {
+        report.summary = Some(crate::merge(&options.out_dir)?);
+    }
+    Ok(report)
+}
+
+/// Takes the shard's lock file, so that two runs of one shard cannot interleave commits.
+fn lock_shard(path: &Path) -> Result<File, Error> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(Error::io(path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// `chunks/00000012.jsonl`.
+pub(crate) fn chunk_path(chunks_dir: &Path, chunk: u64) -> PathBuf {
+    chunks_dir.join(format!("{chunk:08}.jsonl"))
+}
+
+/// Ids of the committed chunk files in `chunks_dir`.
+pub(crate) fn list_chunks(chunks_dir: &Path) -> Result<BTreeSet<u64>, Error> {
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(chunks_dir).map_err(Error::io(chunks_dir))? {
+        let entry = entry.map_err(Error::io(chunks_dir))?;
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        out.insert(id);
+    }
+    Ok(out)
+}
+
+/// Parses `shard-00001-of-00003`.
+pub(crate) fn parse_shard_dir(name: &str) -> Option<Shard> {
+    let rest = name.strip_prefix("shard-")?;
+    let (i, n) = rest.split_once("-of-")?;
+    Shard::new(i.parse().ok()?, n.parse().ok()?).ok()
+}
+
+/// Sibling shards (same output directory) must have been started with the same options.
+fn check_siblings(out_dir: &Path, manifest: &RunManifest) -> Result<(), Error> {
+    let entries = match std::fs::read_dir(out_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::Io {
+                path: out_dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    for entry in entries {
+        let entry = entry.map_err(Error::io(out_dir))?;
+        let Some(other) = entry.file_name().to_str().and_then(parse_shard_dir) else {
+            continue;
+        };
+        if other == manifest.shard {
+            continue;
+        }
+        let path = entry.path().join(RUN_FILE);
+        if !path.is_file() {
+            continue;
+        }
+        manifest::check(path.clone(), manifest, &RunManifest::read(&path)?, true)?;
+    }
+    Ok(())
+}
+
+/// Which samples this invocation processes, and in which chunks.
+struct Plan<'a> {
+    shard: Shard,
+    chunk_size: u64,
+    committed: &'a BTreeSet<u64>,
+    max_chunks: Option<usize>,
+}
+
+enum Walk {
+    /// A sample of a chunk to process.
+    Sample { chunk: u64, sample: Sample },
+    /// The last sample of a chunk to process has been given.
+    ChunkEnd { chunk: u64, samples: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WalkEnd {
+    /// The input was enumerated to its end (not stopped by `max_chunks` or the consumer).
+    complete: bool,
+    /// Chunks and samples of this shard (meaningful when complete).
+    chunks: u64,
+    samples: u64,
+}
+
+/// Walks the shard's samples chunk by chunk, passing on those of uncommitted chunks.
+fn walk(
+    input: &Input,
+    plan: &Plan,
+    on: &mut dyn FnMut(Walk) -> Result<Flow, Error>,
+) -> Result<WalkEnd, Error> {
+    let mut local = 0u64;
+    // (chunk id, whether it is processed by this invocation)
+    let mut current: Option<(u64, bool)> = None;
+    let mut started = 0usize;
+    let mut complete = true;
+    input.for_each(&mut |sample| {
+        if !plan.shard.contains(sample.ordinal) {
+            return Ok(Flow::Continue);
+        }
+        let chunk = local / plan.chunk_size;
+        if current.map(|(c, _)| c) != Some(chunk) {
+            if let Some((previous, true)) = current
+                && on(Walk::ChunkEnd {
+                    chunk: previous,
+                    samples: plan.chunk_size,
+                })? == Flow::Stop
+            {
+                complete = false;
+                return Ok(Flow::Stop);
+            }
+            let pending = !plan.committed.contains(&chunk);
+            if pending {
+                if plan.max_chunks.is_some_and(|max| started >= max) {
+                    complete = false;
+                    return Ok(Flow::Stop);
+                }
+                started += 1;
+            }
+            current = Some((chunk, pending));
+        }
+        local += 1;
+        if current.is_some_and(|(_, pending)| pending)
+            && on(Walk::Sample { chunk, sample })? == Flow::Stop
+        {
+            complete = false;
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    })?;
+    if complete
+        && let Some((last, true)) = current
+        && on(Walk::ChunkEnd {
+            chunk: last,
+            samples: local - last * plan.chunk_size,
+        })? == Flow::Stop
+    {
+        complete = false;
+    }
+    Ok(WalkEnd {
+        complete,
+        chunks: local.div_ceil(plan.chunk_size),
+        samples: local,
+    })
+}
+
+/// The bar counts this invocation's images; its length needs a first (cheap, no image
+/// reads) pass over the input, done only when the bar is shown.
+fn progress_bar(options: &RunOptions, input: &Input, plan: &Plan) -> Result<ProgressBar, Error> {
+    if !options.progress {
+        return Ok(ProgressBar::hidden());
+    }
+    let mut pending = 0u64;
+    walk(input, plan, &mut |w| {
+        if let Walk::Sample { .. } = w {
+            pending += 1;
+        }
+        Ok(Flow::Continue)
+    })?;
+    let bar = ProgressBar::with_draw_target(Some(pending), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} images  {per_sec}  eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("shard {}", plan.shard));
+    Ok(bar)
+}
+
+/// Producer → model thread.
+enum Event {
+    Batch { chunk: u64, items: Vec<Decoded> },
+    ChunkEnd { chunk: u64, samples: u64 },
+    End(WalkEnd),
+}
+
+type Outcome = Result<(RgbImage, Option<Vec<u8>>), Skip>;
+
+/// A sample with its decoded image (and raw bytes, kept to copy tar images out) or the
+/// reason it is skipped.
+struct Decoded {
+    sample: Sample,
+    outcome: Outcome,
+}
+
+/// The producer thread: enumerates, reads and decodes, in batches that never straddle a
+/// chunk so that a chunk's results do not depend on where a previous run stopped.
+fn produce(
+    input: &Input,
+    plan: &Plan,
+    options: &RunOptions,
+    keep_bytes: bool,
+    tx: SyncSender<Event>,
+) -> Result<(), Error> {
+    let mut batch: Vec<Sample> = Vec::with_capacity(options.batch_size);
+    let mut open = HashMap::new();
+    let threads = options.decode_threads;
+    let send_batch = |batch: &mut Vec<Sample>, chunk: u64, open: &mut HashMap<usize, File>| {
+        let items = decode_batch(input, std::mem::take(batch), threads, keep_bytes, open);
+        // A closed channel means the model side stopped (error): stop quietly.
+        match tx.send(Event::Batch { chunk, items }) {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    };
+    let end = walk(input, plan, &mut |w| {
+        Ok(match w {
+            Walk::Sample { chunk, sample } => {
+                batch.push(sample);
+                if batch.len() >= options.batch_size {
+                    send_batch(&mut batch, chunk, &mut open)
+                } else {
+                    Flow::Continue
+                }
+            }
+            Walk::ChunkEnd { chunk, samples } => {
+                if !batch.is_empty() && send_batch(&mut batch, chunk, &mut open) == Flow::Stop {
+                    return Ok(Flow::Stop);
+                }
+                match tx.send(Event::ChunkEnd { chunk, samples }) {
+                    Ok(()) => Flow::Continue,
+                    Err(_) => Flow::Stop,
+                }
+            }
+        })
+    })?;
+    // Fails only when the model side already stopped, which reports its own error.
+    let _ = tx.send(Event::End(end));
+    Ok(())
+}
+
+/// Reads sequentially (one pass over each tar), decodes on `threads` threads.
+fn decode_batch(
+    input: &Input,
+    samples: Vec<Sample>,
+    threads: usize,
+    keep_bytes: bool,
+    open: &mut HashMap<usize, File>,
+) -> Vec<Decoded> {
+    let raw: Vec<(Sample, Result<Vec<u8>, Skip>)> = samples
+        .into_iter()
+        .map(|sample| {
+            let bytes = input.read_image(&sample.source, open);
+            (sample, bytes)
+        })
+        .collect();
+    parallel_map(raw, threads, |(sample, bytes)| {
+        let outcome = bytes.and_then(|bytes| match decode(&bytes) {
+            Ok(image) => Ok((image, keep_bytes.then_some(bytes))),
+            Err(reason) => Err((SkipKind::Corrupt, format!("{}: {reason}", sample.image))),
+        });
+        Decoded { sample, outcome }
+    })
+}
+
+/// Decodes any format the `image` crate reads (guessed from the content) to RGB the way
+/// `blip_vision` does (alpha over white). A decoder panic on hostile bytes is a corrupt
+/// image, not a crashed run.
+fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
+    catch_unwind(AssertUnwindSafe(|| {
+        let reader = image::ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        let image = reader.decode().map_err(|e| e.to_string())?;
+        Ok(blip_vision::to_rgb(image))
+    }))
+    .unwrap_or_else(|_| Err("the image decoder panicked".to_string()))
+}
+
+/// `f` over `items` on up to `threads` scoped threads, order kept.
+fn parallel_map<T: Send, U: Send>(
+    items: Vec<T>,
+    threads: usize,
+    f: impl Fn(T) -> U + Sync,
+) -> Vec<U> {
+    if threads <= 1 || items.len() <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let per_thread = items.len().div_ceil(threads);
+    let mut parts = Vec::new();
+    let mut rest = items.into_iter();
+    loop {
+        let part: Vec<T> = rest.by_ref().take(per_thread).collect();
+        if part.is_empty() {
+            break;
+        }
+        parts.push(part);
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| scope.spawn(move || part.into_iter().map(f).collect::<Vec<U>>()))
+            .collect();
+        let mut out = Vec::new();
+        for handle in handles {
+            match handle.join() {
+                Ok(part) => out.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
+/// What the model thread needs besides the model.
+struct Context<'a> {
+    options: &'a RunOptions,
+    captioner: String,
+    filter: String,
+    chunks_dir: &'a Path,
+    keep_bytes: bool,
+}
+
+/// Results of the chunk being processed.
+#[derive(Default)]
+struct ChunkBuffer {
+    records: Vec<ProvenanceRecord>,
+    /// `(relative image path, bytes)` of tar images with a kept text.
+    images: Vec<(String, Vec<u8>)>,
+}
+
+/// Runs the model on the decodable images of a batch and records every sample.
+/// Returns (images processed, images skipped).
+fn process_batch(
+    ctx: &Context,
+    model: &mut dyn CapFiltModel,
+    chunk: u64,
+    items: Vec<Decoded>,
+    buffer: &mut ChunkBuffer,
+) -> Result<(u64, u64), Error> {
+    let shard = ctx.options.shard;
+    let contract = |reason: String| Error::ModelContract {
+        shard,
+        chunk,
+        reason,
+    };
+    // One model entry per web text (or one without): see the crate docs on caption lists.
+    let mut images = Vec::new();
+    let mut web = Vec::new();
+    let mut plan = Vec::with_capacity(items.len());
+    for Decoded { sample, outcome } in items {
+        match outcome {
+            Err(skip) => plan.push((sample, Err(skip))),
+            Ok((image, bytes)) => {
+                let entries = sample.web_texts.len().max(1);
+                match sample.web_texts.split_last() {
+                    None => {
+                        images.push(image);
+                        web.push(None);
+                    }
+                    Some((last, others)) => {
+                        for text in others {
+                            images.push(image.clone());
+                            web.push(Some(text.clone()));
+                        }
+                        images.push(image);
+                        web.push(Some(last.clone()));
+                    }
+                }
+                plan.push((sample, Ok((entries, bytes))));
+            }
+        }
+    }
+    let verdicts = if images.is_empty() {
+        Vec::new()
+    } else {
+        model
+            .process(&images, &web)
+            .map_err(|source| Error::Model {
+                shard,
+                chunk,
+                source,
+            })?
+    };
+    drop(images);
+    if verdicts.len() != web.len() {
+        return Err(contract(format!(
+            "{} verdicts for {} images",
+            verdicts.len(),
+            web.len()
+        )));
+    }
+    let check = |p: f32, what: &dyn Fn() -> String| {
+        if p.is_finite() && (0.0..=1.0).contains(&p) {
+            Ok(p)
+        } else {
+            Err(contract(format!(
+                "ITM probability {p} of {} is not in [0, 1]",
+                what()
+            )))
+        }
+    };
+    let threshold = ctx.options.threshold;
+    let mut verdicts = verdicts.into_iter().zip(web);
+    let (mut processed, mut skipped) = (0, 0);
+    for (sample, outcome) in plan {
+        let (entries, bytes) = match outcome {
+            Err((kind, reason)) => {
+                skipped += 1;
+                buffer
+                    .records
+                    .push(ProvenanceRecord::Skipped(SkippedRecord {
+                        ordinal: sample.ordinal,
+                        image: sample.image,
+                        kind,
+                        reason,
+                    }));
+                continue;
+            }
+            Ok(x) => x,
+        };
+        processed += 1;
+        let mut any_kept = false;
+        for (entry, (verdict, web_text)) in verdicts.by_ref().take(entries).enumerate() {
+            match (verdict.web, web_text) {
+                (Some(scored), Some(text)) => {
+                    let p = check(scored.itm_probability, &|| {
+                        format!("web text of {}", sample.image)
+                    })?;
+                    any_kept |= p >= threshold;
+                    buffer.records.push(ProvenanceRecord::Text(TextRecord {
+                        ordinal: sample.ordinal,
+                        image: sample.image.clone(),
+                        // The input's text: the model may have scored a normalised copy.
+                        text,
+                        source: TextSource::Web,
+                        itm_probability: p,
+                        kept: p >= threshold,
+                        captioner: None,
+                        filter: ctx.filter.clone(),
+                    }));
+                }
+                (None, None) => {}
+                (Some(_), None) => {
+                    return Err(contract(format!(
+                        "web score for {}, which has no web text",
+                        sample.image
+                    )));
+                }
+                (None, Some(_)) => {
+                    return Err(contract(format!(
+                        "no web score for {}, which has a web text",
+                        sample.image
+                    )));
+                }
+            }
+            // One caption set per image (the paper captions each image once); the repeats
+            // of a multi-text image exist only to score its other web texts.
+            if entry > 0 {
+                continue;
+            }
+            for scored in verdict.synthetic {
+                let p = check(scored.itm_probability, &|| {
+                    format!("synthetic text {:?} of {}", scored.text, sample.image)
+                })?;
+                any_kept |= p >= threshold;
+                buffer.records.push(ProvenanceRecord::Text(TextRecord {
+                    ordinal: sample.ordinal,
+                    image: sample.image.clone(),
+                    text: scored.text,
+                    source: TextSource::Synthetic,
+                    itm_probability: p,
+                    kept: p >= threshold,
+                    captioner: Some(ctx.captioner.clone()),
+                    filter: ctx.filter.clone(),
+                }));
+            }
+        }
+        if any_kept
+            && ctx.keep_bytes
+            && let Some(bytes) = bytes
+        {
+            buffer.images.push((sample.image, bytes));
+        }
+    }
+    Ok((processed, skipped))
+}
+
+/// Writes the chunk's images (each atomically, directories synced), then commits the
+/// chunk file by renaming it into place, so a committed chunk always has its images.
+fn commit_chunk(
+    ctx: &Context,
+    chunk: u64,
+    samples: u64,
+    buffer: &mut ChunkBuffer,
+) -> Result<(), Error> {
+    let out_dir = &ctx.options.out_dir;
+    let mut dirs = BTreeSet::new();
+    for (image, bytes) in buffer.images.drain(..) {
+        let dest = out_dir.join(&image);
+        let dir = dest.parent().unwrap_or(out_dir).to_path_buf();
+        if !dirs.contains(&dir) {
+            create_dir_all(&dir)?;
+        }
+        write_atomic_no_dir_sync(&dest, |out| out.write_all(&bytes))?;
+        dirs.insert(dir);
+    }
+    if !dirs.is_empty() {
+        // New per-tar directories must survive a power cut too.
+        let images_dir = out_dir.join(crate::IMAGES_DIR);
+        for dir in dirs.iter().chain([&images_dir]) {
+            sync_dir(dir)?;
+        }
+    }
+    let header = ChunkHeader { chunk, samples };
+    let records = std::mem::take(&mut buffer.records);
+    write_atomic(&chunk_path(ctx.chunks_dir, chunk), |out| {
+        serde_json::to_writer(&mut *out, &header)?;
+        out.write_all(b"\n")?;
+        for record in &records {
+            serde_json::to_writer(&mut *out, record)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+}
