@@ -28,6 +28,9 @@
 
 #![warn(missing_docs)]
 
+/// CapFilt, the dataset bootstrapping loop (cargo feature `capfilt`).
+#[cfg(feature = "capfilt")]
+pub use blip_capfilt as capfilt;
 pub use blip_text as text;
 /// The pre-training objectives (cargo feature `train`).
 #[cfg(feature = "train")]
