@@ -91,6 +91,9 @@ struct Args {
     /// ITC queue size (default: the model size's; the batch must divide it).
     #[arg(long)]
     queue_size: Option<usize>,
+    /// Momentum of the ITC momentum encoders (BLIP: 0.995).
+    #[arg(long)]
+    momentum: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
@@ -184,6 +187,9 @@ fn main() {
             Task::Retrieval => config.weights.with_itc(1.0).with_itm(1.0).with_lm(0.0),
         };
         config.max_length = recipe.max_length;
+        if let Some(m) = args.momentum {
+            config.momentum = m;
+        }
         if let Some(k) = args.queue_size {
             config.queue_size = k;
         } else if config.queue_size % args.batch_size != 0 {

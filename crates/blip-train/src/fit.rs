@@ -158,7 +158,13 @@ pub fn fit(
 ) -> Result<FitReport> {
     let per_epoch = loader.batches_per_epoch();
     let mut metrics = match &options.metrics {
-        Some(path) => Some(
+        Some(path) => Some({
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|source| TrainError::Io {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+            }
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -166,8 +172,8 @@ pub fn fit(
                 .map_err(|source| TrainError::Io {
                     path: path.clone(),
                     source,
-                })?,
-        ),
+                })?
+        }),
         None => None,
     };
     let total = (trainer.train.epochs * per_epoch) as u64;
@@ -234,6 +240,7 @@ pub fn fit(
                     "alpha": step.alpha,
                     "loss": step.total,
                     "grad_norm": step.grad_norm,
+                    "temp": trainer.model.temperature(),
                     "samples_per_second": batch.len() as f64 / seconds.max(1e-9),
                 });
                 for (name, value) in &step.losses {
