@@ -1,6 +1,8 @@
 //! Captions images with a BLIP captioning checkpoint.
 //!
 //! ```sh
+//! # with no --model: the demo captioner trained on the generated world (assets/demo), offline
+//! cargo run --release --example caption -- assets/demo/images/
 //! cargo run --release --example caption -- --model Salesforce/blip-image-captioning-base photo.jpg photos/
 //! cargo run --release --example caption -- --model DIR --num-beams 3 --min-length 5 --json photos/
 //! cargo run --release --example caption -- --model DIR --sample --top-p 0.9 --seed 1 --num-captions 3 photo.jpg
@@ -24,8 +26,10 @@ struct Args {
     #[arg(required = true, value_name = "IMAGE|DIR")]
     inputs: Vec<PathBuf>,
     /// HF model directory, or hub id in the HF cache (e.g. Salesforce/blip-image-captioning-base).
+    /// Default: the tiny demo captioner trained on the generated world (assets/demo/captioner),
+    /// which knows only coloured shapes.
     #[arg(long, value_name = "DIR|HUB_ID")]
-    model: String,
+    model: Option<String>,
     /// cpu (burn's flex backend), wgpu, or ndarray (with the cargo features).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -75,7 +79,11 @@ fn main() {
     let mut errors = 0;
     let paths = common::image_paths(&args.inputs, &mut errors);
     let device = common::device(&args.device);
-    let captioner = Captioner::from_pretrained(common::model_dir(&args.model), &device)
+    let model_dir = match &args.model {
+        Some(spec) => common::model_dir(spec),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo/captioner"),
+    };
+    let captioner = Captioner::from_pretrained(model_dir, &device)
         .unwrap_or_else(|e| common::fail(&e.to_string()));
     let config = GenerationConfig {
         max_length: args.max_length,
