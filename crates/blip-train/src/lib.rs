@@ -35,6 +35,7 @@ pub mod original;
 pub mod pretrain;
 mod schedule;
 pub mod trainer;
+mod vqa;
 
 pub use augment::{AutoContrast, CropBox, RandAugOp, TrainTransform, normalize};
 pub use blip_text::Rng;
@@ -57,3 +58,4 @@ pub use original::{Family, OriginalCheckpoint};
 pub use pretrain::{Distillation, Losses, TrainBatch, compute_losses};
 pub use schedule::{cosine_lr, step_decay_lr, warmup_lr};
 pub use trainer::{LrSchedule, Progress, StepReport, TrainConfig, Trainer};
+pub use vqa::{VqaBatch, vqa_loss};

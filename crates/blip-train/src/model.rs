@@ -83,10 +83,11 @@ impl PretrainConfig {
         Self::new(blip)
     }
 
-    /// A tiny BLIP (ViT and MED of width 64, 2 layers, 4 heads, 64 px images, 256 queued
-    /// features) for tests, examples and CPU experiments; `vocab_size` from the tokenizer.
+    /// A tiny BLIP (ViT and MED of width 64, 2 layers, 4 heads, 64 px images in 8-px
+    /// patches, 256 queued features) for tests, examples and CPU experiments; `vocab_size`
+    /// from the tokenizer.
     pub fn tiny(vocab_size: usize) -> Self {
-        let vision = VisionConfig::new(64, 128, 2, 4, 64);
+        let vision = VisionConfig::new(64, 128, 2, 4, 64).with_patch_size(8);
         let mut text = TextConfig::base(64);
         text.vocab_size = vocab_size;
         text.hidden_size = 64;

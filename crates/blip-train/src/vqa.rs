@@ -1,0 +1,84 @@
+//! The VQA fine-tuning objective of the original `BLIP_VQA.forward(train=True)`.
+
+use blip_text::med::CrossInput;
+use blip_text::{Encoded, VqaModel, lm_loss_per_sequence};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::{Result, TrainError};
+
+/// A VQA training batch: questions (`[ENC]` first, as the original encodes them), and for
+/// each question its candidate answers with their weights (VQA v2's soft scores).
+#[derive(Debug, Clone)]
+pub struct VqaBatch {
+    /// `[B, 3, S, S]` pixels.
+    pub pixel_values: Tensor<4>,
+    /// `B` questions.
+    pub questions: Encoded,
+    /// All answers, grouped by question (`[CLS]` first; replaced by `[DEC]`).
+    pub answers: Encoded,
+    /// How many answers each question has (`Σ = answers`).
+    pub answers_per_question: Vec<usize>,
+    /// One weight per answer.
+    pub weights: Vec<f32>,
+}
+
+/// The answer-LM loss of VQA fine-tuning:
+///
+/// `L = (1/B) · Σ_q Σ_{a ∈ answers(q)} w_a · Σ_t CE_ε(answer_a, t)`
+///
+/// where each answer is decoded (`[DEC]` first, causal) cross-attending to its question's
+/// states — the question encoded with cross-attention to the image, repeated once per
+/// answer, padding masked — and `CE_ε` is the per-token cross-entropy with label smoothing
+/// `ε` (0.1 in the original), summed over the answer's tokens (padding excluded).
+pub fn vqa_loss(
+    model: &VqaModel,
+    batch: &VqaBatch,
+    dec_token_id: u32,
+    label_smoothing: f64,
+) -> Result<Tensor<1>> {
+    let [b, _, _, _] = batch.pixel_values.dims();
+    let n = batch.answers.input_ids.len();
+    if batch.questions.input_ids.len() != b
+        || batch.answers_per_question.len() != b
+        || batch.answers_per_question.iter().sum::<usize>() != n
+        || batch.weights.len() != n
+    {
+        return Err(TrainError::Batch(format!(
+            "{b} images, {} questions, answer counts {:?} for {n} answers and {} weights",
+            batch.questions.input_ids.len(),
+            batch.answers_per_question,
+            batch.weights.len()
+        )));
+    }
+    let device = batch.pixel_values.device();
+    let image_embeds = model.vision_model.forward(batch.pixel_values.clone())?;
+    let (question_ids, question_mask) = batch.questions.to_tensors(&device);
+    let question =
+        model.encode_question(image_embeds, question_ids, Some(question_mask.clone()))?;
+    // Each question's states (and mask) repeated once per answer.
+    let owner: Vec<i64> = batch
+        .answers_per_question
+        .iter()
+        .enumerate()
+        .flat_map(|(q, &k)| std::iter::repeat_n(q as i64, k))
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(owner, [n]), &device);
+    let cross = CrossInput {
+        states: question.select(0, index.clone()),
+        mask: Some(question_mask.select(0, index)),
+    };
+    let mut answers = batch.answers.clone();
+    for row in &mut answers.input_ids {
+        if let Some(first) = row.first_mut() {
+            *first = dec_token_id;
+        }
+    }
+    let (answer_ids, answer_mask) = answers.to_tensors(&device);
+    let labels = answer_ids
+        .clone()
+        .mask_fill(answer_mask.clone().equal_elem(0), blip_text::IGNORE_INDEX);
+    let logits = model.answer_logits(cross, answer_ids, Some(answer_mask))?;
+    let per_answer = lm_loss_per_sequence(logits, labels, label_smoothing);
+    let weights = Tensor::<1>::from_data(TensorData::new(batch.weights.clone(), [n]), &device);
+    Ok((per_answer * weights).sum() / b as f64)
+}
