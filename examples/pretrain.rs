@@ -39,6 +39,13 @@ enum Task {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Augment {
+    Blip,
+    Mild,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Size {
     /// ViT and MED of width 64, 2 layers (a few MB).
     Tiny,
@@ -117,6 +124,11 @@ struct Args {
     /// Threads decoding and augmenting images.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Training augmentation: the original's (crop 0.2–1 pre-training, 0.5–1 fine-tuning,
+    /// flip, RandAugment), `mild` (crop 0.8–1 only: for data whose captions name colours and
+    /// sides, which flips and colour operations falsify) or `none`.
+    #[arg(long, value_enum, default_value = "blip")]
+    augment: Augment,
 }
 
 fn tokenizer(path: Option<&PathBuf>) -> BlipTokenizer {
@@ -215,9 +227,18 @@ fn main() {
     let annotations =
         load_annotations(&args.annotations, &image_root).unwrap_or_else(|e| fail(&e.to_string()));
     let image_size = trainer.config.blip.vision.image_size;
-    let transform = match args.task {
+    let original = match args.task {
         Task::Pretrain => TrainTransform::pretrain(image_size),
         _ => TrainTransform::finetune(image_size),
+    };
+    let transform = match args.augment {
+        Augment::Blip => original,
+        Augment::Mild | Augment::None => TrainTransform {
+            min_scale: if args.augment == Augment::Mild { 0.8 } else { 1.0 },
+            hflip: false,
+            rand_augment: false,
+            ..original
+        },
     };
     let mut loader_config = LoaderConfig::new(args.batch_size);
     loader_config.workers = args.workers.max(1);
