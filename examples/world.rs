@@ -53,9 +53,12 @@ struct Args {
     /// Pre-training epochs.
     #[arg(long, default_value_t = 10)]
     pretrain_epochs: usize,
-    /// Fine-tuning epochs (captioner, filter).
+    /// Captioner fine-tuning epochs.
     #[arg(long, default_value_t = 6)]
     finetune_epochs: usize,
+    /// Filter fine-tuning epochs (ITM is the slower objective to learn from scratch).
+    #[arg(long, default_value_t = 30)]
+    filter_epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Peak pre-training learning rate (fine-tuning uses a quarter).
@@ -472,10 +475,14 @@ fn main() {
         write_vocabulary(&world, &vocab);
     }
     let tokenizer = or_fail(BlipTokenizer::from_vocab(&vocab));
-    let (pre_epochs, ft_epochs) = if args.small {
-        (1, 1)
+    let (pre_epochs, ft_epochs, filter_epochs) = if args.small {
+        (1, 1, 1)
     } else {
-        (args.pretrain_epochs, args.finetune_epochs)
+        (
+            args.pretrain_epochs,
+            args.finetune_epochs,
+            args.filter_epochs,
+        )
     };
     let experiment = Experiment {
         out: out.clone(),
@@ -549,7 +556,7 @@ fn main() {
             "retrieval",
             Some(&base),
             &clean,
-            ft_epochs,
+            filter_epochs,
         );
         or_fail(model.save_filter(
             &config.blip,
