@@ -244,6 +244,33 @@ impl BlipPretrain {
         Ok(l2_normalize(self.text_proj.forward(first_token(states))))
     }
 
+    /// The text encoder cross-attending to `image_embeds`, the ids' first token replaced by
+    /// `first`: bidirectional (ITM), or causal with the decoder's own self-attention blocks
+    /// when `decoder_attention` is given (LM).
+    fn image_grounded(
+        &self,
+        image_embeds: Tensor<3>,
+        input_ids: &[Vec<u32>],
+        attention_mask: &[Vec<u32>],
+        first: usize,
+        decoder_attention: Option<&[TextAttention]>,
+    ) -> Result<Tensor<3>> {
+        let device = image_embeds.device();
+        let ids = ids_tensor(&with_first_token(input_ids, first), &device);
+        let mask = ids_tensor(attention_mask, &device);
+        let image = CrossInput {
+            states: image_embeds,
+            mask: None,
+        };
+        Ok(self.text_encoder.forward_with(
+            ids,
+            Some(mask),
+            Some(image),
+            decoder_attention.is_some(),
+            decoder_attention,
+        )?)
+    }
+
     /// ITM logits `[N, 2]` for rows of `ids`/`mask` (first token replaced by `[ENC]`) paired
     /// with the rows of `image_embeds`.
     pub fn itm_logits(
@@ -252,16 +279,12 @@ impl BlipPretrain {
         input_ids: &[Vec<u32>],
         attention_mask: &[Vec<u32>],
     ) -> Result<Tensor<2>> {
-        let device = image_embeds.device();
-        let ids = ids_tensor(&with_first_token(input_ids, self.enc_token_id), &device);
-        let mask = ids_tensor(attention_mask, &device);
-        let states = self.text_encoder.encode_multimodal(
-            ids,
-            Some(mask),
-            CrossInput {
-                states: image_embeds,
-                mask: None,
-            },
+        let states = self.image_grounded(
+            image_embeds,
+            input_ids,
+            attention_mask,
+            self.enc_token_id,
+            None,
         )?;
         Ok(self.itm_head.forward(first_token(states)))
     }
@@ -275,17 +298,11 @@ impl BlipPretrain {
         input_ids: &[Vec<u32>],
         attention_mask: &[Vec<u32>],
     ) -> Result<Tensor<3>> {
-        let device = image_embeds.device();
-        let ids = ids_tensor(&with_first_token(input_ids, self.dec_token_id), &device);
-        let mask = ids_tensor(attention_mask, &device);
-        let hidden = self.text_encoder.forward_with(
-            ids,
-            Some(mask),
-            Some(CrossInput {
-                states: image_embeds,
-                mask: None,
-            }),
-            true,
+        let hidden = self.image_grounded(
+            image_embeds,
+            input_ids,
+            attention_mask,
+            self.dec_token_id,
             Some(&self.text_decoder.attention),
         )?;
         Ok(self.text_decoder.lm_head.forward(

@@ -370,19 +370,7 @@ impl Trainer {
     /// without the training state: the starting point of a fine-tuning run (or of a new
     /// model's pre-training from an old one).
     pub fn load_model(dir: &Path, device: &Device) -> Result<(BlipPretrain, PretrainConfig)> {
-        let bad = |message: String| TrainError::Checkpoint {
-            path: dir.to_path_buf(),
-            message,
-        };
-        let state_path = dir.join("state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|source| TrainError::Io {
-            path: state_path.clone(),
-            source,
-        })?;
-        let state: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
-        let config: PretrainConfig = serde_json::from_value(state["config"].clone())
-            .map_err(|e| bad(format!("state.json `config`: {e}")))?;
+        let (_, config) = read_state(dir)?;
         let header = SafetensorsHeader::read(&dir.join("model.safetensors"))?;
         let model = load_safetensors(config.init(device), &header, &PRETRAIN_KEYS)?;
         Ok((model, config))
@@ -395,15 +383,7 @@ impl Trainer {
             path: dir.to_path_buf(),
             message,
         };
-        let state_path = dir.join("state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|source| TrainError::Io {
-            path: state_path.clone(),
-            source,
-        })?;
-        let state: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
-        let config: PretrainConfig = serde_json::from_value(state["config"].clone())
-            .map_err(|e| bad(format!("state.json `config`: {e}")))?;
+        let (state, config) = read_state(dir)?;
         let train: TrainConfig = serde_json::from_value(state["train"].clone())
             .map_err(|e| bad(format!("state.json `train`: {e}")))?;
         let number = |v: &serde_json::Value, what: &str| {
@@ -515,6 +495,24 @@ pub const PRETRAIN_KEYS: KeyMap = KeyMap {
     ],
     ignored: &[],
 };
+
+/// A checkpoint's `state.json` and the model config it records.
+fn read_state(dir: &Path) -> Result<(serde_json::Value, PretrainConfig)> {
+    let bad = |message: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+    let config = serde_json::from_value(state["config"].clone())
+        .map_err(|e| bad(format!("state.json `config`: {e}")))?;
+    Ok((state, config))
+}
 
 /// The momentum encoders and queues as one module, so one safetensors file holds them.
 #[derive(Module, Debug)]
