@@ -51,7 +51,7 @@ struct Args {
     #[arg(long)]
     small: bool,
     /// Pre-training epochs.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 15)]
     pretrain_epochs: usize,
     /// Captioner fine-tuning epochs.
     #[arg(long, default_value_t = 6)]
@@ -62,7 +62,7 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Peak pre-training learning rate (fine-tuning uses a quarter).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// ViT patch size: 8 gives a 64-px image 64 patches, enough to tell a star from a ball.
     #[arg(long, default_value_t = 8)]
