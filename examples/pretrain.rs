@@ -10,6 +10,9 @@
 //!     --init runs/tiny/step-00000500 --annotations data/clean.json --export-captioner out/captioner
 //! cargo run --release --features train --example pretrain -- --task retrieval \
 //!     --init runs/tiny/step-00000500 --annotations data/clean.json --export-filter out/filter
+//! # pre-train a new model on the clean set plus CapFilt's output (see examples/capfilt.rs)
+//! cargo run --release --features train --example pretrain -- --annotations data/clean.json \
+//!     --annotations cleaned/annotations.json --image-root data --image-root data/web-root
 //! # training throughput at base size (random weights), a few steps
 //! cargo run --release --features train --example pretrain -- --annotations data/train.json \
 //!     --size base --batch-size 4 --max-steps 3
@@ -58,12 +61,14 @@ enum Size {
 #[derive(Parser, Debug)]
 #[command(about = "Pre-train or fine-tune BLIP on a BLIP-format data set")]
 struct Args {
-    /// BLIP annotation file: a JSON array or JSON lines of {"image", "caption"}.
+    /// BLIP annotation file: a JSON array or JSON lines of {"image", "caption"}. Repeat it
+    /// to train on several (e.g. a clean set and CapFilt's `annotations.json`).
+    #[arg(long, required = true)]
+    annotations: Vec<PathBuf>,
+    /// Directory the image paths are relative to, one per `--annotations` in order (default:
+    /// each annotation file's own directory).
     #[arg(long)]
-    annotations: PathBuf,
-    /// Directory the image paths are relative to (default: the annotation file's).
-    #[arg(long)]
-    image_root: Option<PathBuf>,
+    image_root: Vec<PathBuf>,
     /// `vocab.txt` or `tokenizer.json` (default: bert-base-uncased from the test fixtures).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -218,14 +223,18 @@ fn main() {
         ));
     }
 
-    let image_root = args.image_root.clone().unwrap_or_else(|| {
-        args.annotations
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default()
-    });
-    let annotations =
-        load_annotations(&args.annotations, &image_root).unwrap_or_else(|e| fail(&e.to_string()));
+    if args.image_root.len() > args.annotations.len() {
+        fail("more --image-root than --annotations");
+    }
+    let mut annotations = Vec::new();
+    for (i, file) in args.annotations.iter().enumerate() {
+        let root = args
+            .image_root
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| file.parent().map(PathBuf::from).unwrap_or_default());
+        annotations.extend(load_annotations(file, &root).unwrap_or_else(|e| fail(&e.to_string())));
+    }
     let image_size = trainer.config.blip.vision.image_size;
     let original = match args.task {
         Task::Pretrain => TrainTransform::pretrain(image_size),
@@ -234,7 +243,11 @@ fn main() {
     let transform = match args.augment {
         Augment::Blip => original,
         Augment::Mild | Augment::None => TrainTransform {
-            min_scale: if args.augment == Augment::Mild { 0.8 } else { 1.0 },
+            min_scale: if args.augment == Augment::Mild {
+                0.8
+            } else {
+                1.0
+            },
             hflip: false,
             rand_augment: false,
             ..original
