@@ -28,6 +28,7 @@ use blip::train::{
     BatchLoader, FitOptions, LoaderConfig, PretrainConfig, TextRecipe, TrainConfig, TrainTransform,
     Trainer, fit, load_annotations,
 };
+use burn::module::Module;
 use clap::{Parser, ValueEnum};
 use common::fail;
 
@@ -268,7 +269,7 @@ fn main() {
     options.max_steps = args.max_steps;
     eprintln!(
         "{} parameters, {} pairs, {} batches per epoch, {} epochs",
-        trainer.model.num_parameters(),
+        trainer.model.num_params(),
         loader.annotations().len(),
         loader.batches_per_epoch(),
         trainer.train.epochs

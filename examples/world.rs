@@ -83,6 +83,13 @@ fn or_fail<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
     result.unwrap_or_else(|e| fail(&e.to_string()))
 }
 
+/// A JSON array of records (the world's and CapFilt's annotation files).
+fn read_records(path: &Path) -> Vec<Value> {
+    or_fail(serde_json::from_str(&or_fail(std::fs::read_to_string(
+        path,
+    ))))
+}
+
 fn write_json(path: &Path, value: &Value) {
     let tmp = path.with_extension("partial");
     or_fail(std::fs::write(
@@ -97,9 +104,7 @@ fn write_json(path: &Path, value: &Value) {
 fn write_vocabulary(world: &Path, path: &Path) {
     let mut words = std::collections::BTreeSet::new();
     for file in ["clean.json", "web.json", "test.json"] {
-        let records: Vec<Value> = or_fail(serde_json::from_str(&or_fail(std::fs::read_to_string(
-            world.join(file),
-        ))));
+        let records = read_records(&world.join(file));
         for record in records {
             let texts: Vec<String> = match &record["caption"] {
                 Value::Array(a) => a
@@ -326,50 +331,48 @@ impl Experiment {
             s.truncate(k);
             s
         };
-        // image → text
-        let mut i2t_pairs = Vec::new();
-        for i in 0..n_img {
-            for (t, _) in top((0..n_txt).map(|t| (t, sims[i * n_txt + t])).collect()) {
-                i2t_pairs.push((i, t));
-            }
-        }
-        let i2t_logits = itm(&i2t_pairs);
-        let mut i2t_rank = vec![usize::MAX; n_img];
-        for i in 0..n_img {
-            let mut scored: Vec<(usize, f32)> = (0..k)
-                .map(|j| {
-                    let (_, t) = i2t_pairs[i * k + j];
-                    (t, i2t_logits[i * k + j] + sims[i * n_txt + t])
+        // For each query, the rank of its first match among its ITC top k re-scored by ITM;
+        // `pair(query, candidate)` names the (image, text) they form.
+        let ranks = |queries: usize,
+                     candidates: usize,
+                     pair: &dyn Fn(usize, usize) -> (usize, usize),
+                     matches: &dyn Fn(usize, usize) -> bool| {
+            let sim = |q, c| {
+                let (i, t) = pair(q, c);
+                sims[i * n_txt + t]
+            };
+            let chosen: Vec<Vec<usize>> = (0..queries)
+                .map(|q| {
+                    top((0..candidates).map(|c| (c, sim(q, c))).collect())
+                        .into_iter()
+                        .map(|(c, _)| c)
+                        .collect()
                 })
                 .collect();
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-            i2t_rank[i] = scored
+            let pairs: Vec<(usize, usize)> = chosen
                 .iter()
-                .position(|&(t, _)| texts[t].0 == i)
-                .unwrap_or(usize::MAX);
-        }
-        // text → image
-        let mut t2i_pairs = Vec::new();
-        for t in 0..n_txt {
-            for (i, _) in top((0..n_img).map(|i| (i, sims[i * n_txt + t])).collect()) {
-                t2i_pairs.push((i, t));
-            }
-        }
-        let t2i_logits = itm(&t2i_pairs);
-        let mut t2i_rank = vec![usize::MAX; n_txt];
-        for t in 0..n_txt {
-            let mut scored: Vec<(usize, f32)> = (0..k)
-                .map(|j| {
-                    let (i, _) = t2i_pairs[t * k + j];
-                    (i, t2i_logits[t * k + j] + sims[i * n_txt + t])
-                })
+                .enumerate()
+                .flat_map(|(q, cs)| cs.iter().map(move |&c| pair(q, c)))
                 .collect();
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-            t2i_rank[t] = scored
+            let mut logits = itm(&pairs).into_iter();
+            chosen
                 .iter()
-                .position(|&(i, _)| i == texts[t].0)
-                .unwrap_or(usize::MAX);
-        }
+                .enumerate()
+                .map(|(q, cs)| {
+                    let mut scored: Vec<(usize, f32)> = cs
+                        .iter()
+                        .map(|&c| (c, logits.next().unwrap_or(f32::NAN) + sim(q, c)))
+                        .collect();
+                    scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    scored
+                        .iter()
+                        .position(|&(c, _)| matches(q, c))
+                        .unwrap_or(usize::MAX)
+                })
+                .collect::<Vec<usize>>()
+        };
+        let i2t_rank = ranks(n_img, n_txt, &|i, t| (i, t), &|i, t| texts[t].0 == i);
+        let t2i_rank = ranks(n_txt, n_img, &|t, i| (i, t), &|t, i| texts[t].0 == i);
         let recall = |ranks: &[usize], at: usize| {
             100.0 * ranks.iter().filter(|&&r| r < at).count() as f64 / ranks.len() as f64
         };
@@ -397,13 +400,7 @@ impl Experiment {
                 .collect();
             let prompts = vec!["a picture of"; images.len()];
             for c in or_fail(captioner.caption(&images, &prompts, &generation)) {
-                let text = c[0].text.trim();
-                produced.push(
-                    text.strip_prefix("a picture of")
-                        .unwrap_or(text)
-                        .trim()
-                        .to_string(),
-                );
+                produced.push(c[0].text_after("a picture of").to_string());
             }
         }
         let exact = test
@@ -497,9 +494,7 @@ fn main() {
             .map(|l| or_fail(serde_json::from_str(l)))
             .collect();
     let test_captions: Vec<Vec<String>> = {
-        let records: Vec<Value> = or_fail(serde_json::from_str(&or_fail(std::fs::read_to_string(
-            world.join("test.json"),
-        ))));
+        let records = read_records(&world.join("test.json"));
         records
             .iter()
             .map(|r| {
@@ -518,12 +513,8 @@ fn main() {
     // 2. pre-train on clean + noisy web
     let noisy = out.join("pretrain_noisy.json");
     if !noisy.is_file() {
-        let mut records: Vec<Value> = or_fail(serde_json::from_str(&or_fail(
-            std::fs::read_to_string(world.join("clean.json")),
-        )));
-        let web: Vec<Value> = or_fail(serde_json::from_str(&or_fail(std::fs::read_to_string(
-            world.join("web.json"),
-        ))));
+        let mut records = read_records(&world.join("clean.json"));
+        let web = read_records(&world.join("web.json"));
         records.extend(web);
         write_json(&noisy, &Value::Array(records));
     }
@@ -577,15 +568,12 @@ fn main() {
         for (name, summary) in [("nucleus", &nucleus), ("beam", &beam)] {
             let data = out.join(format!("pretrain_{name}.json"));
             if !data.is_file() {
-                let mut records: Vec<Value> = or_fail(serde_json::from_str(&or_fail(
-                    std::fs::read_to_string(world.join("clean.json")),
-                )));
-                let kept: Vec<Value> =
-                    or_fail(serde_json::from_str(&or_fail(std::fs::read_to_string(
-                        experiment
-                            .stage(&format!("capfilt-{name}"))
-                            .join("annotations.json"),
-                    ))));
+                let mut records = read_records(&world.join("clean.json"));
+                let kept: Vec<Value> = read_records(
+                    &experiment
+                        .stage(&format!("capfilt-{name}"))
+                        .join("annotations.json"),
+                );
                 assert_eq!(
                     Path::new(&summary.image_root),
                     world.as_path(),

@@ -36,8 +36,7 @@ fn the_demo_captioner_names_the_attributes_of_unseen_scenes() {
         let prompts = vec!["a picture of"; images.len()];
         let captions = captioner.caption(&images, &prompts, &generation).unwrap();
         for (s, c) in chunk.iter().zip(captions) {
-            let text = c[0].text.trim();
-            let text = text.strip_prefix("a picture of").unwrap_or(text).trim();
+            let text = c[0].text_after("a picture of");
             let found = caption_mentions(s, text);
             let right = found.is_exact();
             exact += usize::from(right);

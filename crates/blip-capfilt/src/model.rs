@@ -177,17 +177,10 @@ impl BlipCapFilt {
         let captions =
             self.captioner
                 .caption(std::slice::from_ref(image), &[prompt], &generation)?;
-        let prefix = prompt.to_lowercase();
         Ok(captions
             .into_iter()
             .flatten()
-            .map(|c| {
-                let text = c.text.trim();
-                text.strip_prefix(&prefix)
-                    .unwrap_or(text)
-                    .trim()
-                    .to_string()
-            })
+            .map(|c| c.text_after(prompt).to_string())
             .collect())
     }
 }

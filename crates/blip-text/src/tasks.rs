@@ -33,6 +33,16 @@ pub struct Caption {
     pub score: f64,
 }
 
+impl Caption {
+    /// The text without the prompt it was generated from (the original `BLIP_Decoder`
+    /// returns captions this way): `prompt` is matched as the uncased tokenizer decodes it.
+    pub fn text_after(&self, prompt: &str) -> &str {
+        let text = self.text.trim();
+        let prompt = prompt.trim().to_lowercase();
+        text.strip_prefix(prompt.as_str()).unwrap_or(text).trim()
+    }
+}
+
 fn to_captions(
     tokenizer: &BlipTokenizer,
     generated: Vec<Vec<Generated>>,

@@ -136,7 +136,7 @@ pub fn to_train_batch(
     let prompt_length = if recipe.prompt.is_empty() {
         0
     } else {
-        tokenizer.encode(&recipe.prompt)?.len() - 1 // [CLS]→[DEC] + prompt, without [SEP]
+        tokenizer.decoder_prompt(&recipe.prompt)?.len() // [DEC] + prompt
     };
     Ok(TrainBatch {
         pixel_values: batch.pixel_tensor(device),

@@ -49,7 +49,9 @@ pub use fit::{FitOptions, FitReport, TextRecipe, fit};
 pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
 };
-pub use model::{BlipPretrain, LossWeights, MomentumEncoders, PretrainConfig, SharedDecoder};
+pub use model::{
+    BlipPretrain, LossWeights, MomentumEncoders, PretrainConfig, SharedDecoder, lm_labels,
+};
 pub use momentum::{
     FeatureQueue, QueueSizeError, clamp_temperature, momentum_copy, momentum_update,
 };

@@ -191,8 +191,28 @@ pub struct MomentumEncoders {
     pub text_proj_m: Linear,
 }
 
+/// LM labels: the decoder ids with padding and the first `prompt_length` positions
+/// (`[DEC]` + prompt) set to [`blip_text::IGNORE_INDEX`].
+pub fn lm_labels(text: &Encoded, prompt_length: usize, device: &Device) -> Tensor<2, Int> {
+    let flat: Vec<i64> = text
+        .input_ids
+        .iter()
+        .zip(&text.attention_mask)
+        .flat_map(|(ids, mask)| {
+            ids.iter().zip(mask).enumerate().map(|(i, (&id, &m))| {
+                if m == 0 || i < prompt_length {
+                    blip_text::IGNORE_INDEX
+                } else {
+                    id as i64
+                }
+            })
+        })
+        .collect();
+    Tensor::from_data(burn::tensor::TensorData::new(flat, text.shape()), device)
+}
+
 /// Replaces the first token of every row (`[CLS]` → `[ENC]` or `[DEC]`).
-fn with_first_token(ids: &[Vec<u32>], first: usize) -> Vec<Vec<u32>> {
+pub(crate) fn with_first_token(ids: &[Vec<u32>], first: usize) -> Vec<Vec<u32>> {
     ids.iter()
         .map(|row| {
             let mut row = row.clone();
@@ -311,37 +331,6 @@ impl BlipPretrain {
         ))
     }
 
-    /// LM labels: the decoder ids with padding and the first `prompt_length` positions
-    /// (`[DEC]` + prompt) set to [`blip_text::IGNORE_INDEX`].
-    pub fn lm_labels(
-        &self,
-        text: &Encoded,
-        prompt_length: usize,
-        device: &Device,
-    ) -> Tensor<2, Int> {
-        let rows: Vec<Vec<i64>> = text
-            .input_ids
-            .iter()
-            .zip(&text.attention_mask)
-            .map(|(ids, mask)| {
-                ids.iter()
-                    .zip(mask)
-                    .enumerate()
-                    .map(|(i, (&id, &m))| {
-                        if m == 0 || i < prompt_length {
-                            blip_text::IGNORE_INDEX
-                        } else {
-                            id as i64
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        let [b, l] = text.shape();
-        let flat: Vec<i64> = rows.into_iter().flatten().collect();
-        Tensor::from_data(burn::tensor::TensorData::new(flat, [b, l]), device)
-    }
-
     /// The captioning model of the HF layout: this ViT and the decoder (shared weights
     /// copied, decoder self-attention swapped in). Loadable by `blip-text` and transformers.
     pub fn to_captioning(&self) -> CaptioningModel {
@@ -409,11 +398,6 @@ impl BlipPretrain {
     /// The current temperature as a number.
     pub fn temperature(&self) -> f64 {
         self.temp.val().into_scalar::<f32>() as f64
-    }
-
-    /// Number of float parameters.
-    pub fn num_parameters(&self) -> usize {
-        self.num_params()
     }
 
     /// Checks that a text batch is one the model can take: as many rows as images, ids and

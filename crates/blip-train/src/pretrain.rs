@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{Result, TrainError};
 use crate::losses::{hard_negative_weights, itc_loss, itm_loss, sample_negatives};
-use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
+use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig, lm_labels};
 use crate::momentum::{FeatureQueue, clamp_temperature, momentum_update};
 
 /// What ITC distillation keeps across steps: the momentum encoders and the feature queues
@@ -64,12 +64,12 @@ pub struct Losses {
 }
 
 impl Losses {
-    /// The value of objective `name`, if it was computed.
-    pub fn value(&self, name: &str) -> Option<f64> {
+    /// `(name, value)` of each computed objective, read back to the host.
+    pub fn values(&self) -> Vec<(&'static str, f64)> {
         self.terms
             .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| t.clone().into_scalar::<f32>() as f64)
+            .map(|(name, t)| (*name, t.clone().into_scalar::<f32>() as f64))
+            .collect()
     }
 }
 
@@ -82,28 +82,21 @@ pub fn clamp_model_temperature(mut model: BlipPretrain) -> BlipPretrain {
     model
 }
 
+/// `[rows, columns]` with 1 where the two image ids are equal.
+fn same_image(rows: &[i64], columns: &[i64], device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| columns.iter().map(move |&j| f32::from(i == j)))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows.len(), columns.len()]), device)
+}
+
 /// The `[B, B + K]` ITC targets of retrieval fine-tuning: every column whose image id equals
 /// the row's (batch and queue) shares the target mass equally.
 fn id_positives(ids: &[i64], queue: &[i64], device: &Device) -> Tensor<2> {
-    let b = ids.len();
     let all: Vec<i64> = ids.iter().chain(queue).copied().collect();
-    let mut values = Vec::with_capacity(b * all.len());
-    for &i in ids {
-        let row: Vec<f32> = all.iter().map(|&j| f32::from(i == j)).collect();
-        let n: f32 = row.iter().sum();
-        values.extend(row.into_iter().map(|v| v / n));
-    }
-    Tensor::from_data(TensorData::new(values, [b, all.len()]), device)
-}
-
-/// `[B, B]` with 1 where two pairs share an image id.
-fn same_image(ids: &[i64], device: &Device) -> Tensor<2> {
-    let b = ids.len();
-    let values: Vec<f32> = ids
-        .iter()
-        .flat_map(|&i| ids.iter().map(move |&j| f32::from(i == j)))
-        .collect();
-    Tensor::from_data(TensorData::new(values, [b, b]), device)
+    let same = same_image(ids, &all, device);
+    same.clone() / same.sum_dim(1) // each row has its own pair, so never 0
 }
 
 fn select_rows(rows: &[Vec<u32>], index: &[usize]) -> Vec<Vec<u32>> {
@@ -210,7 +203,7 @@ pub fn compute_losses(
                 Some(ids) => {
                     // Retrieval: online × online similarities, plain softmax, every pair of
                     // the same image zeroed (`BLIP_Retrieval`).
-                    let keep = same_image(ids, &device).neg() + 1.0;
+                    let keep = same_image(ids, ids, &device).neg() + 1.0;
                     let sim = image_feat
                         .clone()
                         .detach()
@@ -275,7 +268,7 @@ pub fn compute_losses(
             &batch.text.input_ids,
             &batch.text.attention_mask,
         )?;
-        let labels = model.lm_labels(&batch.text, batch.prompt_length, &device);
+        let labels = lm_labels(&batch.text, batch.prompt_length, &device);
         terms.push(("lm", lm_loss(logits, labels, config.label_smoothing), w.lm));
     }
 

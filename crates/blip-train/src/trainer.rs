@@ -197,8 +197,8 @@ impl Trainer {
         }
     }
 
-    /// The learning rate of the next optimiser step, given the number of optimiser steps
-    /// per epoch.
+    /// The learning rate of the next optimiser step (from the schedule, the epoch and, in
+    /// the warm-up, the optimiser steps taken in this epoch).
     pub fn learning_rate(&self) -> f64 {
         let t = &self.train;
         let Progress { epoch, .. } = self.progress;
@@ -236,11 +236,7 @@ impl Trainer {
             &mut self.rng,
         )?;
         let accumulation = self.train.grad_accumulation.max(1);
-        let values: Vec<(&'static str, f64)> = losses
-            .terms
-            .iter()
-            .map(|(name, t)| (*name, t.clone().into_scalar::<f32>() as f64))
-            .collect();
+        let values = losses.values();
         let total = losses.total.clone().into_scalar::<f32>() as f64;
         let grads = (losses.total / accumulation as f64).backward();
         let grads = GradientsParams::from_grads(grads, &model);
@@ -309,11 +305,7 @@ impl Trainer {
             &PRETRAIN_KEYS,
         )?;
         if let Some(d) = &self.distillation {
-            let record = DistillationRecord {
-                momentum: d.momentum.clone(),
-                image_queue: Param::from_tensor(d.image_queue.features.clone()),
-                text_queue: Param::from_tensor(d.text_queue.features.clone()),
-            };
+            let record = DistillationRecord::of(d);
             save_safetensors(
                 &record,
                 &partial.join("momentum.safetensors"),
@@ -430,12 +422,7 @@ impl Trainer {
         let model = model.map(&mut SetIds(ids.into_iter()));
         let mut trainer = Self::new(model, config, train, device);
         if let Some(d) = trainer.distillation.as_mut() {
-            let record = DistillationRecord {
-                momentum: d.momentum.clone(),
-                image_queue: Param::from_tensor(d.image_queue.features.clone()),
-                text_queue: Param::from_tensor(d.text_queue.features.clone()),
-            }
-            .fork(&plain);
+            let record = DistillationRecord::of(d).fork(&plain);
             let header = SafetensorsHeader::read(&dir.join("momentum.safetensors"))?;
             // Rebuilt from host data: forked values keep a link to the ops that read them,
             // which a later backward would find already consumed.
@@ -520,6 +507,16 @@ struct DistillationRecord {
     momentum: MomentumEncoders,
     image_queue: Param<Tensor<2>>,
     text_queue: Param<Tensor<2>>,
+}
+
+impl DistillationRecord {
+    fn of(d: &Distillation) -> Self {
+        Self {
+            momentum: d.momentum.clone(),
+            image_queue: Param::from_tensor(d.image_queue.features.clone()),
+            text_queue: Param::from_tensor(d.text_queue.features.clone()),
+        }
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

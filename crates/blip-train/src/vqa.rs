@@ -5,6 +5,7 @@ use blip_text::{Encoded, VqaModel, lm_loss_per_sequence};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::{Result, TrainError};
+use crate::model::{lm_labels, with_first_token};
 
 /// A VQA training batch: questions (`[ENC]` first, as the original encodes them), and for
 /// each question its candidate answers with their weights (VQA v2's soft scores).
@@ -67,16 +68,12 @@ pub fn vqa_loss(
         states: question.select(0, index.clone()),
         mask: Some(question_mask.select(0, index)),
     };
-    let mut answers = batch.answers.clone();
-    for row in &mut answers.input_ids {
-        if let Some(first) = row.first_mut() {
-            *first = dec_token_id;
-        }
-    }
+    let answers = Encoded {
+        input_ids: with_first_token(&batch.answers.input_ids, dec_token_id as usize),
+        attention_mask: batch.answers.attention_mask.clone(),
+    };
     let (answer_ids, answer_mask) = answers.to_tensors(&device);
-    let labels = answer_ids
-        .clone()
-        .mask_fill(answer_mask.clone().equal_elem(0), blip_text::IGNORE_INDEX);
+    let labels = lm_labels(&answers, 0, &device);
     let logits = model.answer_logits(cross, answer_ids, Some(answer_mask))?;
     let per_answer = lm_loss_per_sequence(logits, labels, label_smoothing);
     let weights = Tensor::<1>::from_data(TensorData::new(batch.weights.clone(), [n]), &device);

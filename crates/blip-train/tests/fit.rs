@@ -169,10 +169,7 @@ fn caption_fine_tuning_masks_the_prompt() {
         tokenizer.decode(&first[1..4], true).unwrap(),
         "a picture of"
     );
-    let config = pretrain_config(&tokenizer);
-    let model = config.init(&Device::flex());
-    let labels: Vec<i64> = model
-        .lm_labels(&train.text, train.prompt_length, &Device::flex())
+    let labels: Vec<i64> = blip_train::lm_labels(&train.text, train.prompt_length, &Device::flex())
         .into_data()
         .convert::<i64>()
         .try_into_vec::<i64>()
