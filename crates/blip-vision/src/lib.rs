@@ -21,6 +21,8 @@
 
 pub mod checkpoint;
 mod config;
+#[cfg(feature = "flex")]
+pub mod cpu;
 mod error;
 mod interpolate;
 mod processor;

@@ -192,10 +192,14 @@ impl VisionAttention {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let h = self.num_heads;
+        let qkv = dense(&self.qkv, x);
+        #[cfg(feature = "flex")]
+        let qkv = match crate::cpu::self_attention(qkv, h) {
+            Ok(context) => return dense(&self.projection, context),
+            Err(qkv) => qkv,
+        };
         // [B, T, 3, H, hd] → [3, B, H, T, hd]: the 3 is the outer split, heads inner.
-        let qkv = dense(&self.qkv, x)
-            .reshape([b, t, 3, h, d / h])
-            .permute([2, 0, 3, 1, 4]);
+        let qkv = qkv.reshape([b, t, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, t, d / h]);
         let context = attention(
             part(0),
@@ -213,35 +217,18 @@ impl VisionLayer {
     /// One pre-norm block.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        let hidden = gelu_threaded(dense(&self.mlp.fc1, self.layer_norm2.forward(x.clone())));
+        let hidden = gelu_fast(dense(&self.mlp.fc1, self.layer_norm2.forward(x.clone())));
         x + dense(&self.mlp.fc2, hidden)
     }
 }
 
-/// Exact GELU. burn's flex backend evaluates erf on one thread, which made GELU a sixth of
-/// the ViT's time on two cores; on flex, large inputs are split across the CPU's threads.
-fn gelu_threaded(x: Tensor<3>) -> Tensor<3> {
+/// Exact GELU: [`crate::cpu::gelu`] on flex, burn's elsewhere.
+fn gelu_fast(x: Tensor<3>) -> Tensor<3> {
     #[cfg(feature = "flex")]
-    {
-        let [_, tokens, _] = x.dims();
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(tokens);
-        if threads > 1 && x.shape().num_elements() >= 1 << 20 && x.device() == Device::flex() {
-            let parts = x.chunk(threads, 1);
-            let parts = std::thread::scope(|scope| {
-                let handles: Vec<_> = parts
-                    .into_iter()
-                    .map(|part| scope.spawn(move || gelu(part)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("gelu does not panic"))
-                    .collect::<Vec<_>>()
-            });
-            return Tensor::cat(parts, 1);
-        }
-    }
+    let x = match crate::cpu::gelu(x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     gelu(x)
 }
 
@@ -249,6 +236,23 @@ impl VisionTransformer {
     /// Encodes normalised pixels `[B, 3, H, W]` into `[B, 1 + (H/16)·(W/16), D]` tokens
     /// (class token first), after the final LayerNorm.
     pub fn forward(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
+        // On flex, one image at a time: a batch's activations (57 MB per [8, 577, 3072]
+        // buffer) outgrow what the allocator recycles, and fresh pages for every op made
+        // batch 8 slower per image than batch 1. Batching gains flex nothing here (each
+        // image's products already have 577 rows); the result is the same.
+        #[cfg(feature = "flex")]
+        if pixel_values.dims()[0] > 1 && crate::cpu::is_plain_flex(&pixel_values.device()) {
+            let images = pixel_values
+                .split(1, 0)
+                .into_iter()
+                .map(|image| self.forward_batch(image))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(images, 0));
+        }
+        self.forward_batch(pixel_values)
+    }
+
+    fn forward_batch(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
         let mut x = self.embeddings.forward(pixel_values)?;
         for layer in &self.encoder.layers {
             x = layer.forward(x);
