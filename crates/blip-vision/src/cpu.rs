@@ -7,7 +7,11 @@
 //! * **GELU**: flex evaluates `erf` with a scalar libm call on one thread. [`gelu`] uses a
 //!   branch-free `erf` (|error| ≤ 5e-7 in f32) that vectorises, over all cores.
 //!
-//! Both take the tensor by value and give it back untouched (`Err`) where they do not apply:
+//! * **Products with few rows** (a decoding step): flex runs them on one thread, at one
+//!   core's memory bandwidth, for a product that only streams its weight.
+//!   [`linear_few_rows`] reads the weight in place and splits its rows over all cores.
+//!
+//! All take the tensor by value and give it back untouched (`Err`) where they do not apply:
 //! another backend, an autodiff device (training keeps burn's differentiable ops), or a dtype
 //! other than f32. On flex a uniquely owned tensor converts to and from host memory without
 //! a copy, so the detour costs nothing.
@@ -15,9 +19,35 @@
 // `Ok` and `Err` are both a tensor (or its values): boxing the error would save nothing.
 #![allow(clippy::result_large_err)]
 
+use burn::backend::Flex;
+use burn::nn::Linear;
 use burn::tensor::{Device, Tensor, TensorData};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
+
+/// Runs `$body` compiled for AVX-512 when the CPU has it (so the loops vectorise 16 wide),
+/// else as plain code.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn any($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    any($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512.
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
+            any($($arg),*)
+        }
+    };
+}
 
 /// Whether `device` is flex without autodiff, where these kernels and flex-specific
 /// scheduling apply. (An autodiff device compares equal to its inner device.)
@@ -52,6 +82,104 @@ pub fn self_attention(qkv: Tensor<3>, heads: usize) -> Result<Tensor<3>, Tensor<
     let mut out = vec![0.0f32; b * t * d];
     attention_qkv(&values, b, t, heads, d / heads, &mut out);
     Ok(flex_tensor(out, [b, t, d]))
+}
+
+/// Most rows [`linear_few_rows`] takes: each weight element is loaded once for all rows.
+pub const FEW_ROWS: usize = 8;
+
+/// `linear` applied to `x: [rows, d_in]` with at most [`FEW_ROWS`] rows, reading the weight
+/// where flex stores it: each core takes a contiguous block of the weight's rows and the
+/// partial products are summed.
+pub fn linear_few_rows(linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Tensor<2>> {
+    let [rows, d] = x.dims();
+    let weight = linear.weight.val();
+    let [_, out] = weight.dims();
+    if rows == 0 || rows > FEW_ROWS || !is_plain_flex(&weight.device()) {
+        return Err(x);
+    }
+    let Ok(weight) = weight.try_into_primitive::<Flex>() else {
+        return Err(x);
+    };
+    let Some(w) = weight.as_slice::<f32>() else {
+        return Err(x);
+    };
+    let bias = match &linear.bias {
+        Some(bias) => match bias.val().try_into_primitive::<Flex>() {
+            Ok(bias) => Some(bias),
+            Err(_) => return Err(x),
+        },
+        None => None,
+    };
+    let bias = match &bias {
+        Some(bias) => match bias.as_slice::<f32>() {
+            Some(values) => Some(values),
+            None => return Err(x),
+        },
+        None => None,
+    };
+    let x = host_values(x)?;
+    let threads = rayon::current_num_threads().clamp(1, d);
+    let partials: Vec<Vec<f32>> = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let (k0, k1) = (d * t / threads, d * (t + 1) / threads);
+            let mut y = vec![0.0f32; rows * out];
+            accumulate_rows(&x, d, &w[k0 * out..k1 * out], k0, out, &mut y);
+            y
+        })
+        .collect();
+    let mut y = match bias {
+        Some(bias) => bias.repeat(rows),
+        None => vec![0.0; rows * out],
+    };
+    for partial in &partials {
+        add_into(&mut y, partial);
+    }
+    Ok(flex_tensor(y, [rows, out]))
+}
+
+multiversion! {
+    /// `y[r, :] += Σ_k x[r, k0 + k] · w[k, :]` over the `w.len() / out` weight rows given.
+    /// Columns go a block at a time so that the rows of `y` stay in L1, and weight rows four
+    /// at a time so that each `y` element is loaded and stored once per four.
+    fn accumulate_rows(x: &[f32], d: usize, w: &[f32], k0: usize, out: usize, y: &mut [f32]) {
+        const BLOCK: usize = 1024;
+        let k_rows = w.len() / out;
+        for c0 in (0..out).step_by(BLOCK) {
+            let c1 = (c0 + BLOCK).min(out);
+            let mut k = 0;
+            while k + 4 <= k_rows {
+                let w_at = |i: usize| &w[(k + i) * out + c0..(k + i) * out + c1];
+                let (w0, w1, w2, w3) = (w_at(0), w_at(1), w_at(2), w_at(3));
+                for (x_row, y_row) in x.chunks_exact(d).zip(y.chunks_exact_mut(out)) {
+                    let a = &x_row[k0 + k..k0 + k + 4];
+                    let y_block = &mut y_row[c0..c1];
+                    for j in 0..y_block.len() {
+                        y_block[j] += a[0] * w0[j] + a[1] * w1[j] + a[2] * w2[j] + a[3] * w3[j];
+                    }
+                }
+                k += 4;
+            }
+            for k in k..k_rows {
+                let w_block = &w[k * out + c0..k * out + c1];
+                for (x_row, y_row) in x.chunks_exact(d).zip(y.chunks_exact_mut(out)) {
+                    let a = x_row[k0 + k];
+                    for (y, &w) in y_row[c0..c1].iter_mut().zip(w_block) {
+                        *y += a * w;
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `y += z`.
+    fn add_into(y: &mut [f32], z: &[f32]) {
+        for (y, &z) in y.iter_mut().zip(z) {
+            *y += z;
+        }
+    }
 }
 
 /// A pointer that may cross threads; every head writes its own columns.
@@ -141,30 +269,6 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
     let mut values = host_values(x)?;
     values.par_chunks_mut(1 << 14).for_each(gelu_slice);
     Ok(flex_tensor(values, shape))
-}
-
-/// Runs `$body` compiled for AVX-512 when the CPU has it (so the loops vectorise 16 wide),
-/// else as plain code.
-macro_rules! multiversion {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn any($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) {
-                    any($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512.
-                    return unsafe { avx512($($arg),*) };
-                }
-            }
-            any($($arg),*)
-        }
-    };
 }
 
 multiversion! {
@@ -325,11 +429,31 @@ mod tests {
     }
 
     #[test]
+    fn linear_few_rows_equals_burns_linear() {
+        use burn::nn::LinearConfig;
+        let device = Device::flex();
+        // 2100 outputs: more than one column block, and not a multiple of the vector width.
+        for bias in [true, false] {
+            let linear = LinearConfig::new(50, 2100).with_bias(bias).init(&device);
+            for rows in 1..=FEW_ROWS {
+                let x = Tensor::<2>::random([rows, 50], Distribution::Normal(0.0, 1.0), &device);
+                let got = linear_few_rows(&linear, x.clone()).expect("applies on flex");
+                assert!(max_diff(got, linear.forward(x)) < 1e-5, "{rows} rows");
+            }
+            let many = Tensor::<2>::zeros([FEW_ROWS + 1, 50], &device);
+            assert!(linear_few_rows(&linear, many).is_err());
+        }
+    }
+
+    #[test]
     fn other_devices_get_their_tensor_back() {
         let device = Device::flex().autodiff();
         let x = Tensor::<3>::ones([1, 2, 6], &device);
         let back = gelu(x).expect_err("autodiff is not a fast-path device");
         assert_eq!(back.dims(), [1, 2, 6]);
         assert!(self_attention(back, 2).is_err());
+        let linear = burn::nn::LinearConfig::new(6, 4).init(&device);
+        let x = Tensor::<2>::ones([1, 6], &device);
+        assert!(linear_few_rows(&linear, x).is_err());
     }
 }

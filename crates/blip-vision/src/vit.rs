@@ -138,7 +138,11 @@ impl VisionConfig {
 /// with one token per row while decoding, that multiplies the memory traffic by B.
 pub fn dense(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, l, d] = x.dims();
-    let y = linear.forward(x.reshape([b * l, d]));
+    let x = x.reshape([b * l, d]);
+    #[cfg(feature = "flex")]
+    let y = crate::cpu::linear_few_rows(linear, x).unwrap_or_else(|x| linear.forward(x));
+    #[cfg(not(feature = "flex"))]
+    let y = linear.forward(x);
     let out = y.dims()[1];
     y.reshape([b, l, out])
 }
