@@ -6,7 +6,6 @@
 //!   (the `gemm` crate flex itself uses), with a softmax that vectorises, heads in parallel.
 //! * **GELU**: flex evaluates `erf` with a scalar libm call on one thread. [`gelu`] uses a
 //!   branch-free `erf` (|error| ≤ 5e-7 in f32) that vectorises, over all cores.
-//!
 //! * **Products with few rows** (a decoding step): flex runs them on one thread, at one
 //!   core's memory bandwidth, for a product that only streams its weight.
 //!   [`linear_few_rows`] reads the weight in place and splits its rows over all cores.
@@ -97,26 +96,17 @@ pub fn linear_few_rows(linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Tenso
     if rows == 0 || rows > FEW_ROWS || !is_plain_flex(&weight.device()) {
         return Err(x);
     }
-    let Ok(weight) = weight.try_into_primitive::<Flex>() else {
+    let Some(weight) = f32_buffer(weight) else {
         return Err(x);
     };
-    let Some(w) = weight.as_slice::<f32>() else {
-        return Err(x);
+    let bias = match linear.bias.as_ref().map(|bias| f32_buffer(bias.val())) {
+        Some(None) => return Err(x),
+        bias => bias.flatten(),
     };
-    let bias = match &linear.bias {
-        Some(bias) => match bias.val().try_into_primitive::<Flex>() {
-            Ok(bias) => Some(bias),
-            Err(_) => return Err(x),
-        },
-        None => None,
-    };
-    let bias = match &bias {
-        Some(bias) => match bias.as_slice::<f32>() {
-            Some(values) => Some(values),
-            None => return Err(x),
-        },
-        None => None,
-    };
+    let w = weight.as_slice::<f32>().expect("checked by f32_buffer");
+    let bias = bias
+        .as_ref()
+        .map(|b| b.as_slice::<f32>().expect("checked by f32_buffer"));
     let x = host_values(x)?;
     let threads = rayon::current_num_threads().clamp(1, d);
     let partials: Vec<Vec<f32>> = (0..threads)
@@ -180,6 +170,12 @@ multiversion! {
             *y += z;
         }
     }
+}
+
+/// The flex buffer of a contiguous f32 tensor, borrowed in place (no copy).
+fn f32_buffer<const D: usize>(t: Tensor<D>) -> Option<burn::backend::flex::FlexTensor> {
+    let t = t.try_into_primitive::<Flex>().ok()?;
+    t.as_slice::<f32>().is_some().then_some(t)
 }
 
 /// A pointer that may cross threads; every head writes its own columns.
@@ -352,8 +348,6 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
     use burn::tensor::activation;
-    use burn::tensor::module::attention;
-    use burn::tensor::ops::AttentionModuleOptions;
 
     fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar()
@@ -368,13 +362,13 @@ mod tests {
         }
         let worst = (-4000..=4000)
             .map(|i| i as f32 / 500.0)
-            .map(|x| (erf(x) as f64 - libm_erf(x as f64)).abs())
+            .map(|x| (erf(x) as f64 - erf_reference(x as f64)).abs())
             .fold(0.0, f64::max);
         assert!(worst < 5e-7, "erf is off by {worst:e}");
     }
 
     /// erf by its Taylor series (|x| < 3) or asymptotic expansion, in f64.
-    fn libm_erf(x: f64) -> f64 {
+    fn erf_reference(x: f64) -> f64 {
         if x.abs() < 3.0 {
             let (mut sum, mut term, mut n) = (0.0, x, 0.0);
             loop {
@@ -401,21 +395,7 @@ mod tests {
         let (b, t, heads, hd) = (2, 37, 3, 8);
         let d = heads * hd;
         let qkv = Tensor::<3>::random([b, t, 3 * d], Distribution::Normal(0.0, 2.0), &device);
-        let split = qkv
-            .clone()
-            .reshape([b, t, 3, heads, hd])
-            .permute([2, 0, 3, 1, 4]);
-        let part = |i: usize| split.clone().narrow(0, i, 1).reshape([b, heads, t, hd]);
-        let want = attention(
-            part(0),
-            part(1),
-            part(2),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        )
-        .swap_dims(1, 2)
-        .reshape([b, t, d]);
+        let want = crate::vit::attention_from_qkv(qkv.clone(), heads);
         let got = self_attention(qkv, heads).expect("applies on flex");
         assert!(max_diff(got, want) < 1e-5);
     }

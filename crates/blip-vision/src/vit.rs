@@ -194,27 +194,34 @@ impl VisionEmbeddings {
 impl VisionAttention {
     /// `[B, T, D]` → `[B, T, D]`; no mask (every image token sees every other).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, t, d] = x.dims();
-        let h = self.num_heads;
         let qkv = dense(&self.qkv, x);
         #[cfg(feature = "flex")]
-        let qkv = match crate::cpu::self_attention(qkv, h) {
+        let qkv = match crate::cpu::self_attention(qkv, self.num_heads) {
             Ok(context) => return dense(&self.projection, context),
             Err(qkv) => qkv,
         };
-        // [B, T, 3, H, hd] → [3, B, H, T, hd]: the 3 is the outer split, heads inner.
-        let qkv = qkv.reshape([b, t, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, t, d / h]);
-        let context = attention(
-            part(0),
-            part(1),
-            part(2),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        );
-        dense(&self.projection, context.swap_dims(1, 2).reshape([b, t, d]))
+        dense(&self.projection, attention_from_qkv(qkv, self.num_heads))
     }
+}
+
+/// Unmasked multi-head attention with burn's ops, from a fused projection `[B, T, 3·D]`
+/// (columns `[q | k | v]`, heads inner) to `[B, T, D]`: what [`crate::cpu::self_attention`]
+/// computes on flex.
+pub(crate) fn attention_from_qkv(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    let [b, t, d3] = qkv.dims();
+    let hd = d3 / 3 / heads;
+    // [B, T, 3, H, hd] → [3, B, H, T, hd]: the 3 is the outer split, heads inner.
+    let qkv = qkv.reshape([b, t, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
+    let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, t, hd]);
+    let context = attention(
+        part(0),
+        part(1),
+        part(2),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    );
+    context.swap_dims(1, 2).reshape([b, t, heads * hd])
 }
 
 impl VisionLayer {
