@@ -199,15 +199,21 @@ impl<'a> State<'a> {
             ),
             &device,
         );
-        let cross_kv = model
-            .bert
-            .cross_key_values(cross.states)
-            .into_iter()
-            .map(|kv| KeyValue {
-                key: kv.key.select(0, rows.clone()),
-                value: kv.value.select(0, rows.clone()),
-            })
-            .collect();
+        let kvs = model.bert.cross_key_values(cross.states);
+        let one_row_each = row_source
+            .iter()
+            .copied()
+            .eq(0..kvs.first().map_or(0, |kv| kv.key.dims()[0]));
+        let cross_kv = if one_row_each {
+            kvs
+        } else {
+            kvs.into_iter()
+                .map(|kv| KeyValue {
+                    key: kv.key.select(0, rows.clone()),
+                    value: kv.value.select(0, rows.clone()),
+                })
+                .collect()
+        };
         let cross_bias = attention_bias(
             cross.mask.map(|m| m.select(0, rows.clone())),
             n,
@@ -442,11 +448,14 @@ pub fn generate(
             });
         }
     }
-    if config.num_beams > 1 {
-        beam_search(model, cross, prompts, config, special)
-    } else {
-        greedy_or_sample(model, cross, prompts, config, special)
-    }
+    let device = cross.states.device();
+    blip_vision::on_thread_pool(&device, || {
+        if config.num_beams > 1 {
+            beam_search(model, cross, prompts, config, special)
+        } else {
+            greedy_or_sample(model, cross, prompts, config, special)
+        }
+    })
 }
 
 fn greedy_or_sample(

@@ -79,11 +79,7 @@ impl LmPredictionHead {
             .layer_norm
             .forward(gelu(dense(&self.transform.dense, hidden)));
         let [b, l, d] = h.dims();
-        // E·hᵀ, then transpose the small result: multiplying by Eᵀ would make the kernel
-        // stride through (or copy) the whole [vocab, D] matrix at every decoding step.
-        let logits = word_embeddings
-            .matmul(h.reshape([b * l, d]).transpose())
-            .transpose();
+        let logits = blip_vision::matmul_by_transpose(h.reshape([b * l, d]), word_embeddings);
         let vocab = logits.dims()[1];
         (logits + self.bias.val().reshape([1, vocab])).reshape([b, l, vocab])
     }

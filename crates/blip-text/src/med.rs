@@ -401,8 +401,8 @@ impl TextModel {
                 // contiguous layout on every call. Materialise once, as they are reused by
                 // every decoding step.
                 KeyValue {
-                    key: kv.key.mul_scalar(1.0),
-                    value: kv.value.mul_scalar(1.0),
+                    key: blip_vision::contiguous(kv.key),
+                    value: blip_vision::contiguous(kv.value),
                 }
             })
             .collect()

@@ -9,9 +9,12 @@
 //! * **Products with few rows** (a decoding step): flex runs them on one thread, at one
 //!   core's memory bandwidth, for a product that only streams its weight.
 //!   [`linear_few_rows`] reads the weight in place and splits its rows over all cores.
+//! * **Copies of views**: flex gathers a strided view one element at a time;
+//!   [`contiguous`] copies whole rows.
+//! * **Scheduling**: [`on_thread_pool`] runs a whole forward pass inside the thread pool.
 //!
-//! All take the tensor by value and give it back untouched (`Err`) where they do not apply:
-//! another backend, an autodiff device (training keeps burn's differentiable ops), or a dtype
+//! Each gives its input back untouched (`Err`, or `None` for those that borrow) where it does
+//! not apply: another backend, an autodiff device (training keeps burn's differentiable ops), or a dtype
 //! other than f32. On flex a uniquely owned tensor converts to and from host memory without
 //! a copy, so the detour costs nothing.
 
@@ -93,21 +96,18 @@ pub fn linear_few_rows(linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Tenso
     let [rows, d] = x.dims();
     let weight = linear.weight.val();
     let [_, out] = weight.dims();
-    if rows == 0 || rows > FEW_ROWS || !is_plain_flex(&weight.device()) {
+    if rows == 0 || rows > FEW_ROWS {
         return Err(x);
     }
-    let Some(weight) = f32_buffer(weight) else {
+    let Some(weight) = Strided::new(&weight).filter(|w| w.strides == [out, 1]) else {
         return Err(x);
     };
-    let bias = match linear.bias.as_ref().map(|bias| f32_buffer(bias.val())) {
+    let bias = match linear.bias.as_ref().map(|bias| Strided::new(&bias.val())) {
         Some(None) => return Err(x),
         bias => bias.flatten(),
     };
-    let w = weight.as_slice::<f32>().expect("checked by f32_buffer");
-    let bias = bias
-        .as_ref()
-        .map(|b| b.as_slice::<f32>().expect("checked by f32_buffer"));
     let x = host_values(x)?;
+    let w = &weight.values()[weight.offset..][..d * out];
     let threads = rayon::current_num_threads().clamp(1, d);
     let partials: Vec<Vec<f32>> = (0..threads)
         .into_par_iter()
@@ -118,14 +118,105 @@ pub fn linear_few_rows(linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Tenso
             y
         })
         .collect();
-    let mut y = match bias {
-        Some(bias) => bias.repeat(rows),
+    let mut y = match &bias {
+        Some(bias) => (0..out)
+            .map(|c| bias.values()[bias.index([c])])
+            .collect::<Vec<_>>()
+            .repeat(rows),
         None => vec![0.0; rows * out],
     };
     for partial in &partials {
         add_into(&mut y, partial);
     }
     Ok(flex_tensor(y, [rows, out]))
+}
+
+/// `x · wᵀ` for `x: [rows, d]` with at most [`FEW_ROWS`] rows and `w: [out, d]` (a tied
+/// embedding table used as the LM head's weight), reading `w` where flex stores it. Blocks of
+/// `w`'s rows go to the cores; each row is loaded once for all rows of `x`.
+pub fn matmul_by_transpose_few_rows(x: Tensor<2>, w: &Tensor<2>) -> Result<Tensor<2>, Tensor<2>> {
+    let [rows, d] = x.dims();
+    let [out, w_d] = w.dims();
+    if rows == 0 || rows > FEW_ROWS || d == 0 || w_d != d {
+        return Err(x);
+    }
+    let Some(w) = Strided::new(w).filter(|w| w.strides == [d, 1]) else {
+        return Err(x);
+    };
+    let x = host_values(x)?;
+    let w = &w.values()[w.offset..][..out * d];
+    // 256 weight rows (768 KB at d = 768) per task: enough tasks to balance the cores.
+    const BLOCK: usize = 256;
+    let mut y = vec![0.0f32; rows * out];
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    w.par_chunks(BLOCK * d).enumerate().for_each_init(
+        || vec![0.0f32; BLOCK * rows],
+        |block_y, (b, w_block)| {
+            let n = w_block.len() / d;
+            dot_rows(&x, d, w_block, &mut block_y[..n * rows]);
+            for (j, ys) in block_y[..n * rows].chunks_exact(rows).enumerate() {
+                for (r, &value) in ys.iter().enumerate() {
+                    // SAFETY: column b·BLOCK + j of row r; each task writes its own columns.
+                    unsafe { *y_ptr.get().add(r * out + b * BLOCK + j) = value };
+                }
+            }
+        },
+    );
+    Ok(flex_tensor(y, [rows, out]))
+}
+
+multiversion! {
+    /// `y[j·rows + r] = w_j · x_r` for the `d`-long rows `x_r` of `x` and `w_j` of `w`.
+    fn dot_rows(x: &[f32], d: usize, w: &[f32], y: &mut [f32]) {
+        const L: usize = 16;
+        let rows = x.len() / d;
+        for (w_row, ys) in w.chunks_exact(d).zip(y.chunks_exact_mut(rows)) {
+            for (x_row, y) in x.chunks_exact(d).zip(ys.iter_mut()) {
+                // 16 partial sums so the dot product vectorises.
+                let mut lanes = [0.0f32; L];
+                let (ws, xs) = (w_row.chunks_exact(L), x_row.chunks_exact(L));
+                let mut tail = 0.0;
+                for (a, b) in ws.remainder().iter().zip(xs.remainder()) {
+                    tail += a * b;
+                }
+                for (a, b) in ws.zip(xs) {
+                    for l in 0..L {
+                        lanes[l] += a[l] * b[l];
+                    }
+                }
+                *y = tail + lanes.iter().sum::<f32>();
+            }
+        }
+    }
+}
+
+/// A contiguous copy of `x` in the same shape; for views (split heads, say) whose elements
+/// flex would otherwise gather one at a time. Copies each run of contiguous last-dimension
+/// values at once, over all cores.
+pub fn contiguous(x: Tensor<4>) -> Result<Tensor<4>, Tensor<4>> {
+    let dims = x.dims();
+    let Some(view) = Strided::new(&x).filter(|t| t.strides[3] == 1 || dims[3] == 1) else {
+        return Err(x);
+    };
+    let [n0, n1, n2, n3] = dims;
+    let mut out = vec![0.0f32; n0 * n1 * n2 * n3];
+    out.par_chunks_mut((n2 * n3).max(1))
+        .enumerate()
+        .for_each(|(job, block)| {
+            let (a, b) = (job / n1, job % n1);
+            for (c, row) in block.chunks_exact_mut(n3.max(1)).enumerate() {
+                row.copy_from_slice(&view.values()[view.index([a, b, c, 0])..][..n3]);
+            }
+        });
+    Ok(flex_tensor(out, dims))
+}
+
+/// Runs `f` on one of rayon's worker threads (inline when already on one). A decoding step
+/// starts about a hundred parallel kernels; started from a thread outside the pool, each
+/// hands its work over and puts the caller to sleep until it is done, which costs more
+/// than the small kernels themselves.
+pub fn on_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 multiversion! {
@@ -172,10 +263,48 @@ multiversion! {
     }
 }
 
-/// The flex buffer of a contiguous f32 tensor, borrowed in place (no copy).
-fn f32_buffer<const D: usize>(t: Tensor<D>) -> Option<burn::backend::flex::FlexTensor> {
-    let t = t.try_into_primitive::<Flex>().ok()?;
-    t.as_slice::<f32>().is_some().then_some(t)
+/// A flex tensor's f32 storage and layout, read in place (no copy): element `at` is
+/// `values()[index(at)]`.
+struct Strided<const D: usize> {
+    tensor: burn::backend::flex::FlexTensor,
+    /// Strides in elements; negative ones (flipped views) are not taken.
+    strides: [usize; D],
+    offset: usize,
+}
+
+impl<const D: usize> Strided<D> {
+    /// `t`'s storage when it is an f32 tensor on the plain flex device.
+    fn new(t: &Tensor<D>) -> Option<Self> {
+        if !is_plain_flex(&t.device()) || t.dtype() != burn::tensor::DType::F32 {
+            return None;
+        }
+        let tensor = t.clone().try_into_primitive::<Flex>().ok()?;
+        let layout = tensor.layout();
+        let mut strides = [0; D];
+        for (s, &from) in strides.iter_mut().zip(layout.strides()) {
+            *s = usize::try_from(from).ok()?;
+        }
+        let offset = layout.start_offset();
+        Some(Self {
+            tensor,
+            strides,
+            offset,
+        })
+    }
+
+    /// The whole storage buffer.
+    fn values(&self) -> &[f32] {
+        self.tensor.storage::<f32>()
+    }
+
+    /// Position of element `at` in [`Self::values`].
+    fn index(&self, at: [usize; D]) -> usize {
+        self.offset
+            + at.iter()
+                .zip(&self.strides)
+                .map(|(a, s)| a * s)
+                .sum::<usize>()
+    }
 }
 
 /// A pointer that may cross threads; every head writes its own columns.
@@ -328,7 +457,11 @@ fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from n's bits: adding 1.5·2²³ leaves n in the low mantissa bits. Unlike an
+    // `as i32` cast (saturating, NaN to 0, so compiled one lane at a time), bit casts vectorise.
+    const MAGIC: f32 = 12_582_912.0;
+    let biased = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits() - 127);
+    p * f32::from_bits(biased << 23)
 }
 
 /// `erf(x)` to 5e-7 absolute in f32 (Abramowitz & Stegun 7.1.26: 1.5e-7 in exact arithmetic),
@@ -426,6 +559,44 @@ mod tests {
     }
 
     #[test]
+    fn matmul_by_transpose_few_rows_equals_burns_matmul() {
+        let device = Device::flex();
+        // 600 weight rows: more than two blocks of 256, the last one partial; d = 50 is not
+        // a multiple of the vector width.
+        let w = Tensor::<2>::random([600, 50], Distribution::Normal(0.0, 1.0), &device);
+        for rows in 1..=FEW_ROWS {
+            let x = Tensor::<2>::random([rows, 50], Distribution::Normal(0.0, 1.0), &device);
+            let want = x.clone().matmul(w.clone().transpose());
+            let got = matmul_by_transpose_few_rows(x, &w).expect("applies on flex");
+            assert!(max_diff(got, want) < 1e-5, "{rows} rows");
+        }
+        let many = Tensor::<2>::zeros([FEW_ROWS + 1, 50], &device);
+        assert!(matmul_by_transpose_few_rows(many, &w).is_err());
+        let other_width = Tensor::<2>::zeros([1, 49], &device);
+        assert!(matmul_by_transpose_few_rows(other_width, &w).is_err());
+    }
+
+    #[test]
+    fn contiguous_copies_a_view_element_for_element() {
+        let device = Device::flex();
+        let x = Tensor::<3>::random([2, 7, 12], Distribution::Normal(0.0, 1.0), &device);
+        // Split heads: [2, 7, 3, 4] → [2, 3, 7, 4], a strided view.
+        let view = x.reshape([2, 7, 3, 4]).swap_dims(1, 2);
+        let copy = contiguous(view.clone()).expect("applies on flex");
+        assert_eq!(copy.dims(), [2, 3, 7, 4]);
+        assert_eq!(
+            copy.into_data().to_vec::<f32>().unwrap(),
+            view.into_data().to_vec::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn on_thread_pool_runs_on_a_worker() {
+        assert_eq!(rayon::current_thread_index(), None);
+        assert!(on_thread_pool(rayon::current_thread_index).is_some());
+    }
+
+    #[test]
     fn other_devices_get_their_tensor_back() {
         let device = Device::flex().autodiff();
         let x = Tensor::<3>::ones([1, 2, 6], &device);
@@ -434,6 +605,9 @@ mod tests {
         assert!(self_attention(back, 2).is_err());
         let linear = burn::nn::LinearConfig::new(6, 4).init(&device);
         let x = Tensor::<2>::ones([1, 6], &device);
-        assert!(linear_few_rows(&linear, x).is_err());
+        assert!(linear_few_rows(&linear, x.clone()).is_err());
+        let w = Tensor::<2>::ones([5, 6], &device);
+        assert!(matmul_by_transpose_few_rows(x, &w).is_err());
+        assert!(contiguous(Tensor::<4>::ones([1, 2, 3, 4], &device)).is_err());
     }
 }

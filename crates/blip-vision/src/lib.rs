@@ -25,14 +25,16 @@ mod config;
 pub mod cpu;
 mod error;
 mod interpolate;
+mod ops;
 mod processor;
 mod vit;
 
 pub use config::{VisionConfig, read_json};
 pub use error::{Error, Result};
 pub use interpolate::bicubic_resize;
+pub use ops::{contiguous, dense, matmul_by_transpose, on_thread_pool};
 pub use processor::{BLIP_MEAN, BLIP_STD, ImageProcessor, resize_bicubic_aa, to_rgb};
 pub use vit::{
     VisionAttention, VisionEmbeddings, VisionEncoder, VisionLayer, VisionMlp, VisionOutput,
-    VisionTransformer, dense,
+    VisionTransformer,
 };

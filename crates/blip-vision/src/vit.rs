@@ -14,6 +14,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
+use crate::ops::dense;
 
 /// Patch embedding, class token and learned absolute position embedding.
 #[derive(Module, Debug)]
@@ -133,20 +134,6 @@ impl VisionConfig {
     }
 }
 
-/// Applies `linear` to `[B, L, D]` as one `[B·L, D]` product. burn broadcasts a rank-3 input
-/// into B separate products, each reading the whole weight again: with batched images, or
-/// with one token per row while decoding, that multiplies the memory traffic by B.
-pub fn dense(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
-    let [b, l, d] = x.dims();
-    let x = x.reshape([b * l, d]);
-    #[cfg(feature = "flex")]
-    let y = crate::cpu::linear_few_rows(linear, x).unwrap_or_else(|x| linear.forward(x));
-    #[cfg(not(feature = "flex"))]
-    let y = linear.forward(x);
-    let out = y.dims()[1];
-    y.reshape([b, l, out])
-}
-
 impl VisionEmbeddings {
     /// `[B, 3, H, W]` → `[B, 1 + (H/P)·(W/P), D]`; the position table is bicubically
     /// resized when the patch grid differs from the one it was trained for.
@@ -251,16 +238,19 @@ impl VisionTransformer {
         // buffer) outgrow what the allocator recycles, and fresh pages for every op made
         // batch 8 slower per image than batch 1. Batching gains flex nothing here (each
         // image's products already have 577 rows); the result is the same.
-        #[cfg(feature = "flex")]
-        if pixel_values.dims()[0] > 1 && crate::cpu::is_plain_flex(&pixel_values.device()) {
-            let images = pixel_values
-                .split(1, 0)
-                .into_iter()
-                .map(|image| self.forward_batch(image))
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(Tensor::cat(images, 0));
-        }
-        self.forward_batch(pixel_values)
+        let device = pixel_values.device();
+        crate::ops::on_thread_pool(&device, || {
+            #[cfg(feature = "flex")]
+            if pixel_values.dims()[0] > 1 && crate::cpu::is_plain_flex(&device) {
+                let images = pixel_values
+                    .split(1, 0)
+                    .into_iter()
+                    .map(|image| self.forward_batch(image))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(images, 0));
+            }
+            self.forward_batch(pixel_values)
+        })
     }
 
     fn forward_batch(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
