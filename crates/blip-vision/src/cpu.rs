@@ -628,8 +628,8 @@ mod tests {
         let copy = contiguous(view.clone()).expect("applies on flex");
         assert_eq!(copy.dims(), [2, 3, 7, 4]);
         assert_eq!(
-            copy.into_data().to_vec::<f32>().unwrap(),
-            view.into_data().to_vec::<f32>().unwrap()
+            copy.into_data().try_to_vec::<f32>().unwrap(),
+            view.into_data().try_to_vec::<f32>().unwrap()
         );
     }
 
