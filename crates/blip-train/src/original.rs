@@ -7,8 +7,8 @@
 //! pickle as data: opening a file reads every tensor's name, shape and dtype and no weight;
 //! loading then checks every key, shape and dtype against the module the config built
 //! before a single weight is read, and applies the tensors through burn's store
-//! (`ModuleSnapshot::apply` with `PyTorchToBurnAdapter`, which transposes Linear weights and
-//! renames LayerNorm `weight`/`bias`), one at a time.
+//! (`ModuleSnapshot::apply` with `PyTorchToBurnAdapter`, which renames LayerNorm
+//! `weight`/`bias`, and `PyTorchLayout`, which transposes Linear weights), one at a time.
 //!
 //! # Key mapping
 //!
@@ -62,7 +62,7 @@ use std::path::{Path, PathBuf};
 use blip_text::hf::{CAPTIONING_KEYS, RETRIEVAL_KEYS, VQA_KEYS};
 use blip_text::med::linear;
 use blip_text::{BlipConfig, CaptioningModel, RetrievalModel, VqaModel};
-use blip_vision::checkpoint::{KeyMap, expected_keys};
+use blip_vision::checkpoint::{KeyMap, PyTorchLayout, expected_keys};
 use blip_vision::{Error, VisionConfig};
 use burn::module::Module;
 use burn::store::burn_pack::{Bytes, Error as PackError, Tensor as PackTensor};
@@ -886,7 +886,7 @@ impl OriginalCheckpoint {
         map: &KeyMap,
         to_original: &dyn Fn(&str) -> String,
     ) -> Result<M> {
-        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32));
+        let adapter = PyTorchLayout(PyTorchToBurnAdapter).chain(FloatCastAdapter::to(DType::F32));
         let result = module.apply(plan.tensors, None, Some(Box::new(adapter)), false);
         if let Some(error) = result.errors.first() {
             return Err(self.store_error(error.to_string()));
