@@ -42,12 +42,26 @@ pub fn contiguous(x: Tensor<4>) -> Tensor<4> {
     x.mul_scalar(1.0)
 }
 
-/// Runs `f`, on flex inside its thread pool (see [`crate::cpu::on_thread_pool`]).
+/// Runs `f`, on flex inside its thread pool (see [`crate::cpu::on_thread_pool`]). Autodiff
+/// on flex included: this only moves where the work starts.
 pub fn on_thread_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    // An autodiff device compares equal to the device it wraps.
     #[cfg(feature = "flex")]
-    if crate::cpu::is_plain_flex(device) {
+    if *device == Device::flex() {
         return crate::cpu::on_thread_pool(f);
     }
     let _ = device;
     f()
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_thread_pool_moves_flex_work_into_the_pool_autodiff_included() {
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            assert!(on_thread_pool(&device, rayon::current_thread_index).is_some());
+        }
+    }
 }
