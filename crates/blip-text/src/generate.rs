@@ -190,8 +190,9 @@ impl<'a> State<'a> {
         let key_mask = int_tensor(mask, [n, width], &device);
         let positions = Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]);
 
-        // Cross keys/values: once per image, then one row per decoding row.
-        let [_, lk, _] = cross.states.dims();
+        // Cross keys/values: once per image, then one row per decoding row (copied only
+        // when decoding rows repeat or reorder the images).
+        let [images, lk, _] = cross.states.dims();
         let rows = Tensor::<1, Int>::from_data(
             TensorData::new(
                 row_source.iter().map(|&r| r as i64).collect::<Vec<_>>(),
@@ -200,11 +201,7 @@ impl<'a> State<'a> {
             &device,
         );
         let kvs = model.bert.cross_key_values(cross.states);
-        let one_row_each = row_source
-            .iter()
-            .copied()
-            .eq(0..kvs.first().map_or(0, |kv| kv.key.dims()[0]));
-        let cross_kv = if one_row_each {
+        let cross_kv = if row_source.iter().copied().eq(0..images) {
             kvs
         } else {
             kvs.into_iter()

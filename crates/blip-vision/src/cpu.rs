@@ -13,10 +13,10 @@
 //!   [`contiguous`] copies whole rows.
 //! * **Scheduling**: [`on_thread_pool`] runs a whole forward pass inside the thread pool.
 //!
-//! Each gives its input back untouched (`Err`, or `None` for those that borrow) where it does
-//! not apply: another backend, an autodiff device (training keeps burn's differentiable ops), or a dtype
-//! other than f32. On flex a uniquely owned tensor converts to and from host memory without
-//! a copy, so the detour costs nothing.
+//! Each gives its input back untouched (`Err`) where it does not apply: another backend, an
+//! autodiff device (training keeps burn's differentiable ops), or a dtype other than f32.
+//! Weights and large inputs are read where flex stores them (a `Strided` view): reading a
+//! tensor back through `into_data` copies it.
 
 // `Ok` and `Err` are both a tensor (or its values): boxing the error would save nothing.
 #![allow(clippy::result_large_err)]
@@ -101,8 +101,8 @@ pub const FEW_ROWS: usize = 8;
 pub fn linear_few_rows(linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Tensor<2>> {
     let [rows, d] = x.dims();
     let weight = linear.weight.val();
-    let [_, out] = weight.dims();
-    if rows == 0 || rows > FEW_ROWS {
+    let [d_in, out] = weight.dims();
+    if rows == 0 || rows > FEW_ROWS || d != d_in {
         return Err(x);
     }
     let Some(weight) = Strided::new(&weight).filter(|w| w.strides == [out, 1]) else {
@@ -598,6 +598,8 @@ mod tests {
             }
             let many = Tensor::<2>::zeros([FEW_ROWS + 1, 50], &device);
             assert!(linear_few_rows(&linear, many).is_err());
+            let other_width = Tensor::<2>::zeros([1, 49], &device);
+            assert!(linear_few_rows(&linear, other_width).is_err());
         }
     }
 
