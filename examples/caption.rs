@@ -99,12 +99,17 @@ fn main() {
         }),
         ..GenerationConfig::default()
     };
+    // Bad options are one error before any image is read, not one per batch after decoding.
+    if let Err(e) = config.validate() {
+        common::fail(&e.to_string());
+    }
     let bar = common::progress(paths.len(), paths.len() > args.batch_size.max(1));
     for chunk in paths.chunks(args.batch_size.max(1)) {
         let mut images = Vec::new();
         let mut names = Vec::new();
         for path in chunk {
-            match blip::ImageProcessor::open(path) {
+            // Resized as decoded: a batch holds the model's resolution, not the files'.
+            match captioner.processor.load(path) {
                 Ok(image) => {
                     images.push(image);
                     names.push(path);
@@ -152,11 +157,15 @@ fn print_captions(path: &std::path::Path, captions: &[blip::text::Caption], json
             .collect();
         println!(
             "{}",
-            serde_json::json!({"image": path.display().to_string(), "captions": captions})
+            serde_json::json!({"image": path.to_str(), "captions": captions})
         );
     } else {
         for c in captions {
-            println!("{}: {}", path.display(), c.text);
+            println!(
+                "{}: {}",
+                common::printable(&path.display().to_string()),
+                common::printable(&c.text)
+            );
         }
     }
 }

@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use blip::BlipTokenizer;
+use blip::train::original::OriginalCheckpoint;
 use blip::train::{
     BatchLoader, FitOptions, LoaderConfig, PretrainConfig, TextRecipe, TrainConfig, TrainTransform,
     Trainer, fit, load_annotations,
@@ -81,7 +82,9 @@ struct Args {
     /// Input resolution (default: 64 tiny, 224 base/large).
     #[arg(long)]
     image_size: Option<usize>,
-    /// Start from the weights of this checkpoint directory (a fine-tuning run).
+    /// Start from the weights of this checkpoint directory (a fine-tuning run), or of an
+    /// original salesforce/BLIP pre-training `.pth` file (`model_base.pth`,
+    /// `model_base_capfilt_large.pth`).
     #[arg(long)]
     init: Option<PathBuf>,
     /// Continue the run in --checkpoint-dir from its latest checkpoint.
@@ -184,18 +187,39 @@ fn main() {
         eprintln!("resuming from {}", checkpoint.display());
         Trainer::resume(checkpoint, &train_device).unwrap_or_else(|e| or_fail(e))
     } else {
+        let preset = |size: Size| {
+            let mut config = match size {
+                Size::Tiny => PretrainConfig::tiny(tokenizer.vocab_size()),
+                Size::Base => PretrainConfig::base(),
+                Size::Large => PretrainConfig::large(),
+            }
+            .with_tokenizer(&tokenizer);
+            if let Some(size) = args.image_size {
+                config.blip.vision.image_size = size;
+            }
+            config
+        };
         let (model, mut config) = match &args.init {
+            // An original salesforce/BLIP file (`model_base.pth`): its ViT width says
+            // whether it is BLIP-base or -large; anything else takes --size.
+            Some(file) if file.is_file() => {
+                let checkpoint = OriginalCheckpoint::open(file).unwrap_or_else(|e| or_fail(e));
+                let width = checkpoint
+                    .shape("visual_encoder.cls_token")
+                    .and_then(|s| s.last().copied());
+                let config = preset(match width {
+                    Some(768) => Size::Base,
+                    Some(1024) => Size::Large,
+                    _ => args.size,
+                });
+                let (model, _distillation) = checkpoint
+                    .pretrain(&config, &device)
+                    .unwrap_or_else(|e| or_fail(e));
+                (model, config)
+            }
             Some(dir) => Trainer::load_model(dir, &device).unwrap_or_else(|e| or_fail(e)),
             None => {
-                let mut config = match args.size {
-                    Size::Tiny => PretrainConfig::tiny(tokenizer.vocab_size()),
-                    Size::Base => PretrainConfig::base(),
-                    Size::Large => PretrainConfig::large(),
-                }
-                .with_tokenizer(&tokenizer);
-                if let Some(size) = args.image_size {
-                    config.blip.vision.image_size = size;
-                }
+                let config = preset(args.size);
                 (config.init(&device), config)
             }
         };

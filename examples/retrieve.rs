@@ -54,7 +54,9 @@ fn main() {
         println!("{:<40} {:>8} {:>8}  text", "image", "ITM p", "ITC cos");
     }
     for path in paths {
-        let result = blip::ImageProcessor::open(&path)
+        let result = matcher
+            .processor
+            .load(&path)
             .map_err(blip::text::Error::from)
             .and_then(|image| {
                 let embeds = matcher.encode_images(std::slice::from_ref(&image))?;
@@ -78,11 +80,13 @@ fn main() {
                         .collect();
                     println!(
                         "{}",
-                        serde_json::json!({"image": path.display().to_string(), "matches": matches})
+                        serde_json::json!({"image": path.to_str(), "matches": matches})
                     );
                 } else {
+                    let name = common::printable(&path.display().to_string());
                     for (t, (p, c)) in texts.iter().zip(probs.iter().zip(&cosine)) {
-                        println!("{:<40} {p:>8.4} {c:>8.4}  {t}", path.display().to_string());
+                        let t = common::printable(t);
+                        println!("{name:<40} {p:>8.4} {c:>8.4}  {t}");
                     }
                 }
             }

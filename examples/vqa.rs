@@ -65,9 +65,14 @@ fn main() {
         max_length: args.max_length,
         ..GenerationConfig::default()
     };
+    if let Err(e) = config.validate() {
+        common::fail(&e.to_string());
+    }
     let answers: Vec<&str> = args.answers.iter().map(String::as_str).collect();
     for path in paths {
-        let result = blip::ImageProcessor::open(&path)
+        let result = vqa
+            .processor
+            .load(&path)
             .map_err(blip::text::Error::from)
             .and_then(|image| {
                 if answers.is_empty() {
@@ -91,13 +96,13 @@ fn main() {
             Ok(value) if args.json => {
                 println!(
                     "{}",
-                    serde_json::json!({"image": path.display().to_string(), "result": value})
+                    serde_json::json!({"image": path.to_str(), "result": value})
                 );
             }
             Ok(value) => println!(
                 "{}: {}",
-                path.display(),
-                value["answer"].as_str().unwrap_or("")
+                common::printable(&path.display().to_string()),
+                common::printable(value["answer"].as_str().unwrap_or(""))
             ),
             Err(e) => {
                 eprintln!("error: {e}");

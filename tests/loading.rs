@@ -26,7 +26,12 @@ impl Scratch {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        for file in ["config.json", "model.safetensors", "expected.safetensors"] {
+        for file in [
+            "config.json",
+            "model.safetensors",
+            "expected.safetensors",
+            "vocab.txt",
+        ] {
             std::fs::copy(fixtures().join(fixture).join(file), dir.join(file)).unwrap();
         }
         Self(dir)
@@ -352,5 +357,133 @@ fn save_pretrained_writes_back_the_same_checkpoint() {
         assert_eq!(reread, config, "{fixture}: config.json round trip");
         assert!(!out.join("model.safetensors.partial").exists());
         std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+/// Rewrites `model.safetensors` with `edit` applied to its JSON header; the data section is
+/// kept as it is. The header is padded to a fixed length so that offsets can be computed
+/// from the data start.
+fn edit_header(scratch: &Scratch, pad_to: usize, edit: impl FnOnce(&mut serde_json::Value, u64)) {
+    let bytes = std::fs::read(scratch.weights()).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    edit(&mut header, 8 + pad_to as u64);
+    let mut json = serde_json::to_vec(&header).unwrap();
+    assert!(json.len() <= pad_to);
+    json.resize(pad_to, b' ');
+    let mut out = (pad_to as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + header_len..]);
+    std::fs::write(scratch.weights(), out).unwrap();
+}
+
+#[test]
+fn offsets_that_wrap_around_2_pow_64_are_refused() {
+    // An entry whose start is 2^64 - data_start pointed back into the header bytes: the
+    // wrapped sum passed the bounds check, and the captions were garbage with exit 0.
+    let scratch = Scratch::copy_of("tiny-captioning", "wrap");
+    let pad_to = std::fs::read(scratch.weights())
+        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()) as usize + 256)
+        .unwrap();
+    edit_header(&scratch, pad_to, |header, data_start| {
+        let entry = &mut header[KEY];
+        let [start, end] = [0, 1].map(|i| entry["data_offsets"][i].as_u64().unwrap());
+        let wrapped = 0u64.wrapping_sub(data_start);
+        entry["data_offsets"] = serde_json::json!([wrapped, wrapped + (end - start)]);
+    });
+    let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));
+    assert!(
+        matches!(
+            err,
+            VisionError::Truncated { .. } | VisionError::InvalidCheckpoint { .. }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn overlapping_and_unaddressable_entries_are_refused() {
+    let scratch = Scratch::copy_of("tiny-captioning", "overlap");
+    let pad_to = std::fs::read(scratch.weights())
+        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()) as usize + 256)
+        .unwrap();
+    // Two entries sharing their bytes.
+    edit_header(&scratch, pad_to, |header, _| {
+        let other = "text_decoder.bert.encoder.layer.1.crossattention.self.value.weight";
+        header[other]["data_offsets"] = header[KEY]["data_offsets"].clone();
+    });
+    let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));
+    assert!(err.to_string().contains("overlap"), "{err}");
+
+    // A shape whose byte size overflows u64.
+    let scratch = Scratch::copy_of("tiny-captioning", "hugeshape");
+    edit_header(&scratch, pad_to, |header, _| {
+        header[KEY]["shape"] = serde_json::json!([u64::MAX / 2, 4]);
+    });
+    let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));
+    assert!(
+        matches!(err, VisionError::InvalidCheckpoint { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_config_claiming_more_layers_than_the_file_holds_is_refused_before_allocation() {
+    // 10^6 layers took 7.8 GB before the weights were checked; now the header is read first.
+    for (section, layers) in [
+        ("vision_config", 1000),
+        ("text_config", 1000),
+        ("vision_config", 1_000_000),
+        ("text_config", 1_000_000_000),
+    ] {
+        let scratch = Scratch::copy_of("tiny-captioning", "manylayers");
+        scratch.edit_config(|c| c[section]["num_hidden_layers"] = layers.into());
+        let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));
+        match err {
+            VisionError::Config { message, .. } => {
+                assert!(message.contains(&layers.to_string()), "{message}");
+                assert!(message.contains("num_hidden_layers"), "{message}");
+            }
+            other => panic!("{section} {layers}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn non_finite_weights_are_refused_at_load() {
+    for (value, dtype) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+        let scratch = Scratch::copy_of("tiny-retrieval", "nan");
+        let mut tensors = scratch.read();
+        let key = "text_encoder.encoder.layer.0.output.dense.weight";
+        let (_, _, data) = tensors.get_mut(key).unwrap();
+        data[8..12].copy_from_slice(&value.to_le_bytes());
+        data[20..24].copy_from_slice(&value.to_le_bytes());
+        scratch.write(&tensors);
+        match vision_error(RetrievalModel::from_pretrained(scratch.path(), &device())) {
+            VisionError::NonFiniteTensor { key: k, count, .. } => {
+                assert_eq!(k, key, "{dtype}");
+                assert_eq!(count, 2, "{dtype}");
+            }
+            other => panic!("{dtype}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_tokenizer_of_another_vocabulary_is_refused() {
+    // A 10-token vocabulary with a 120-token model decoded captions as "a a".
+    let scratch = Scratch::copy_of("tiny-captioning", "smallvocab");
+    let vocab = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb\nc\nd\ne\n";
+    std::fs::write(scratch.path().join("vocab.txt"), vocab).unwrap();
+    let err = CaptioningModel::from_pretrained(scratch.path(), &device()).unwrap_err();
+    match &err {
+        Error::Tokenizer { path, message } => {
+            assert!(path.ends_with("vocab.txt"), "{err}");
+            assert!(
+                message.contains("12 tokens") && message.contains("120"),
+                "{err}"
+            );
+        }
+        other => panic!("{other:?}"),
     }
 }

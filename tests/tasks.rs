@@ -172,3 +172,182 @@ fn replace_first_swaps_only_column_zero() {
         .unwrap();
     assert_eq!(out, vec![119, 5, 6, 119, 7, 0]);
 }
+
+/// A copy of a fixture directory whose output layers (the LM head's LayerNorm scale, the ITM
+/// head, the image projection) hold 3e38: finite, so the load accepts them, but overflowing
+/// the outputs, as diverged weights do.
+fn overflowing_copy(fixture: &str, tag: &str) -> tempdir::Dir {
+    let dir = tempdir::Dir::new(&format!("{fixture}-{tag}"));
+    for entry in std::fs::read_dir(fixtures().join(fixture)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.0.join(path.file_name().unwrap())).unwrap();
+    }
+    let weights = dir.0.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        let output_layer = [
+            "transform.LayerNorm.weight",
+            "itm_head.weight",
+            "vision_proj.weight",
+        ]
+        .iter()
+        .any(|suffix| name.ends_with(suffix));
+        if output_layer {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            for chunk in data.chunks_exact_mut(4) {
+                chunk.copy_from_slice(&3e38f32.to_le_bytes());
+            }
+        }
+        tensors.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &weights).unwrap();
+    dir
+}
+
+mod tempdir {
+    /// A scratch directory, removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("blip-tasks-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn non_finite_outputs_are_errors_not_empty_captions_or_null_probabilities() {
+    let device = device();
+    // Captioning: the decoder's logits overflow; this gave "" and [PAD] ids with exit 0.
+    let dir = overflowing_copy("tiny-captioning", "overflow");
+    let pixels = Expected::open(&dir.0).float::<4>("inputs.pixel_values", &device);
+    let captioner = Captioner::from_pretrained(&dir.0, &device).unwrap();
+    for generation in [
+        GenerationConfig::default(),
+        GenerationConfig::blip_beam(),
+        GenerationConfig::blip_nucleus(3),
+    ] {
+        let err = captioner
+            .caption_pixels(pixels.clone(), &["", ""], &generation)
+            .unwrap_err();
+        assert!(matches!(err, blip::text::Error::NonFinite { .. }), "{err}");
+    }
+    // Matching: this printed `itm_probability: null`.
+    let dir = overflowing_copy("tiny-retrieval", "overflow");
+    let pixels = Expected::open(&dir.0).float::<4>("inputs.pixel_values", &device);
+    let matcher = Matcher::from_pretrained(&dir.0, &device).unwrap();
+    let embeds = matcher.model.vision_model.forward(pixels).unwrap();
+    let err = matcher
+        .itm_probabilities(embeds.clone(), &["tok5 tok6", "tok7"])
+        .unwrap_err();
+    assert!(matches!(err, blip::text::Error::NonFinite { .. }), "{err}");
+    let err = matcher
+        .rank_texts(embeds.narrow(0, 0, 1), &["tok5", "tok7"], 2)
+        .unwrap_err();
+    assert!(matches!(err, blip::text::Error::NonFinite { .. }), "{err}");
+}
+
+#[test]
+fn empty_answer_candidates_are_refused() {
+    // `--answers ",,red,,blue"` returned "" as the best answer.
+    let device = device();
+    let dir = fixtures().join("tiny-vqa");
+    let pixels = Expected::open(&dir)
+        .float::<4>("inputs.pixel_values", &device)
+        .narrow(0, 0, 1);
+    let answerer = QuestionAnswerer::from_pretrained(&dir, &device).unwrap();
+    for answers in [
+        vec!["", "tok5", "", "tok9"],
+        vec!["tok5", "   "],
+        vec!["tok5", "\u{7}"],
+    ] {
+        let err = answerer
+            .rank_answers_pixels(pixels.clone(), "tok3 tok4", &answers, 2, 0.1)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("answer candidate"),
+            "{answers:?}: {err}"
+        );
+    }
+    assert!(
+        answerer
+            .rank_answers_pixels(pixels, "tok3 tok4", &["tok5", "tok9"], 2, 0.1)
+            .is_ok()
+    );
+}
+
+#[test]
+fn absurd_beam_counts_are_refused_before_allocating() {
+    // --num-beams 100000 aborted trying to allocate 480 GB.
+    let device = device();
+    let dir = fixtures().join("tiny-captioning");
+    let pixels = Expected::open(&dir).float::<4>("inputs.pixel_values", &device);
+    let captioner = Captioner::from_pretrained(&dir, &device).unwrap();
+    let generation = GenerationConfig {
+        num_beams: 100_000_000,
+        ..GenerationConfig::default()
+    };
+    let err = captioner
+        .caption_pixels(pixels.clone(), &["", ""], &generation)
+        .unwrap_err();
+    assert!(err.to_string().contains("max_memory_bytes"), "{err}");
+    // The same limit, lowered, refuses an ordinary beam search; raised, it runs.
+    let tight = GenerationConfig {
+        max_memory_bytes: 1000,
+        ..GenerationConfig::blip_beam()
+    };
+    assert!(
+        captioner
+            .caption_pixels(pixels.clone(), &["", ""], &tight)
+            .is_err()
+    );
+    assert!(
+        captioner
+            .caption_pixels(pixels, &["", ""], &GenerationConfig::blip_beam())
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_vanishing_temperature_samples_the_greedy_caption() {
+    // `--sample --temperature 1e-40` panicked: every f32 logit became ±inf.
+    let device = device();
+    let dir = fixtures().join("tiny-captioning");
+    let pixels = Expected::open(&dir).float::<4>("inputs.pixel_values", &device);
+    let captioner = Captioner::from_pretrained(&dir, &device).unwrap();
+    let greedy = captioner
+        .caption_pixels(pixels.clone(), &["", ""], &GenerationConfig::default())
+        .unwrap();
+    let mut cold = GenerationConfig::blip_nucleus(1);
+    cold.min_length = 0;
+    cold.repetition_penalty = 1.0;
+    if let Some(s) = cold.sampling.as_mut() {
+        s.temperature = 1e-40;
+    }
+    let sampled = captioner.caption_pixels(pixels, &["", ""], &cold).unwrap();
+    let ids = |c: &Vec<Vec<blip::text::Caption>>| -> Vec<Vec<u32>> {
+        c.iter().map(|r| r[0].token_ids.clone()).collect()
+    };
+    assert_eq!(ids(&sampled), ids(&greedy));
+}

@@ -28,8 +28,40 @@ pub fn fail(message: &str) -> ! {
 }
 
 /// Files named on the command line plus the images inside named directories (sorted).
-/// Problems (a missing path, an empty directory) are reported and counted, not fatal.
+/// Problems (a missing path, an empty directory, a name that is not UTF-8) are reported and
+/// counted, not fatal. A name that is not UTF-8 cannot be written to JSON faithfully (it
+/// would name a file that does not exist), so it is refused rather than mangled.
 pub fn image_paths(inputs: &[PathBuf], errors: &mut usize) -> Vec<PathBuf> {
+    let mut paths = image_paths_any(inputs, errors);
+    paths.retain(|p| {
+        let utf8 = p.to_str().is_some();
+        if !utf8 {
+            eprintln!(
+                "error: {}: the file name is not valid UTF-8; rename the file",
+                printable(&p.display().to_string())
+            );
+            *errors += 1;
+        }
+        utf8
+    });
+    paths
+}
+
+/// `text` with control characters (terminal escape sequences among them) written as
+/// escapes, for tables and plain-text output.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn image_paths_any(inputs: &[PathBuf], errors: &mut usize) -> Vec<PathBuf> {
     let mut paths = Vec::new();
     for input in inputs {
         if input.is_dir() {

@@ -73,6 +73,29 @@ impl TextConfig {
                 message,
             })
         };
+        use blip_vision::{MAX_LAYERS, MAX_WIDTH};
+        for (name, value, max) in [
+            ("vocab_size", self.vocab_size, MAX_WIDTH),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("encoder_hidden_size", self.encoder_hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_WIDTH,
+            ),
+        ] {
+            if value == 0 || value > max {
+                return fail(format!("text {name} {value} is outside 1..={max}"));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return fail(format!(
+                "text layer_norm_eps {} must be a positive number",
+                self.layer_norm_eps
+            ));
+        }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
@@ -160,16 +183,24 @@ impl BlipConfig {
             add_cross_attention: hf.is_decoder,
             pad_token_id: hf.pad_token_id,
             bos_token_id: hf.bos_token_id,
-            enc_token_id: hf.bos_token_id + 1,
+            enc_token_id: hf.bos_token_id.saturating_add(1),
             sep_token_id: hf.sep_token_id,
             cls_token_id: 101,
             label_smoothing: hf.label_smoothing,
         };
         text.validate(path)?;
-        let image_text_hidden_size = value
-            .get("image_text_hidden_size")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(256) as usize;
+        let image_text_hidden_size = match value.get("image_text_hidden_size") {
+            None => 256,
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0 && n <= blip_vision::MAX_WIDTH as u64)
+                .ok_or_else(|| {
+                    config_error(format!(
+                        "image_text_hidden_size {v} is not an integer in 1..={}",
+                        blip_vision::MAX_WIDTH
+                    ))
+                })? as usize,
+        };
         Ok(Self {
             vision,
             text,
@@ -311,6 +342,19 @@ mod tests {
             r#"{"text_config": {"vocab_size": 100, "num_attention_heads": 12}}"#,
             r#"{"text_config": {"num_attention_heads": "twelve"}}"#,
             r#"not json"#,
+            // Sizes that overflowed (2^64 - 64 wrapped to 65 positions) or allocated for a
+            // claim (10^9 layers) before any weight was read.
+            r#"{"vision_config": {"image_size": 18446744073709551552, "patch_size": 8}}"#,
+            r#"{"vision_config": {"image_size": 1099511627776}}"#,
+            r#"{"vision_config": {"num_hidden_layers": 1000000000}}"#,
+            r#"{"text_config": {"num_attention_heads": 12, "num_hidden_layers": 1000000}}"#,
+            r#"{"text_config": {"num_attention_heads": 12, "vocab_size": 0}}"#,
+            r#"{"vision_config": {"patch_size": 0}}"#,
+            r#"{"vision_config": {"layer_norm_eps": -1}}"#,
+            r#"{"text_config": {"num_attention_heads": 12, "layer_norm_eps": -1}}"#,
+            r#"{"text_config": {"num_attention_heads": 12, "layer_norm_eps": 0}}"#,
+            r#"{"text_config": {"num_attention_heads": 12, "bos_token_id": 18446744073709551615}}"#,
+            r#"{"image_text_hidden_size": -3, "text_config": {"num_attention_heads": 12}}"#,
         ] {
             let err = parse(bad).unwrap_err();
             assert!(err.to_string().contains("blip-config-"), "{err}");

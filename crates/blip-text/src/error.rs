@@ -72,6 +72,24 @@ pub enum Error {
         /// Why, and what to do.
         detail: String,
     },
+    /// A hub server's answer that is unsafe to store: a commit or etag that is not a hash
+    /// (and so could name a path outside the cache), or a cache entry that would leave it.
+    #[error("refusing the hub's answer for {url}: {detail}")]
+    HubResponse {
+        /// The URL (or cache path) concerned.
+        url: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A model produced NaN or infinite values: damaged weights, or a config (such as a
+    /// negative `layer_norm_eps`) that makes the arithmetic diverge.
+    #[error("{what} holds non-finite values ({detail}): are the weights or config.json damaged?")]
+    NonFinite {
+        /// Which output (e.g. "decoder logits").
+        what: &'static str,
+        /// Where, e.g. "row 0, NaN at 3 of 30524 positions".
+        detail: String,
+    },
     /// A model directory lacks a required file.
     #[error(
         "{dir} has no {file}: a HF model directory holds config.json, model.safetensors and tokenizer.json"

@@ -48,7 +48,14 @@ pub struct GenerationConfig {
     pub repetition_penalty: f64,
     /// `Some`: sample instead of taking the most likely token.
     pub sampling: Option<Sampling>,
+    /// Refuse to start when the decoding state (logits of every row, key/value caches) is
+    /// estimated above this many bytes ([`DEFAULT_MEMORY_LIMIT`]): a mistyped `num_beams`
+    /// is an error, not an abort.
+    pub max_memory_bytes: u64,
 }
+
+/// The default [`GenerationConfig::max_memory_bytes`]: 16 GiB.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 16 << 30;
 
 impl Default for GenerationConfig {
     /// transformers' defaults: greedy, `max_length` 20.
@@ -61,6 +68,7 @@ impl Default for GenerationConfig {
             num_return_sequences: 1,
             repetition_penalty: 1.0,
             sampling: None,
+            max_memory_bytes: DEFAULT_MEMORY_LIMIT,
         }
     }
 }
@@ -91,7 +99,10 @@ impl GenerationConfig {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the settings on their own (beams, counts, penalties, sampling ranges), as
+    /// [`generate`] does first: call it once up front to refuse bad options before any image
+    /// is read.
+    pub fn validate(&self) -> Result<()> {
         let fail = |message: String| Err(Error::Generation(message));
         if self.num_beams == 0 || self.num_return_sequences == 0 {
             return fail("num_beams and num_return_sequences must be at least 1".into());
@@ -108,16 +119,47 @@ impl GenerationConfig {
         if self.num_beams == 1 && self.sampling.is_none() && self.num_return_sequences > 1 {
             return fail("greedy decoding returns one sequence: sample or use beams".into());
         }
+        if self.max_length == 0 {
+            return fail("max_length must be at least 1".into());
+        }
         let positive = |x: f64| x > 0.0; // false for NaN too
         if !positive(self.repetition_penalty) {
             return fail("repetition_penalty must be positive".into());
+        }
+        if !self.repetition_penalty.is_finite() || !self.length_penalty.is_finite() {
+            return fail("repetition_penalty and length_penalty must be finite".into());
         }
         if let Some(s) = &self.sampling
             && !(positive(s.top_p) && s.top_p <= 1.0 && positive(s.temperature))
         {
             return fail("top_p must be in (0, 1] and temperature positive".into());
         }
+        if let Some(s) = &self.sampling
+            && !s.temperature.is_finite()
+        {
+            return fail("temperature must be finite".into());
+        }
         Ok(())
+    }
+
+    /// Estimated bytes of the decoding state for `inputs` inputs: per row, its logits on
+    /// the device and the host (and beam search's candidate index), and the self- and
+    /// cross-attention key/value caches of every layer.
+    pub fn memory_estimate(
+        &self,
+        inputs: usize,
+        vocab: usize,
+        layers: usize,
+        hidden: usize,
+        cross_len: usize,
+    ) -> u64 {
+        let rows =
+            (inputs as u64).saturating_mul(self.num_beams.max(self.num_return_sequences) as u64);
+        let logits = (vocab as u64).saturating_mul(3 * 4 + 8);
+        let caches = (layers as u64 * 2 * 4)
+            .saturating_mul(hidden as u64)
+            .saturating_mul((self.max_length as u64).saturating_add(cross_len as u64));
+        rows.saturating_mul(logits.saturating_add(caches))
     }
 }
 
@@ -162,10 +204,37 @@ fn int_tensor<const D: usize>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
-fn host(t: Tensor<3>) -> Vec<f32> {
-    t.into_data()
+/// Next-token logits `[rows, 1, vocab]` read back to the host, one vector per row. A NaN or
+/// infinite logit (damaged weights, a negative `layer_norm_eps`) is an error: decoding on it
+/// would emit `[PAD]`s or an arbitrary token with exit status 0.
+fn host_rows(t: Tensor<3>, rows: usize) -> Result<Vec<Vec<f32>>> {
+    let logits = t
+        .into_data()
         .try_into_vec_as::<f32>()
-        .expect("logits convert to f32")
+        .map_err(|e| Error::Generation(format!("reading the logits back: {e:?}")))?;
+    let vocab = logits.len() / rows.max(1);
+    let mut out = Vec::with_capacity(rows);
+    for (row, chunk) in logits.chunks(vocab.max(1)).enumerate() {
+        check_finite("decoder logits", row, chunk)?;
+        out.push(chunk.to_vec());
+    }
+    Ok(out)
+}
+
+/// A [`Error::NonFinite`] naming the row and the first bad position, if `values` has one.
+pub(crate) fn check_finite(what: &'static str, row: usize, values: &[f32]) -> Result<()> {
+    let Some(first) = values.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    Err(Error::NonFinite {
+        what,
+        detail: format!(
+            "row {row}: {} at position {first}, {bad} of {} values non-finite",
+            values[first],
+            values.len()
+        ),
+    })
 }
 
 impl<'a> State<'a> {
@@ -175,7 +244,7 @@ impl<'a> State<'a> {
         prompts: &[&[u32]],
         cross: CrossInput,
         row_source: &[usize],
-    ) -> (Self, Vec<Vec<f32>>) {
+    ) -> Result<(Self, Vec<Vec<f32>>)> {
         let n = prompts.len();
         let width = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
         let mut ids = Vec::with_capacity(n * width);
@@ -235,9 +304,8 @@ impl<'a> State<'a> {
         let d = hidden.dims()[2];
         let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
         let index = int_tensor::<3>(last, [n, 1, 1], &device).repeat_dim(2, d);
-        let logits = host(model.logits(hidden.gather(1, index)));
-        let vocab = logits.len() / n;
-        (state, logits.chunks(vocab).map(<[f32]>::to_vec).collect())
+        let logits = host_rows(model.logits(hidden.gather(1, index)), n)?;
+        Ok((state, logits))
     }
 
     fn run(&mut self, x: Tensor<3>, self_bias: Option<Tensor<4>>, queries: usize) -> Tensor<3> {
@@ -254,7 +322,7 @@ impl<'a> State<'a> {
     }
 
     /// Feeds one token per row; returns the next-token logits per row.
-    fn step(&mut self, tokens: &[u32]) -> Vec<Vec<f32>> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let n = tokens.len();
         let device = self.key_mask.device();
         let ids = Tensor::<2, Int>::from_data(
@@ -277,9 +345,7 @@ impl<'a> State<'a> {
         let bias = attention_bias(Some(self.key_mask.clone()), n, 1, keys, false, &device);
         let x = self.model.bert.embeddings.forward_at(ids, positions);
         let hidden = self.run(x, bias, 1);
-        let logits = host(self.model.logits(hidden));
-        let vocab = logits.len() / n;
-        logits.chunks(vocab).map(<[f32]>::to_vec).collect()
+        host_rows(self.model.logits(hidden), n)
     }
 
     /// Reorders rows (beam search): row `i` becomes old row `order[i]`.
@@ -368,22 +434,33 @@ impl Rng {
 }
 
 /// Temperature, top-k, then top-p (transformers' warper order); draws one token.
-fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
-    let scaled: Vec<f32> = scores.iter().map(|&x| x / s.temperature as f32).collect();
+///
+/// The scaling is done in f64: a small temperature (1e-40) turns every f32 logit into ±inf.
+/// Where even f64 overflows, the distribution is the temperature → 0 limit: the most likely
+/// token.
+fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> Result<usize> {
+    let scaled: Vec<f64> = scores.iter().map(|&x| x as f64 / s.temperature).collect();
+    if scaled.iter().any(|&x| x == f64::INFINITY) {
+        return Ok(argmax(scores));
+    }
     let mut order: Vec<usize> = (0..scaled.len())
         .filter(|&i| scaled[i].is_finite())
         .collect();
+    if order.is_empty() {
+        return Err(Error::Generation(
+            "no token can be sampled: every candidate's score is -inf or NaN".into(),
+        ));
+    }
     order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]));
     if s.top_k > 0 && order.len() > s.top_k {
         let kth = scaled[order[s.top_k - 1]];
         order.retain(|&i| scaled[i] >= kth); // ties with the k-th stay, as transformers
     }
     let probs = {
-        let kept: Vec<f32> = order.iter().map(|&i| scaled[i]).collect();
-        log_softmax(&kept)
-            .into_iter()
-            .map(|l| (l as f64).exp())
-            .collect::<Vec<_>>()
+        let max = scaled[order[0]];
+        let weights: Vec<f64> = order.iter().map(|&i| (scaled[i] - max).exp()).collect();
+        let sum: f64 = weights.iter().sum();
+        weights.into_iter().map(|w| w / sum).collect::<Vec<_>>()
     };
     // Smallest prefix whose mass reaches top_p (at least one token).
     let mut keep = order.len();
@@ -397,7 +474,7 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
             }
         }
     }
-    order[rng.weighted_index(&probs[..keep])]
+    Ok(order[rng.weighted_index(&probs[..keep])])
 }
 
 /// Generates from right-padded prompts (one per input; each starts with `[DEC]`), attending to
@@ -445,6 +522,26 @@ pub fn generate(
             });
         }
     }
+    let [_, cross_len, _] = cross.states.dims();
+    let estimate = config.memory_estimate(
+        batch,
+        vocab,
+        model.bert.encoder.layer.len(),
+        model.bert.hidden_size(),
+        cross_len,
+    );
+    if estimate > config.max_memory_bytes {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::Generation(format!(
+            "{batch} inputs × {} beams/sequences would need about {:.1} GiB for logits over {vocab} \
+             tokens and key/value caches of {} + {cross_len} positions, over the limit of {:.1} GiB \
+             (GenerationConfig::max_memory_bytes): use fewer beams or a smaller batch",
+            config.num_beams.max(config.num_return_sequences),
+            gib(estimate),
+            config.max_length,
+            gib(config.max_memory_bytes),
+        )));
+    }
     let device = cross.states.device();
     blip_vision::on_thread_pool(&device, || {
         if config.num_beams > 1 {
@@ -465,7 +562,7 @@ fn greedy_or_sample(
     let k = config.num_return_sequences;
     let source: Vec<usize> = (0..prompts.len() * k).map(|r| r / k).collect();
     let rows: Vec<&[u32]> = source.iter().map(|&b| prompts[b].as_slice()).collect();
-    let (mut state, mut logits) = State::prefill(model, &rows, cross, &source);
+    let (mut state, mut logits) = State::prefill(model, &rows, cross, &source)?;
     let mut sequences: Vec<Vec<u32>> = rows.iter().map(|p| p.to_vec()).collect();
     let mut sum_log_probs = vec![0f64; rows.len()];
     let mut done: Vec<bool> = vec![false; rows.len()];
@@ -486,7 +583,7 @@ fn greedy_or_sample(
             let scores = &mut logits[r];
             process(scores, &sequences[r], config, special.eos);
             let token = match &config.sampling {
-                Some(s) => sample(scores, s, &mut rngs[r]),
+                Some(s) => sample(scores, s, &mut rngs[r])?,
                 None => argmax(scores),
             };
             sum_log_probs[r] += log_softmax(scores)[token] as f64;
@@ -497,7 +594,7 @@ fn greedy_or_sample(
         if done.iter().all(|&d| d) {
             break;
         }
-        logits = state.step(&next);
+        logits = state.step(&next)?;
     }
     Ok(collect(sequences, sum_log_probs, &rows, config, k))
 }
@@ -546,7 +643,7 @@ fn beam_search(
     let batch = prompts.len();
     let source: Vec<usize> = (0..batch * beams).map(|r| r / beams).collect();
     let rows: Vec<&[u32]> = source.iter().map(|&b| prompts[b].as_slice()).collect();
-    let (mut state, mut logits) = State::prefill(model, &rows, cross, &source);
+    let (mut state, mut logits) = State::prefill(model, &rows, cross, &source)?;
     let mut running: Vec<Vec<Beam>> = prompts
         .iter()
         .map(|p| {
@@ -635,7 +732,7 @@ fn beam_search(
             break;
         }
         state.reorder(&order);
-        logits = state.step(&next_tokens);
+        logits = state.step(&next_tokens)?;
     }
     Ok(finished
         .into_iter()
@@ -649,4 +746,82 @@ fn beam_search(
                 .collect()
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nucleus(temperature: f64) -> Sampling {
+        Sampling {
+            top_p: 0.9,
+            top_k: 0,
+            temperature,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn a_tiny_temperature_samples_the_most_likely_token() {
+        // 1e-40 overflowed every f32 logit to ±inf and left no candidate (a panic).
+        let scores = [0.5f32, 2.0, -1.0, 1.9, f32::NEG_INFINITY];
+        for temperature in [1e-40, 1e-300, 5e-324] {
+            for seed in 0..20 {
+                let mut rng = Rng(seed);
+                assert_eq!(sample(&scores, &nucleus(temperature), &mut rng).unwrap(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn no_candidate_is_an_error_not_a_panic() {
+        let scores = [f32::NEG_INFINITY; 4];
+        let err = sample(&scores, &nucleus(1.0), &mut Rng(1)).unwrap_err();
+        assert!(matches!(err, Error::Generation(_)), "{err}");
+        let scores = [f32::NAN; 4];
+        assert!(sample(&scores, &nucleus(1.0), &mut Rng(1)).is_err());
+    }
+
+    #[test]
+    fn sampling_still_follows_the_distribution() {
+        // Two tokens with probabilities 0.25 / 0.75 (top_p 1): the draws follow them.
+        let scores = [0.0f32, 3f32.ln()];
+        let s = Sampling {
+            top_p: 1.0,
+            ..nucleus(1.0)
+        };
+        let mut rng = Rng(3);
+        let ones = (0..4000)
+            .filter(|_| sample(&scores, &s, &mut rng).unwrap() == 1)
+            .count();
+        assert!((2850..3150).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn non_finite_values_are_located() {
+        assert!(check_finite("x", 0, &[0.0, 1.0, -3.0]).is_ok());
+        let err = check_finite("decoder logits", 2, &[0.0, f32::NAN, f32::INFINITY])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("decoder logits"), "{err}");
+        assert!(err.contains("row 2: NaN at position 1, 2 of 3"), "{err}");
+    }
+
+    #[test]
+    fn memory_estimate_grows_with_beams_and_refuses_absurd_ones() {
+        let config = |num_beams| GenerationConfig {
+            num_beams,
+            ..GenerationConfig::default()
+        };
+        // BLIP-base: 3 beams for one image is small, 100000 beams is ~60 GB.
+        let small = config(3).memory_estimate(1, 30524, 12, 768, 577);
+        assert!(small < 1 << 30, "{small}");
+        let huge = config(100_000).memory_estimate(1, 30524, 12, 768, 577);
+        assert!(huge > DEFAULT_MEMORY_LIMIT, "{huge}");
+        assert_eq!(huge / small, 100_000 / 3);
+        assert_eq!(
+            config(usize::MAX).memory_estimate(usize::MAX, 30524, 12, 768, 577),
+            u64::MAX
+        );
+    }
 }

@@ -22,7 +22,9 @@
 
 use std::path::{Path, PathBuf};
 
-use blip_vision::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
+use blip_vision::checkpoint::{
+    KeyMap, SafetensorsHeader, count_layers, load_safetensors, save_safetensors,
+};
 use burn::module::Module;
 use burn::store::ModuleSnapshot;
 use burn::tensor::Device;
@@ -125,23 +127,111 @@ impl ModelDir {
         }
     }
 
+    /// The tokenizer must have exactly the model's vocabulary (`[DEC]` and `[ENC]` included):
+    /// a smaller one decodes the model's ids as the wrong words, a larger one makes ids the
+    /// embedding table lacks.
+    fn check_tokenizer(&self, tokenizer: &BlipTokenizer) -> Result<()> {
+        let (have, want) = (tokenizer.vocab_size(), self.config.text.vocab_size);
+        if have != want {
+            let file = ["tokenizer.json", "vocab.txt"]
+                .iter()
+                .map(|f| self.dir.join(f))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| self.dir.clone());
+            return Err(Error::Tokenizer {
+                path: file,
+                message: format!(
+                    "it has {have} tokens ([DEC] and [ENC] included), but config.json's \
+                     text_config.vocab_size is {want}: the tokenizer does not belong to this model"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a config that declares more layers in a stack than the file holds, before
+    /// the model (one module per declared layer) is allocated. Fewer declared layers than
+    /// the file holds are reported by the key check, naming the first unused tensor.
+    fn check_layers(&self, header: &SafetensorsHeader, stacks: &[LayerStack]) -> Result<()> {
+        for &(prefix, field, claimed) in stacks {
+            let held = count_layers(header.tensors.keys().map(String::as_str), prefix);
+            // A stack the file lacks entirely is a file of another family: the key check
+            // names the missing tensors (and the config's bound caps what is allocated).
+            if held > 0 && claimed > held {
+                return Err(blip_vision::Error::Config {
+                    path: self.dir.join("config.json"),
+                    message: format!(
+                        "{field} is {claimed}, but {} holds {held} layers under `{prefix}*` \
+                         (does config.json belong to these weights?)",
+                        header.path.display()
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     fn load<M: Module + ModuleSnapshot>(
         &self,
+        header: SafetensorsHeader,
         model: M,
         keys: &KeyMap,
         tied: &[(&str, &str)],
     ) -> Result<Pretrained<M>> {
-        let header = self.weights()?;
         for (alias, source) in tied {
             check_tied(&header, alias, source)?;
         }
         let model = load_safetensors(model, &header, keys)?;
+        let tokenizer = self.tokenizer()?;
+        if let Some(tokenizer) = &tokenizer {
+            self.check_tokenizer(tokenizer)?;
+        }
         Ok(Pretrained {
             model,
             config: self.config.clone(),
-            tokenizer: self.tokenizer()?,
+            tokenizer,
         })
     }
+}
+
+/// A stack of layers in a checkpoint: key prefix, config field, layers the config declares.
+type LayerStack = (&'static str, &'static str, usize);
+
+fn vision_stack(config: &BlipConfig) -> LayerStack {
+    (
+        "vision_model.encoder.layers.",
+        "vision_config.num_hidden_layers",
+        config.vision.num_hidden_layers,
+    )
+}
+
+fn captioning_stacks(config: &BlipConfig) -> Vec<LayerStack> {
+    vec![
+        vision_stack(config),
+        (
+            "text_decoder.bert.encoder.layer.",
+            "text_config.num_hidden_layers",
+            config.text.num_hidden_layers,
+        ),
+    ]
+}
+
+fn retrieval_stacks(config: &BlipConfig) -> Vec<LayerStack> {
+    vec![
+        vision_stack(config),
+        (
+            "text_encoder.encoder.layer.",
+            "text_config.num_hidden_layers",
+            config.text.num_hidden_layers,
+        ),
+    ]
+}
+
+fn vqa_stacks(config: &BlipConfig) -> Vec<LayerStack> {
+    let mut stacks = captioning_stacks(config);
+    stacks.push(retrieval_stacks(config)[1]);
+    stacks
 }
 
 const DECODER_TIES: &[(&str, &str)] = &[
@@ -195,7 +285,7 @@ fn save<M: Module + ModuleSnapshot>(
 
 /// Loading from and saving to HF model directories, one implementation per family.
 macro_rules! hf_family {
-    ($model:ty, $architecture:literal, $keys:expr, $ties:expr, $example:literal) => {
+    ($model:ty, $architecture:literal, $keys:expr, $ties:expr, $stacks:expr, $example:literal) => {
         impl $model {
             #[doc = concat!("Loads a `", $architecture, "` directory (e.g. ", $example, ").")]
             pub fn from_pretrained(
@@ -203,8 +293,10 @@ macro_rules! hf_family {
                 device: &Device,
             ) -> Result<Pretrained<Self>> {
                 let dir = ModelDir::open(dir)?;
+                let header = dir.weights()?;
+                dir.check_layers(&header, &$stacks(&dir.config))?;
                 let model = Self::new(&dir.config, device);
-                dir.load(model, &$keys, $ties)
+                dir.load(header, model, &$keys, $ties)
             }
 
             #[doc = concat!("Writes a `", $architecture, "` directory (`config.json`, `model.safetensors`) that transformers and [`Self::from_pretrained`] load.")]
@@ -220,6 +312,7 @@ hf_family!(
     "BlipForConditionalGeneration",
     CAPTIONING_KEYS,
     DECODER_TIES,
+    captioning_stacks,
     "Salesforce/blip-image-captioning-base"
 );
 hf_family!(
@@ -227,6 +320,7 @@ hf_family!(
     "BlipForImageTextRetrieval",
     RETRIEVAL_KEYS,
     &[],
+    retrieval_stacks,
     "Salesforce/blip-itm-base-coco"
 );
 hf_family!(
@@ -234,5 +328,6 @@ hf_family!(
     "BlipForQuestionAnswering",
     VQA_KEYS,
     DECODER_TIES,
+    vqa_stacks,
     "Salesforce/blip-vqa-base"
 );

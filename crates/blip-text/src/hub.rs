@@ -24,10 +24,49 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("huggingface").join("hub")
 }
 
+/// A hub repo id, `org/name`, as `huggingface_hub` accepts it: letters, digits, `-`, `_`
+/// and `.`, at most 96 characters a part, no `--` or `..`, no leading or trailing `-`/`.`.
+/// Anything else (`./model`, `/abs/path`, `a/b/c`, `~/m`) is not an id: it is a path.
+pub fn parse_repo_id(spec: &str) -> Option<(&str, &str)> {
+    let (org, name) = spec.split_once('/')?;
+    let part_ok = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 96
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !part.contains("--")
+            && !part.contains("..")
+            && !part.starts_with(['-', '.'])
+            && !part.ends_with(['-', '.'])
+    };
+    (part_ok(org) && part_ok(name) && !name.ends_with(".git")).then_some((org, name))
+}
+
+/// Whether `s` is a hash as the hub names commits and blobs: 40 (git SHA-1) or 64 (SHA-256)
+/// lowercase hexadecimal digits. Only such names are joined into cache paths.
+fn is_hash(s: &str, lengths: &[usize]) -> bool {
+    lengths.contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A commit id the cache may name a snapshot directory after: 40 lowercase hex digits.
+pub fn is_commit_hash(commit: &str) -> bool {
+    is_hash(commit, &[40])
+}
+
+/// An etag the cache may name a blob after: a git SHA-1 (40 hex digits, small files) or a
+/// SHA-256 (64, LFS files).
+pub fn is_etag_hash(etag: &str) -> bool {
+    is_hash(etag, &[40, 64])
+}
+
 /// A local directory as is; otherwise a hub id resolved in `cache` at revision `main`.
 ///
 /// When the id is not cached, the error says which files to fetch and where to put them
-/// ([`find_or_download`] fetches them).
+/// ([`find_or_download`] fetches them). A spec that is not a valid hub id (see
+/// [`parse_repo_id`]) is a path, and a path that is not a directory is an error.
 pub fn resolve_model(spec: &str, cache: &Path) -> Result<PathBuf> {
     let local = Path::new(spec);
     if local.is_dir() {
@@ -37,13 +76,15 @@ pub fn resolve_model(spec: &str, cache: &Path) -> Result<PathBuf> {
         spec: spec.to_string(),
         detail,
     };
-    let Some((org, name)) = spec.split_once('/').filter(|(o, n)| {
-        !o.is_empty() && !n.is_empty() && !n.contains('/') && !spec.starts_with('.')
-    }) else {
-        return Err(not_found(
-            "it is neither a directory nor a hub id like Salesforce/blip-image-captioning-base"
-                .into(),
-        ));
+    let Some((org, name)) = parse_repo_id(spec) else {
+        return Err(not_found(if local.exists() {
+            "it is not a directory (a model directory holds config.json, model.safetensors \
+             and tokenizer.json)"
+                .into()
+        } else {
+            "no such directory, and it is not a hub id like Salesforce/blip-image-captioning-base"
+                .into()
+        }));
     };
     let repo = cache.join(format!("models--{org}--{name}"));
     let download_hint = || {
@@ -57,7 +98,16 @@ pub fn resolve_model(spec: &str, cache: &Path) -> Result<PathBuf> {
     };
     let revision = std::fs::read_to_string(repo.join("refs").join("main"))
         .map_err(|_| not_found(download_hint()))?;
-    let snapshot = repo.join("snapshots").join(revision.trim());
+    let revision = revision.trim();
+    if !is_commit_hash(revision) {
+        return Err(not_found(format!(
+            "{} names {revision:?}, which is not a commit hash: the cache entry is damaged; \
+             delete {} and download again",
+            repo.join("refs").join("main").display(),
+            repo.display()
+        )));
+    }
+    let snapshot = repo.join("snapshots").join(revision);
     if let Some(missing) = MODEL_FILES.iter().find(|f| !snapshot.join(f).is_file()) {
         return Err(not_found(format!(
             "the cached snapshot {} lacks {missing}; {}",
@@ -71,6 +121,10 @@ pub fn resolve_model(spec: &str, cache: &Path) -> Result<PathBuf> {
 /// Records one downloaded file in the cache layout: the content goes to `blobs/{etag}`
 /// (written beside it and renamed, so a broken download leaves nothing behind), the
 /// snapshot entry links to it, and `refs/main` names the snapshot.
+///
+/// `commit` and `etag` come from a server: they must be hashes ([`is_commit_hash`],
+/// [`is_etag_hash`]) and `file` a plain file name, and every directory written to must
+/// resolve inside `repo`, or nothing is written (an [`Error::HubResponse`]).
 pub fn store_file(
     repo: &Path,
     commit: &str,
@@ -78,6 +132,29 @@ pub fn store_file(
     file: &str,
     content: &mut dyn std::io::Read,
 ) -> Result<PathBuf> {
+    let refuse = |detail: String| Error::HubResponse {
+        url: repo.display().to_string(),
+        detail,
+    };
+    if !is_commit_hash(commit) {
+        return Err(refuse(format!(
+            "commit {commit:?} is not 40 hexadecimal digits"
+        )));
+    }
+    if !is_etag_hash(etag) {
+        return Err(refuse(format!(
+            "etag {etag:?} is not a SHA-1 or SHA-256 hash"
+        )));
+    }
+    let plain_name = Path::new(file)
+        .components()
+        .map(|c| matches!(c, std::path::Component::Normal(_)))
+        .eq([true]);
+    if !plain_name {
+        return Err(refuse(format!(
+            "file name {file:?} is not a plain file name"
+        )));
+    }
     let io = |path: &Path, source| {
         Error::Vision(blip_vision::Error::Io {
             path: path.to_path_buf(),
@@ -89,6 +166,20 @@ pub fn store_file(
     let refs = repo.join("refs");
     for dir in [&blobs, &snapshot, &refs] {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    // The names are validated; a directory of the repo that is itself a link elsewhere
+    // (planted in the cache) must not carry the writes out of it either.
+    let root = repo.canonicalize().map_err(|e| io(repo, e))?;
+    for dir in [&blobs, &snapshot, &refs] {
+        let real = dir.canonicalize().map_err(|e| io(dir, e))?;
+        if !real.starts_with(&root) {
+            return Err(refuse(format!(
+                "{} resolves to {}, outside the cache entry {}",
+                dir.display(),
+                real.display(),
+                root.display()
+            )));
+        }
     }
     let blob = blobs.join(etag);
     if !blob.is_file() {
@@ -123,15 +214,21 @@ pub fn find_or_download(spec: &str, cache: &Path) -> Result<PathBuf> {
         Err(e) => e,
     };
     #[cfg(feature = "download")]
-    if spec.split_once('/').is_some() && !Path::new(spec).exists() {
-        return download::model(spec, cache).map_err(|e| match (e, &not_cached) {
-            (Error::ModelNotFound { detail, .. }, Error::ModelNotFound { detail: hint, .. }) => {
-                Error::ModelNotFound {
+    if parse_repo_id(spec).is_some() && !Path::new(spec).exists() {
+        let endpoint =
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+        let token = std::env::var("HF_TOKEN").ok();
+        return download::model(&endpoint, token.as_deref(), spec, cache).map_err(|e| {
+            match (e, &not_cached) {
+                (
+                    Error::ModelNotFound { detail, .. },
+                    Error::ModelNotFound { detail: hint, .. },
+                ) => Error::ModelNotFound {
                     spec: spec.to_string(),
                     detail: format!("{detail}; and {hint}"),
-                }
+                },
+                (e, _) => e,
             }
-            (e, _) => e,
         });
     }
     Err(not_cached)
@@ -149,12 +246,20 @@ mod download {
             .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string())
     }
 
-    /// Downloads [`MODEL_FILES`] of `spec` at `main` into the cache.
-    pub fn model(spec: &str, cache: &Path) -> Result<PathBuf> {
-        let endpoint =
-            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-        let token = std::env::var("HF_TOKEN").ok();
-        let (org, name) = spec.split_once('/').expect("checked by the caller");
+    /// Downloads [`MODEL_FILES`] of `spec` at `main` from `endpoint` into the cache.
+    pub(super) fn model(
+        endpoint: &str,
+        token: Option<&str>,
+        spec: &str,
+        cache: &Path,
+    ) -> Result<PathBuf> {
+        let failed = |detail: String| Error::ModelNotFound {
+            spec: spec.to_string(),
+            detail,
+        };
+        let (org, name) = parse_repo_id(spec).ok_or_else(|| {
+            failed("not a hub id like Salesforce/blip-image-captioning-base".into())
+        })?;
         let repo = cache.join(format!("models--{org}--{name}"));
         // Redirects are followed by hand: the commit and the content hash are headers of the
         // hub's own answer, not of the storage it redirects large files to.
@@ -163,16 +268,12 @@ mod download {
             .http_status_as_error(false)
             .build()
             .into();
-        let failed = |detail: String| Error::ModelNotFound {
-            spec: spec.to_string(),
-            detail,
-        };
         let mut snapshot = None;
         for file in MODEL_FILES {
             let url = format!("{endpoint}/{spec}/resolve/main/{file}");
             let get = |url: &str| {
                 let mut request = agent.get(url);
-                if let Some(token) = &token {
+                if let Some(token) = token {
                     request = request.header("Authorization", format!("Bearer {token}"));
                 }
                 request
@@ -203,6 +304,20 @@ mod download {
             let (Some(commit), Some(etag)) = (commit, etag) else {
                 return Err(failed(format!("{url}: the hub sent no commit or etag")));
             };
+            let refuse = |detail: String| Error::HubResponse {
+                url: url.clone(),
+                detail,
+            };
+            if !is_commit_hash(&commit) {
+                return Err(refuse(format!(
+                    "x-repo-commit {commit:?} is not 40 hexadecimal digits"
+                )));
+            }
+            if !is_etag_hash(&etag) {
+                return Err(refuse(format!(
+                    "etag {etag:?} is not a SHA-1 or SHA-256 hash"
+                )));
+            }
             let mut body = response.into_body().into_reader();
             let entry = store_file(&repo, &commit, &etag, file, &mut body)?;
             snapshot = entry.parent().map(Path::to_path_buf);
@@ -215,6 +330,8 @@ mod download {
 mod tests {
     use super::*;
 
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
     fn scratch(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("blip-hub-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -226,10 +343,10 @@ mod tests {
     fn resolves_a_cached_snapshot_through_refs_main() {
         let cache = scratch("cached");
         let repo = cache.join("models--Salesforce--blip-image-captioning-base");
-        let snapshot = repo.join("snapshots").join("abc123");
+        let snapshot = repo.join("snapshots").join(COMMIT);
         std::fs::create_dir_all(&snapshot).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs").join("main"), "abc123\n").unwrap();
+        std::fs::write(repo.join("refs").join("main"), format!("{COMMIT}\n")).unwrap();
         // An older snapshot that refs/main does not name must not be picked.
         std::fs::create_dir_all(repo.join("snapshots").join("old")).unwrap();
         for f in MODEL_FILES {
@@ -258,10 +375,14 @@ mod tests {
     fn incomplete_snapshots_name_the_missing_file() {
         let cache = scratch("partial");
         let repo = cache.join("models--org--model");
-        std::fs::create_dir_all(repo.join("snapshots").join("r1")).unwrap();
+        std::fs::create_dir_all(repo.join("snapshots").join(COMMIT)).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs").join("main"), "r1").unwrap();
-        std::fs::write(repo.join("snapshots/r1/config.json"), "{}").unwrap();
+        std::fs::write(repo.join("refs").join("main"), COMMIT).unwrap();
+        std::fs::write(
+            repo.join("snapshots").join(COMMIT).join("config.json"),
+            "{}",
+        )
+        .unwrap();
         let err = resolve_model("org/model", &cache).unwrap_err().to_string();
         assert!(err.contains("lacks model.safetensors"), "{err}");
         std::fs::remove_dir_all(&cache).unwrap();
@@ -272,15 +393,26 @@ mod tests {
         let cache = scratch("stored");
         let repo = cache.join("models--org--model");
         for (i, file) in MODEL_FILES.iter().enumerate() {
-            store_file(&repo, "c0ffee", &format!("etag{i}"), file, &mut &b"{}"[..]).unwrap();
+            store_file(
+                &repo,
+                COMMIT,
+                &format!("{i}").repeat(64),
+                file,
+                &mut &b"{}"[..],
+            )
+            .unwrap();
         }
         let dir = resolve_model("org/model", &cache).unwrap();
-        assert_eq!(dir, repo.join("snapshots/c0ffee"));
+        assert_eq!(dir, repo.join("snapshots").join(COMMIT));
         assert_eq!(
             std::fs::read_to_string(dir.join("config.json")).unwrap(),
             "{}"
         );
-        assert!(!repo.join("blobs/etag0.incomplete").exists());
+        assert!(
+            !repo
+                .join(format!("blobs/{}.incomplete", "0".repeat(64)))
+                .exists()
+        );
         std::fs::remove_dir_all(&cache).unwrap();
     }
 
@@ -293,5 +425,178 @@ mod tests {
         );
         assert!(resolve_model("no-slash-and-no-dir", Path::new("/nonexistent")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn paths_are_never_taken_for_hub_ids() {
+        for spec in [
+            "./no/such/dir",
+            "../model",
+            "/abs/model",
+            "a/b/c",
+            "~/models/x",
+            "org/..",
+            "../x",
+            "org/name.git",
+            "org--x/name",
+            "org/na me",
+        ] {
+            assert_eq!(parse_repo_id(spec), None, "{spec}");
+            let err = find_or_download(spec, Path::new("/nonexistent")).unwrap_err();
+            assert!(matches!(err, Error::ModelNotFound { .. }), "{spec}: {err}");
+        }
+        assert_eq!(
+            parse_repo_id("Salesforce/blip-image-captioning-base"),
+            Some(("Salesforce", "blip-image-captioning-base"))
+        );
+        assert_eq!(parse_repo_id("a_b/c.d-1"), Some(("a_b", "c.d-1")));
+    }
+
+    #[test]
+    fn a_damaged_refs_main_is_not_followed() {
+        let cache = scratch("badref");
+        let repo = cache.join("models--org--model");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join("main"), "../../../../etc").unwrap();
+        let err = resolve_model("org/model", &cache).unwrap_err().to_string();
+        assert!(err.contains("not a commit hash"), "{err}");
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn store_file_refuses_names_that_are_not_hashes() {
+        let root = scratch("names");
+        let repo = root.join("cache").join("models--org--model");
+        let etag = "a".repeat(64);
+        let outside = root.join("outside");
+        for (commit, etag, file) in [
+            ("../../../outside", etag.as_str(), "config.json"),
+            (outside.to_str().unwrap(), etag.as_str(), "config.json"),
+            (COMMIT, "../../../outside", "config.json"),
+            (COMMIT, outside.to_str().unwrap(), "config.json"),
+            (COMMIT, etag.as_str(), "../../x.json"),
+            (COMMIT, etag.as_str(), "/tmp/x.json"),
+        ] {
+            let err = store_file(&repo, commit, etag, file, &mut &b"{}"[..]).unwrap_err();
+            assert!(matches!(err, Error::HubResponse { .. }), "{err}");
+        }
+        assert!(!repo.exists(), "nothing is written for a refused answer");
+        assert!(!outside.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn store_file_does_not_follow_a_planted_link_out_of_the_cache() {
+        let root = scratch("planted");
+        let repo = root.join("cache").join("models--org--model");
+        let outside = root.join("outside");
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, repo.join("blobs")).unwrap();
+        let err = store_file(
+            &repo,
+            COMMIT,
+            &"b".repeat(40),
+            "config.json",
+            &mut &b"{}"[..],
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::HubResponse { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A hub on 127.0.0.1 that answers every request with `headers` and a `{}` body, for
+    /// at most `requests` requests or 20 seconds.
+    #[cfg(feature = "download")]
+    fn malicious_hub(headers: String, requests: usize) -> String {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let mut served = 0;
+            while served < requests && std::time::Instant::now() < deadline {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                };
+                stream.set_nonblocking(false).unwrap();
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    request.push(byte[0]);
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\n{headers}content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                );
+                let _ = stream.write_all(response.as_bytes());
+                served += 1;
+            }
+        });
+        format!("http://{address}")
+    }
+
+    #[cfg(feature = "download")]
+    #[test]
+    fn downloads_refuse_malicious_commit_and_etag_headers() {
+        let root = scratch("malicious");
+        let cache = root.join("cache");
+        let victim = root.join("victim.txt");
+        let escape_dir = root.join("escaped");
+        let good_etag = "c".repeat(64);
+        let cases = [
+            // An absolute etag would have written the blob anywhere.
+            (
+                COMMIT.to_string(),
+                root.join("written-anywhere").display().to_string(),
+            ),
+            (COMMIT.to_string(), "../../../escaped".to_string()),
+            // A commit naming an existing file replaced it with a dangling link.
+            (victim.display().to_string(), good_etag.clone()),
+            // A `../..` commit created directories and links outside the cache.
+            ("../../../escaped".to_string(), good_etag.clone()),
+            (
+                "0123456789ABCDEF0123456789ABCDEF01234567".to_string(),
+                good_etag.clone(),
+            ),
+        ];
+        for (commit, etag) in cases {
+            std::fs::write(&victim, "keep me").unwrap();
+            let endpoint = malicious_hub(
+                format!("x-repo-commit: {commit}\r\netag: \"{etag}\"\r\n"),
+                1,
+            );
+            let err = download::model(&endpoint, None, "org/model", &cache).unwrap_err();
+            assert!(
+                matches!(err, Error::HubResponse { .. }),
+                "{commit} {etag}: {err}"
+            );
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+            assert!(!victim.is_symlink());
+            assert!(!escape_dir.exists());
+            assert!(!root.join("written-anywhere").exists());
+            assert!(
+                !cache.exists(),
+                "a refused answer writes nothing into the cache"
+            );
+        }
+        // The same server with honest headers fills the cache.
+        let endpoint = malicious_hub(
+            format!("x-repo-commit: {COMMIT}\r\netag: \"{good_etag}\"\r\n"),
+            MODEL_FILES.len(),
+        );
+        let snapshot = download::model(&endpoint, None, "org/model", &cache).unwrap();
+        assert_eq!(
+            snapshot,
+            cache.join("models--org--model/snapshots").join(COMMIT)
+        );
+        assert_eq!(
+            std::fs::read_to_string(snapshot.join("config.json")).unwrap(),
+            "{}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -337,6 +337,11 @@ impl TextModel {
         self.embeddings.word_embeddings.weight.shape()[0]
     }
 
+    /// Width of the hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.embeddings.word_embeddings.weight.shape()[1]
+    }
+
     /// Length of the position table.
     pub fn max_positions(&self) -> usize {
         self.embeddings.position_embeddings.weight.shape()[0]

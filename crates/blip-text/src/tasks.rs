@@ -212,11 +212,10 @@ impl Matcher {
     fn itm_logits(&self, image_embeds: Tensor<3>, texts: &[&str]) -> Result<Vec<f32>> {
         let (ids, mask) = self.tokens(texts)?;
         let ids = self.first_token.apply(ids, self.config.text.enc_token_id);
-        Ok(host(self.model.itm_logits(
-            image_embeds,
-            ids,
-            Some(mask),
-        )?))
+        host(
+            "ITM logits",
+            self.model.itm_logits(image_embeds, ids, Some(mask))?,
+        )
     }
 
     /// ITM match probabilities for pairs: text `i` with image `i` of `image_embeds`.
@@ -243,10 +242,13 @@ impl Matcher {
         texts: &[&str],
         k: usize,
     ) -> Result<Vec<Ranked>> {
-        let cosine = host(cosine_similarity(
-            self.model.image_features(image_embeds.clone()),
-            self.text_features(texts)?,
-        ));
+        let cosine = host(
+            "ITC similarities",
+            cosine_similarity(
+                self.model.image_features(image_embeds.clone()),
+                self.text_features(texts)?,
+            ),
+        )?;
         let top = top_k(&cosine, k);
         let chosen: Vec<&str> = top.iter().map(|&i| texts[i]).collect();
         let [_, t, d] = image_embeds.dims();
@@ -261,10 +263,13 @@ impl Matcher {
         text: &str,
         k: usize,
     ) -> Result<Vec<Ranked>> {
-        let cosine = host(cosine_similarity(
-            self.model.image_features(image_embeds.clone()),
-            self.text_features(&[text])?,
-        ));
+        let cosine = host(
+            "ITC similarities",
+            cosine_similarity(
+                self.model.image_features(image_embeds.clone()),
+                self.text_features(&[text])?,
+            ),
+        )?;
         let top = top_k(&cosine, k);
         let index = Tensor::<1, Int>::from_data(
             TensorData::new(
@@ -307,8 +312,15 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().try_into_vec_as::<f32>().expect("f32 output")
+/// A model output read back to the host; NaN or ±inf is an [`Error::NonFinite`] naming
+/// `what`, never a `null` probability or a silently arbitrary ranking.
+fn host<const D: usize>(what: &'static str, t: Tensor<D>) -> Result<Vec<f32>> {
+    let values = t
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .map_err(|e| Error::Generation(format!("reading {what} back: {e:?}")))?;
+    crate::generate::check_finite(what, 0, &values)?;
+    Ok(values)
 }
 
 /// `ids` with column 0 replaced by `token` (`[ENC]` or `[DEC]` over `[CLS]`).
@@ -429,6 +441,17 @@ impl QuestionAnswerer {
         if answers.is_empty() {
             return Ok(vec![]);
         }
+        // An empty candidate scores only [SEP], which can beat every real answer.
+        if let Some((i, blank)) = answers
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.trim().is_empty())
+        {
+            return Err(Error::Encode {
+                text: blank.to_string(),
+                message: format!("answer candidate {i} is empty: every candidate needs a word"),
+            });
+        }
         let (q_ids, q_mask) = self.questions(&[question])?;
         let image_embeds = self.model.vision_model.forward(pixels)?;
         let states = self
@@ -444,10 +467,25 @@ impl QuestionAnswerer {
             ids_tensor(&[vec![dec]], &self.device),
             None,
         )?;
-        let first = host(burn::tensor::activation::softmax(first.reshape([1, -1]), 1));
+        let first = host(
+            "first-token probabilities",
+            burn::tensor::activation::softmax(first.reshape([1, -1]), 1),
+        )?;
         let encoded = self
             .tokenizer
             .encode_batch(answers, None, Padding::Longest)?;
+        // A candidate the tokenizer reduces to [CLS] [SEP] (control characters only) is as
+        // empty as "".
+        if let Some(i) = encoded
+            .attention_mask
+            .iter()
+            .position(|m| m.iter().filter(|&&k| k == 1).count() <= 2)
+        {
+            return Err(Error::Encode {
+                text: answers[i].to_string(),
+                message: format!("answer candidate {i} has no token: every candidate needs a word"),
+            });
+        }
         let first_probs: Vec<f32> = encoded
             .input_ids
             .iter()
@@ -489,7 +527,10 @@ impl QuestionAnswerer {
             .collect();
         let width = rows[0].len();
         let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [n, width]), &self.device);
-        let losses = host(lm_loss_per_sequence(logits, labels, label_smoothing));
+        let losses = host(
+            "answer losses",
+            lm_loss_per_sequence(logits, labels, label_smoothing),
+        )?;
         let mut ranked: Vec<RankedAnswer> = top
             .iter()
             .zip(losses)

@@ -98,6 +98,8 @@ impl BlipTokenizer {
     /// words over 100 characters as `[UNK]`.
     pub fn from_vocab(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        // Refuses a FIFO or device before the tokenizers crate opens it and blocks.
+        drop(blip_vision::open_file(path)?);
         let file = path.to_str().ok_or_else(|| Error::Tokenizer {
             path: path.to_path_buf(),
             message: "path is not UTF-8".into(),

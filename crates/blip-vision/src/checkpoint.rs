@@ -106,7 +106,7 @@ impl SafetensorsHeader {
             path: path.to_path_buf(),
             message,
         };
-        let mut file = File::open(path).map_err(io)?;
+        let mut file = crate::open_file(path)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut len_bytes = [0u8; 8];
         file.read_exact(&mut len_bytes)
@@ -146,30 +146,63 @@ impl SafetensorsHeader {
                 },
             );
         }
+        // Every offset and size is checked arithmetic: offsets near 2^64 used to wrap past
+        // the bounds check and read the tensor from the header bytes.
         let data_start = 8 + header_len;
+        let data_len = file_len - data_start;
         let data_end = tensors
             .values()
             .map(|t| t.data_offsets.1)
             .max()
             .unwrap_or(0);
-        if data_start + data_end > file_len {
-            return Err(Error::Truncated {
-                path: path.to_path_buf(),
-                expected: data_start + data_end,
-                found: file_len,
-            });
+        match data_start.checked_add(data_end) {
+            None => {
+                return Err(invalid(format!(
+                    "data offsets up to {data_end} lie beyond any file"
+                )));
+            }
+            Some(expected) if expected > file_len => {
+                return Err(Error::Truncated {
+                    path: path.to_path_buf(),
+                    expected,
+                    found: file_len,
+                });
+            }
+            Some(_) => {}
         }
+        let mut ranges = Vec::with_capacity(tensors.len());
         for (key, t) in &tensors {
-            let elements: usize = t.shape.iter().product();
             let width = dtype_width(&t.dtype)
                 .ok_or_else(|| invalid(format!("entry `{key}` has unknown dtype {}", t.dtype)))?;
+            let bytes = t
+                .shape
+                .iter()
+                .try_fold(width as u64, |n, &d| n.checked_mul(d as u64))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "entry `{key}` has a shape {:?} too large to address",
+                        t.shape
+                    ))
+                })?;
             let (start, end) = t.data_offsets;
-            if end < start || end - start != (elements * width) as u64 {
+            if end < start || end - start != bytes {
                 return Err(invalid(format!(
-                    "entry `{key}` ({} {:?}) has a byte range of {} bytes",
+                    "entry `{key}` ({} {:?}, {bytes} bytes) has a byte range of {} bytes",
                     t.dtype,
                     t.shape,
                     end.saturating_sub(start)
+                )));
+            }
+            debug_assert!(end <= data_len, "checked against the largest end above");
+            ranges.push((start, end, key));
+        }
+        // The ranges must not overlap (safetensors tiles the data section with them).
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+            if start < end {
+                return Err(invalid(format!(
+                    "entries `{a}` and `{b}` overlap in the data section"
                 )));
             }
         }
@@ -181,7 +214,13 @@ impl SafetensorsHeader {
     }
 
     /// A burn-store tensor named `name` whose bytes are read from the file when first drawn.
-    fn deferred(&self, key: &str, name: String) -> Result<PackTensor> {
+    /// A non-finite value is recorded in `non_finite` and fails the read.
+    fn deferred(
+        &self,
+        key: &str,
+        name: String,
+        non_finite: &std::sync::Arc<std::sync::Mutex<Option<(String, u64)>>>,
+    ) -> Result<PackTensor> {
         let info = &self.tensors[key];
         let dtype = match info.dtype.as_str() {
             "F16" => DType::F16,
@@ -198,6 +237,7 @@ impl SafetensorsHeader {
         };
         let (path, start) = (self.path.clone(), self.data_start + info.data_offsets.0);
         let len = (info.data_offsets.1 - info.data_offsets.0) as usize;
+        let (key, non_finite) = (key.to_string(), non_finite.clone());
         Ok(PackTensor::deferred(
             name,
             dtype,
@@ -217,6 +257,14 @@ impl SafetensorsHeader {
                         Ok(())
                     })
                     .map_err(|e| PackError::IoError(format!("{}: {e}", path.display())))?;
+                if let Some(count) = count_non_finite(&buffer, dtype) {
+                    if let Ok(mut slot) = non_finite.lock() {
+                        slot.get_or_insert((key.clone(), count));
+                    }
+                    return Err(PackError::ValidationError(format!(
+                        "`{key}` holds {count} NaN or infinite values"
+                    )));
+                }
                 Ok(Bytes::from_bytes_vec(buffer))
             },
         ))
@@ -242,11 +290,51 @@ impl SafetensorsHeader {
     }
 }
 
+/// The number of distinct layer indices `i` among `keys` of the form `{prefix}{i}.…`.
+///
+/// Loaders compare it with a config's layer count before building the model: a module is
+/// allocated per declared layer, so a config claiming 10⁹ layers must be refused from the
+/// file's header, not discovered after the allocation.
+pub fn count_layers<'a>(keys: impl IntoIterator<Item = &'a str>, prefix: &str) -> usize {
+    let mut seen = std::collections::BTreeSet::new();
+    for key in keys {
+        if let Some((index, _)) = key.strip_prefix(prefix).and_then(|r| r.split_once('.'))
+            && let Ok(i) = index.parse::<usize>()
+        {
+            seen.insert(i);
+        }
+    }
+    seen.len()
+}
+
 #[derive(serde::Deserialize)]
 struct RawInfo {
     dtype: String,
     shape: Vec<usize>,
     data_offsets: [u64; 2],
+}
+
+/// How many values of a little-endian float buffer are NaN or ±inf (all exponent bits
+/// set); `None` when there are none. Written on the bits so that it vectorises: it runs over
+/// every weight of every load.
+fn count_non_finite(bytes: &[u8], dtype: DType) -> Option<u64> {
+    macro_rules! count {
+        ($int:ty, $exponent:expr) => {{
+            let (chunks, _) = bytes.as_chunks::<{ size_of::<$int>() }>();
+            chunks
+                .iter()
+                .map(|c| u64::from(<$int>::from_le_bytes(*c) & $exponent == $exponent))
+                .sum::<u64>()
+        }};
+    }
+    let n = match dtype {
+        DType::F32 => count!(u32, 0x7F80_0000),
+        DType::F16 => count!(u16, 0x7C00),
+        DType::BF16 => count!(u16, 0x7F80),
+        DType::F64 => count!(u64, 0x7FF0_0000_0000_0000),
+        _ => 0,
+    };
+    (n > 0).then_some(n)
 }
 
 fn dtype_width(dtype: &str) -> Option<usize> {
@@ -478,9 +566,10 @@ pub fn load_safetensors<M: Module + ModuleSnapshot>(
 ) -> Result<M> {
     let expected = expected_keys(&module, map);
     check_header(header, &expected, map)?;
+    let non_finite = std::sync::Arc::new(std::sync::Mutex::new(None));
     let tensors = expected
         .keys()
-        .map(|key| header.deferred(key, map.to_module(key)))
+        .map(|key| header.deferred(key, map.to_module(key), &non_finite))
         .collect::<Result<Vec<_>>>()?;
     let adapter = PyTorchLayout(PyTorchToBurnAdapter).chain(FloatCastAdapter::to(DType::F32));
     let result = module.apply(tensors, None, Some(Box::new(adapter)), false);
@@ -488,6 +577,13 @@ pub fn load_safetensors<M: Module + ModuleSnapshot>(
         path: header.path.clone(),
         message,
     };
+    if let Some((key, count)) = non_finite.lock().ok().and_then(|mut slot| slot.take()) {
+        return Err(Error::NonFiniteTensor {
+            path: header.path.clone(),
+            key,
+            count,
+        });
+    }
     if let Some(error) = result.errors.first() {
         return Err(store_error(error.to_string()));
     }
@@ -647,6 +743,46 @@ mod tests {
         let data = TensorData::from_bytes_vec(vec![0u8; 4 * 6], [2, 3], DType::F32);
         assert_eq!(transpose_2d(data).shape().to_vec(), vec![3, 2]);
         assert!(transpose_elements(&[], 0, 5, 4).is_empty());
+    }
+
+    #[test]
+    fn non_finite_values_are_counted_in_every_float_dtype() {
+        let f32s: Vec<u8> = [1.0f32, f32::NAN, -0.0, f32::INFINITY, f32::MAX]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(&f32s, DType::F32), Some(2));
+        assert_eq!(count_non_finite(&f32s[..4], DType::F32), None);
+        let f16s: Vec<u8> = [0x3C00u16, 0x7C00, 0xFE00, 0x7BFF]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(&f16s, DType::F16), Some(2));
+        let bf16s: Vec<u8> = [0x3F80u16, 0xFF80, 0x7F7F]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(&bf16s, DType::BF16), Some(1));
+        let f64s: Vec<u8> = [f64::NAN, 2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(&f64s, DType::F64), Some(1));
+        assert_eq!(count_non_finite(&f32s, DType::I32), None);
+    }
+
+    #[test]
+    fn count_layers_counts_distinct_indices_under_the_prefix() {
+        let keys = [
+            "vision_model.encoder.layers.0.mlp.fc1.weight",
+            "vision_model.encoder.layers.0.mlp.fc2.weight",
+            "vision_model.encoder.layers.11.mlp.fc1.weight",
+            "vision_model.encoder.layers.x.mlp.fc1.weight",
+            "text_encoder.encoder.layer.3.output.dense.weight",
+        ];
+        assert_eq!(count_layers(keys, "vision_model.encoder.layers."), 2);
+        assert_eq!(count_layers(keys, "text_encoder.encoder.layer."), 1);
+        assert_eq!(count_layers(keys, "text_decoder.bert.encoder.layer."), 0);
     }
 
     #[test]

@@ -44,12 +44,14 @@ impl VisionConfig {
 
     /// Number of patches per side at the configured image size.
     pub fn grid_size(&self) -> usize {
-        self.image_size / self.patch_size
+        self.image_size.checked_div(self.patch_size).unwrap_or(0)
     }
 
-    /// Number of tokens (class token + patches) at the configured image size.
+    /// Number of tokens (class token + patches) at the configured image size. A config that
+    /// passed [`Self::validate`] cannot overflow here; one that did not saturates.
     pub fn num_positions(&self) -> usize {
-        self.grid_size() * self.grid_size() + 1
+        let grid = self.grid_size();
+        grid.saturating_mul(grid).saturating_add(1)
     }
 
     /// Reads the `vision_config` object of a HF BLIP `config.json` (given as parsed JSON).
@@ -94,7 +96,9 @@ impl VisionConfig {
         Self::from_hf_value(vision, path)
     }
 
-    /// Checks the values are consistent (heads divide the width, patches tile the image).
+    /// Checks the values are consistent (heads divide the width, patches tile the image) and
+    /// within [`MAX_IMAGE_SIZE`] and [`MAX_WIDTH`], so that no size computed from them
+    /// overflows and nothing is allocated for an absurd claim.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let fail = |message: String| {
             Err(Error::Config {
@@ -102,6 +106,23 @@ impl VisionConfig {
                 message,
             })
         };
+        for (name, value, max) in [
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("image_size", self.image_size, MAX_IMAGE_SIZE),
+            ("patch_size", self.patch_size, MAX_IMAGE_SIZE),
+        ] {
+            if value == 0 || value > max {
+                return fail(format!("vision {name} {value} is outside 1..={max}"));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return fail(format!(
+                "vision layer_norm_eps {} must be a positive number",
+                self.layer_norm_eps
+            ));
+        }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
@@ -120,11 +141,42 @@ impl VisionConfig {
     }
 }
 
-/// Reads and parses a JSON file, naming the file in any error.
-pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+/// The largest `image_size` a config may declare (ViT inputs are 224–480 px in practice): it
+/// bounds the image processor's output and the position table before any weight is read.
+pub const MAX_IMAGE_SIZE: usize = 16_384;
+
+/// The largest width (hidden or feed-forward size, vocabulary) a config may declare.
+pub const MAX_WIDTH: usize = 1 << 20;
+
+/// The largest number of layers a config may declare; loaders also compare it with the
+/// layers the checkpoint holds before building the model.
+pub const MAX_LAYERS: usize = 1024;
+
+/// Opens `path` for reading if it is a regular file (or a link to one). A FIFO, device or
+/// directory is refused before it is opened: opening a FIFO blocks until a writer comes.
+pub fn open_file(path: &Path) -> Result<std::fs::File> {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
+    };
+    let metadata = std::fs::metadata(path).map_err(io)?;
+    if !metadata.is_file() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    std::fs::File::open(path).map_err(io)
+}
+
+/// Reads and parses a JSON file, naming the file in any error.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut open_file(path)?, &mut text).map_err(|source| {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.to_path_buf(),

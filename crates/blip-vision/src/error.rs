@@ -100,6 +100,17 @@ pub enum Error {
         /// The dtype in the file.
         found: String,
     },
+    /// A weight holds NaN or infinite values: a damaged or diverged checkpoint, refused at
+    /// load rather than decoded into empty captions.
+    #[error("{path}: tensor `{key}` holds {count} NaN or infinite values")]
+    NonFiniteTensor {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The checkpoint key.
+        key: String,
+        /// How many of its values are not finite.
+        count: u64,
+    },
     /// burn's store failed while reading tensors.
     #[error("loading {path} failed: {message}")]
     Store {
