@@ -138,6 +138,9 @@ fn main() {
         },
         ..CapFiltSettings::default()
     };
+    // Before loading the models: a bad option fails at once (run checks it again, with
+    // the captioner's prompt and position limits, before writing anything).
+    settings.validate().unwrap_or_else(|e| fail(&e.to_string()));
     let mut model = BlipCapFilt::load(
         &common::model_dir(captioner),
         &common::model_dir(filter),

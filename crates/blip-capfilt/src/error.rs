@@ -66,10 +66,12 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// A [`RunOptions`](crate::RunOptions) field has an unusable value.
+    /// A [`RunOptions`](crate::RunOptions) field or a generation setting (see
+    /// [`CapFiltModel::validate`](crate::CapFiltModel::validate)) has an unusable value.
+    /// Reported before anything is written to the output directory.
     #[error("option {option}: {reason}")]
     InvalidOption {
-        /// The field name.
+        /// The field or setting name (`chunk_size`, `top_p`, `num_beams`, ...).
         option: &'static str,
         /// What is wrong.
         reason: String,
@@ -85,6 +87,20 @@ pub enum Error {
         path: PathBuf,
         /// One line per differing option: `name: recorded X, now Y`.
         differences: Vec<String>,
+    },
+    /// A path that the JSON outputs would have to name (a tar file, which becomes an
+    /// `images/<stem>/` directory; an image root; a tar input's output directory) is not
+    /// valid UTF-8. Written lossily (U+FFFD) it would name a file that does not exist, so
+    /// the run refuses it before writing anything: rename it.
+    #[error(
+        "{}: {what} is not valid UTF-8, so the JSON outputs cannot name it; rename it",
+        path.display()
+    )]
+    NonUtf8Path {
+        /// The path (displayed lossily).
+        path: PathBuf,
+        /// What the path is (`"image root"`, `"tar file"`, ...).
+        what: &'static str,
     },
     /// Another process is running this shard in this output directory.
     #[error("{path}: another run holds this shard's lock; wait for it or stop it")]

@@ -190,8 +190,12 @@ impl Input {
                         path.display()
                     )));
                 }
-                if !path.is_file() {
-                    return Err(invalid(format!("{}: no such tar file", path.display())));
+                match std::fs::metadata(path) {
+                    Ok(meta) if meta.is_file() => {}
+                    Ok(_) => return Err(not_regular(spec, path)),
+                    Err(_) => {
+                        return Err(invalid(format!("{}: no such tar file", path.display())));
+                    }
                 }
             }
             return Input::tars(spec, paths);
@@ -203,9 +207,14 @@ impl Input {
             for entry in std::fs::read_dir(&path).map_err(Error::io(&path))? {
                 let entry = entry.map_err(Error::io(&path))?;
                 let p = entry.path();
-                if is_tar(&p) && p.is_file() {
-                    paths.push(p);
+                if !is_tar(&p) {
+                    continue;
                 }
+                // A shard that cannot be read is an error, not a silently smaller data set.
+                if !std::fs::metadata(&p).map_err(Error::io(&p))?.is_file() {
+                    return Err(not_regular(spec, &p));
+                }
+                paths.push(p);
             }
             if paths.is_empty() {
                 return Err(invalid("directory holds no .tar file".into()));
@@ -213,6 +222,10 @@ impl Input {
             // File-name order is the deterministic input order every shard agrees on.
             paths.sort();
             return Input::tars(spec, paths);
+        }
+        // Checked before opening: opening a FIFO blocks until a writer comes.
+        if !meta.is_file() {
+            return Err(not_regular(spec, &path));
         }
         if is_tar(&path) {
             return Input::tars(spec, vec![path]);
@@ -241,10 +254,17 @@ impl Input {
         let mut stems = Vec::with_capacity(paths.len());
         let mut seen = HashMap::new();
         for path in &paths {
-            let stem = path
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .and_then(|n| n.strip_suffix(".tar").map(str::to_string))
+            let name = path.file_name().unwrap_or_default();
+            // The stem names the images/<stem>/ directory that annotations point into.
+            let Some(name) = name.to_str() else {
+                return Err(Error::NonUtf8Path {
+                    path: path.clone(),
+                    what: "a tar file name (its stem names the images/<stem>/ directory)",
+                });
+            };
+            let stem = name
+                .strip_suffix(".tar")
+                .map(str::to_string)
                 .unwrap_or_default();
             // The stem names a directory under images/.
             if stem.is_empty() || stem == "." || stem == ".." {
@@ -296,8 +316,12 @@ impl Input {
             .into_iter()
             .map(|p| {
                 let bytes = std::fs::metadata(p).map_err(Error::io(p))?.len();
+                let path = p.to_str().ok_or_else(|| Error::NonUtf8Path {
+                    path: p.clone(),
+                    what: "an input file (recorded in run.json)",
+                })?;
                 Ok(InputFile {
-                    path: p.to_string_lossy().into_owned(),
+                    path: path.to_string(),
                     bytes,
                 })
             })
@@ -352,6 +376,16 @@ impl Input {
                     };
                     (kind, format!("{}: {e}", path.display()))
                 };
+                // Checked before opening: opening a FIFO blocks until a writer comes.
+                if !std::fs::metadata(path).map_err(unreadable)?.is_file() {
+                    return Err((
+                        SkipKind::Unreadable,
+                        format!(
+                            "{}: not a regular file (a directory, FIFO, socket or device)",
+                            path.display()
+                        ),
+                    ));
+                }
                 let file = File::open(path).map_err(unreadable)?;
                 let size = file.metadata().map_err(unreadable)?.len();
                 if size > MAX_IMAGE_BYTES {
@@ -401,6 +435,37 @@ impl Input {
 
 fn is_tar(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "tar")
+}
+
+/// An input path that exists but is not a regular file (or a directory where one is allowed).
+fn not_regular(spec: &str, path: &Path) -> Error {
+    Error::Input {
+        input: spec.to_string(),
+        reason: format!(
+            "{}: not a regular file (a FIFO, socket, device or directory)",
+            path.display()
+        ),
+    }
+}
+
+/// A member name for the outputs: valid UTF-8 as is except `\` written `\\`, invalid
+/// bytes as `\xNN`. Reversible, so distinct names stay distinct (no U+FFFD).
+fn escape_name(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
 }
 
 /// The first non-whitespace byte (after a UTF-8 BOM), which tells a JSON array from JSON lines.
@@ -579,7 +644,9 @@ fn json_sample(
 /// The members of one key in a tar.
 #[derive(Debug, Default)]
 struct TarEntry {
-    key: String,
+    /// The member name up to the extension, as bytes: names that are not UTF-8 must not
+    /// collide through a lossy conversion.
+    key: Vec<u8>,
     /// `(extension as written, offset, size)` of every image member.
     images: Vec<(String, u64, u64)>,
     txt: Option<Result<Vec<u8>, String>>,
@@ -596,18 +663,18 @@ fn index_tar(path: &Path) -> Result<Vec<TarEntry>, Error> {
     let file = File::open(path).map_err(Error::io(path))?;
     let mut archive = tar::Archive::new(BufReader::new(file));
     let mut entries: Vec<TarEntry> = Vec::new();
-    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut by_key: HashMap<Vec<u8>, usize> = HashMap::new();
     for entry in archive.entries_with_seek().map_err(tar_error)? {
         let mut entry = entry.map_err(tar_error)?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let name = entry
-            .path()
-            .map_err(tar_error)?
-            .to_string_lossy()
-            .into_owned();
+        let name = entry.path_bytes().into_owned();
         let Some((key, extension)) = split_member_name(&name) else {
+            continue;
+        };
+        // An extension that is not UTF-8 is none of ours.
+        let Ok(extension) = std::str::from_utf8(extension) else {
             continue;
         };
         let lower = extension.to_ascii_lowercase();
@@ -615,9 +682,9 @@ fn index_tar(path: &Path) -> Result<Vec<TarEntry>, Error> {
         if !is_image && lower != "txt" && lower != "json" {
             continue;
         }
-        let index = *by_key.entry(key.clone()).or_insert_with(|| {
+        let index = *by_key.entry(key.to_vec()).or_insert_with(|| {
             entries.push(TarEntry {
-                key,
+                key: key.to_vec(),
                 ..TarEntry::default()
             });
             entries.len() - 1
@@ -632,7 +699,8 @@ fn index_tar(path: &Path) -> Result<Vec<TarEntry>, Error> {
         }
         let text = if size > MAX_TEXT_BYTES {
             Err(format!(
-                "{name}: {size} bytes, over the {MAX_TEXT_BYTES} limit"
+                "{}: {size} bytes, over the {MAX_TEXT_BYTES} limit",
+                escape_name(&name)
             ))
         } else {
             let mut bytes = Vec::with_capacity(size as usize);
@@ -651,29 +719,22 @@ fn index_tar(path: &Path) -> Result<Vec<TarEntry>, Error> {
 }
 
 /// WebDataset's rule: the key is the member path up to the first dot of its file name,
-/// the extension everything after it. Leading `./` is dropped.
-fn split_member_name(name: &str) -> Option<(String, &str)> {
-    let name = name.trim_start_matches("./");
-    let (dir, base) = match name.rsplit_once('/') {
-        Some((dir, base)) => (Some(dir), base),
-        None => (None, name),
-    };
-    let (stem, extension) = base.split_once('.')?;
-    if stem.is_empty() || extension.is_empty() {
+/// the extension everything after it. Leading `./` is dropped. On bytes, as tar names
+/// need not be UTF-8.
+fn split_member_name(mut name: &[u8]) -> Option<(&[u8], &[u8])> {
+    while let Some(rest) = name.strip_prefix(b"./") {
+        name = rest;
+    }
+    let base = name.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+    let dot = base + name[base..].iter().position(|&b| b == b'.')?;
+    let (key, extension) = (&name[..dot], &name[dot + 1..]);
+    if dot == base || extension.is_empty() {
         return None;
     }
-    let key = match dir {
-        Some(dir) => format!("{dir}/{stem}"),
-        None => stem.to_string(),
-    };
     Some((key, extension))
 }
 
 fn tar_sample(tar: usize, stem: &str, ordinal: u64, entry: TarEntry) -> Sample {
-    let image_path = |extension: Option<&str>| match extension {
-        Some(ext) => format!("{}/{stem}/{}.{ext}", crate::IMAGES_DIR, entry.key),
-        None => format!("{}/{stem}/{}", crate::IMAGES_DIR, entry.key),
-    };
     let invalid = |image: String, kind, reason: String| Sample {
         ordinal,
         image,
@@ -681,15 +742,39 @@ fn tar_sample(tar: usize, stem: &str, ordinal: u64, entry: TarEntry) -> Sample {
         source: ImageSource::Invalid { kind, reason },
     };
     let first_ext = entry.images.first().map(|(ext, _, _)| ext.as_str());
+    // The key becomes a path in the JSON outputs: a lossy one would name no file (and two
+    // keys could become one), so it is skipped, named with its bytes escaped.
+    let key = match std::str::from_utf8(&entry.key) {
+        Ok(key) => key,
+        Err(_) => {
+            let escaped = escape_name(&entry.key);
+            let image = match first_ext {
+                Some(ext) => format!("{}/{stem}/{escaped}.{ext}", crate::IMAGES_DIR),
+                None => format!("{}/{stem}/{escaped}", crate::IMAGES_DIR),
+            };
+            return invalid(
+                image,
+                SkipKind::UnsafeKey,
+                format!(
+                    "key \"{escaped}\" is not valid UTF-8 (invalid bytes shown as \\xNN), so no \
+                     output file can be named after it"
+                ),
+            );
+        }
+    };
+    let image_path = |extension: Option<&str>| match extension {
+        Some(ext) => format!("{}/{stem}/{key}.{ext}", crate::IMAGES_DIR),
+        None => format!("{}/{stem}/{key}", crate::IMAGES_DIR),
+    };
     // The key becomes a path under images/: refuse `..`, absolute paths and the like.
-    let safe = Path::new(&entry.key)
+    let safe = Path::new(key)
         .components()
         .all(|c| matches!(c, Component::Normal(_)));
-    if !safe || entry.key.contains('\\') {
+    if !safe || key.contains('\\') {
         return invalid(
             image_path(first_ext),
             SkipKind::UnsafeKey,
-            format!("key {:?} is not a plain relative path", entry.key),
+            format!("key {key:?} is not a plain relative path"),
         );
     }
     let web_text = match (&entry.txt, &entry.json) {
@@ -700,7 +785,7 @@ fn tar_sample(tar: usize, stem: &str, ordinal: u64, entry: TarEntry) -> Sample {
                 Some(Value::String(caption)) => Some(caption.trim().to_string()),
                 _ => None,
             }),
-            Err(e) => Err(format!("{}.json: invalid JSON: {e}", entry.key)),
+            Err(e) => Err(format!("{key}.json: invalid JSON: {e}")),
         },
         (None, Some(Err(reason))) => Err(reason.clone()),
         (None, None) => Ok(None),
@@ -713,7 +798,7 @@ fn tar_sample(tar: usize, stem: &str, ordinal: u64, entry: TarEntry) -> Sample {
         [] => invalid(
             image_path(None),
             SkipKind::NoImage,
-            format!("key {:?} has no image member", entry.key),
+            format!("key {key:?} has no image member"),
         ),
         [(ext, offset, size)] => Sample {
             ordinal,
@@ -729,8 +814,7 @@ fn tar_sample(tar: usize, stem: &str, ordinal: u64, entry: TarEntry) -> Sample {
             image_path(first_ext),
             SkipKind::AmbiguousImage,
             format!(
-                "key {:?} has {} image members ({})",
-                entry.key,
+                "key {key:?} has {} image members ({})",
                 several.len(),
                 several
                     .iter()
@@ -749,14 +833,33 @@ mod tests {
     #[test]
     fn member_names_split_like_webdataset() {
         assert_eq!(
-            split_member_name("000001.jpg"),
-            Some(("000001".into(), "jpg"))
+            split_member_name(b"000001.jpg"),
+            Some((&b"000001"[..], &b"jpg"[..]))
         );
         assert_eq!(
-            split_member_name("./a/b.c.json"),
-            Some(("a/b".into(), "c.json"))
+            split_member_name(b"./a/b.c.json"),
+            Some((&b"a/b"[..], &b"c.json"[..]))
         );
-        assert_eq!(split_member_name(".hidden"), None);
-        assert_eq!(split_member_name("noext"), None);
+        assert_eq!(
+            split_member_name(b"./././x/y.z/k.png"),
+            Some((&b"x/y.z/k"[..], &b"png"[..]))
+        );
+        assert_eq!(split_member_name(b".hidden"), None);
+        assert_eq!(split_member_name(b"dir/.hidden"), None);
+        assert_eq!(split_member_name(b"noext"), None);
+        assert_eq!(split_member_name(b"trailing."), None);
+        assert_eq!(
+            split_member_name(b"k\xff.png"),
+            Some((&b"k\xff"[..], &b"png"[..]))
+        );
+    }
+
+    #[test]
+    fn escaped_names_are_distinct_and_readable() {
+        assert_eq!(escape_name("café/k".as_bytes()), "café/k");
+        assert_eq!(escape_name(b"k\xff"), "k\\xff");
+        assert_eq!(escape_name(b"a\\b"), "a\\\\b");
+        // An invalid byte and the same text spelled out do not collide.
+        assert_ne!(escape_name(b"k\xff"), escape_name(b"k\\xff"));
     }
 }

@@ -19,6 +19,14 @@
 //!   `.tar` files (taken in file-name order) or a brace pattern
 //!   (`shards/{00000..00009}.tar`, see [`expand_braces`]).
 //!
+//! Input paths must be regular files (or a directory, for a directory of `.tar`s): a
+//! FIFO, socket or device is refused with [`Error::Input`] before it is opened (opening a
+//! FIFO blocks), and an image file of a JSON input that is not a regular file is skipped
+//! as `unreadable`. Paths the JSON outputs name must be valid UTF-8, since a lossy U+FFFD
+//! would name a file that does not exist: a tar file name, an image root or a tar input's
+//! output directory that is not is refused with [`Error::NonUtf8Path`]; a tar key that is
+//! not is skipped as `unsafe_key`, its record naming it with the invalid bytes as `\xNN`.
+//!
 //! Samples are numbered (their *ordinal*) in this deterministic order. A caption list is
 //! one image with several web texts: as [`CapFiltModel::process`] scores one web text per
 //! entry, the image is passed once per web text, and only the first entry's synthetic
@@ -31,14 +39,22 @@
 //! together later), and [`merge`] joins them. A shard's samples are cut into chunks of
 //! [`RunOptions::chunk_size`]; a chunk's results are written to a temp file, fsynced and
 //! renamed into place, the rename being the commit. A restarted run (after a crash or
-//! `kill -9`) removes temp files, skips committed chunks without reading their images
-//! and redoes the rest, so its output equals an uninterrupted run's. For tar inputs the
-//! images of a chunk that have a kept text are copied (bytes unchanged) to
-//! `images/<tar stem>/<key>.<ext>` before the chunk is committed.
+//! `kill -9`) removes temp files, verifies the committed chunks (record count and
+//! SHA-256 of their records, from the chunk header), skips them without reading their
+//! images and redoes the rest, so its output equals an uninterrupted run's. A committed
+//! chunk that fails verification (truncated, lines removed, bytes altered) stops the run
+//! with [`Error::CorruptOutput`] naming the file and what differs, rather than being
+//! redone silently, which could hide damage or tampering: delete the chunk file and run
+//! again to redo it. [`merge`] verifies every chunk the same way before reading it. For
+//! tar inputs the images of a chunk that have a kept text are copied (bytes unchanged)
+//! to `images/<tar stem>/<key>.<ext>` before the chunk is committed.
 //!
-//! Each shard directory records its options in `run.json` (input and its file sizes,
-//! shard, chunk size, captioner and filter names, threshold, generation settings); a
-//! restart or sibling shard with other options fails with [`Error::OptionsChanged`].
+//! Each shard directory records its options in `run.json` (format version, input and its
+//! file sizes, shard, chunk size, captioner and filter names, threshold, generation
+//! settings); a restart or sibling shard with other options fails with
+//! [`Error::OptionsChanged`]. The options and the model's settings
+//! ([`CapFiltModel::validate`]) are checked before anything is written, so a refused run
+//! leaves no `run.json` behind and a corrected rerun is not taken for another run.
 //! For the output of a sharded run to equal the unsharded one, the model's output for an
 //! image must not depend on the rest of its batch (seed sampling per image, e.g. from
 //! its pixels, not per batch).
@@ -48,9 +64,12 @@
 //! ```text
 //! <out>/
 //!   shard-00000-of-00003/        one run directory per shard ("shard-00000-of-00001" unsharded)
-//!     run.json                   the run's options (see above)
-//!     chunks/00000000.jsonl      chunk 0: a header line {"chunk": 0, "samples": n},
-//!     chunks/00000001.jsonl        then its provenance records (as in provenance.jsonl)
+//!     run.json                   the run's options (see above; "format": 2)
+//!     chunks/00000000.jsonl      chunk 0: a header line
+//!     chunks/00000001.jsonl        {"chunk": 0, "samples": n, "records": r, "sha256": h},
+//!                                  then its r provenance records (as in provenance.jsonl),
+//!                                  one a line; h: SHA-256 (lowercase hex) of every byte
+//!                                  after the header line
 //!     done                       {"chunks": c, "samples": s}: every chunk is committed
 //!     lock                       locked (OS file lock) while a run works on the shard
 //!   images/<tar stem>/<key>.<ext>  tar inputs only: images with at least one kept text
@@ -78,6 +97,7 @@
 
 #![warn(missing_docs)]
 
+mod chunk;
 mod error;
 mod fsutil;
 mod input;
@@ -140,6 +160,13 @@ pub struct ImageVerdict {
 
 /// Captioner + filter, as the runner drives them.
 pub trait CapFiltModel {
+    /// Checks the model's settings (generation options and the like); [`run`] calls it
+    /// before it enumerates the input or writes anything, so that a bad setting fails
+    /// once, before any image is decoded, and leaves the output directory untouched.
+    /// Return [`Error::InvalidOption`] naming the setting. The default accepts everything.
+    fn validate(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// Captions + ITM scores for a batch of decoded images with their web texts (`None`
     /// if the sample has none); one verdict per image, in order. For sharded and
     /// unsharded runs to agree, an image's verdict must not depend on the rest of the batch.

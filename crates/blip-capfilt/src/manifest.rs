@@ -10,8 +10,9 @@ use crate::fsutil::write_atomic;
 use crate::input::{Input, InputFile};
 use crate::{Error, RunOptions, Shard};
 
-/// Version of the on-disk layout; bumped when chunk or manifest formats change.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk layout; bumped when chunk or manifest formats change (2: chunk
+/// headers carry the record count and SHA-256).
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct RunManifest {
@@ -43,7 +44,17 @@ impl RunManifest {
             input: options.input.clone(),
             input_kind: input.kind().to_string(),
             input_files: input.files()?,
-            image_root: input.image_root().map(|p| p.to_string_lossy().into_owned()),
+            image_root: match input.image_root() {
+                None => None,
+                Some(root) => Some(
+                    root.to_str()
+                        .ok_or_else(|| Error::NonUtf8Path {
+                            path: root.to_path_buf(),
+                            what: "the image root",
+                        })?
+                        .to_string(),
+                ),
+            },
             shard: options.shard,
             chunk_size: options.chunk_size,
             captioner,

@@ -7,9 +7,10 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Lines, Write};
 use std::path::{Path, PathBuf};
 
+use crate::chunk::verify_chunk;
 use crate::fsutil::{AtomicFile, write_atomic};
-use crate::manifest::{self, RunManifest};
-use crate::records::{ChunkHeader, DoneMarker, noise_ratio};
+use crate::manifest::{self, FORMAT_VERSION, RunManifest};
+use crate::records::{DoneMarker, noise_ratio};
 use crate::runner::{chunk_path, list_chunks, parse_shard_dir};
 use crate::{
     ANNOTATIONS_FILE, Annotation, CHUNKS_DIR, DONE_FILE, Error, PROVENANCE_FILE, ProvenanceRecord,
@@ -63,6 +64,16 @@ pub fn merge(out_dir: &Path) -> Result<Summary, Error> {
     for (shard, dir) in &found {
         let path = dir.join(RUN_FILE);
         let recorded = RunManifest::read(&path)?;
+        if recorded.format != FORMAT_VERSION {
+            return Err(Error::CorruptOutput {
+                path,
+                reason: format!(
+                    "written in CapFilt output format {}, this version reads format \
+                     {FORMAT_VERSION}; run again into a new output directory",
+                    recorded.format
+                ),
+            });
+        }
         match &reference {
             Some(first) => manifest::check(path, first, &recorded, true)?,
             None => reference = Some(recorded),
@@ -95,13 +106,21 @@ pub fn merge(out_dir: &Path) -> Result<Summary, Error> {
         });
     };
 
+    // Tar outputs are relative to the output directory: it must be nameable exactly.
+    let image_root = match &manifest.image_root {
+        Some(root) => root.clone(),
+        None => out_dir
+            .to_str()
+            .ok_or_else(|| Error::NonUtf8Path {
+                path: out_dir.to_path_buf(),
+                what: "the output directory of a tar input (the summary's image root)",
+            })?
+            .to_string(),
+    };
     let mut summary = Summary {
         input: manifest.input.clone(),
         input_kind: manifest.input_kind.clone(),
-        image_root: manifest
-            .image_root
-            .clone()
-            .unwrap_or_else(|| out_dir.to_string_lossy().into_owned()),
+        image_root,
         shards: count,
         captioner: manifest.captioner.clone(),
         filter: manifest.filter.clone(),
@@ -313,20 +332,22 @@ impl ShardReader {
     fn open_chunk(&mut self) -> Result<(), Error> {
         let chunk = self.next_chunk;
         let path = chunk_path(&self.chunks_dir, chunk);
+        // Count and checksum first, so that no record of a damaged chunk is merged.
+        let header = verify_chunk(
+            &path,
+            chunk,
+            &format!(
+                "delete this chunk file and run shard {} again (same options) to redo \
+                 the chunk, then merge",
+                self.shard
+            ),
+        )?;
+        self.samples += header.samples;
         let file = File::open(&path).map_err(Error::io(&path))?;
         let mut lines = BufReader::new(file).lines();
-        let header: Option<ChunkHeader> = match lines.next() {
-            Some(line) => serde_json::from_str(&line.map_err(Error::io(&path))?).ok(),
-            None => None,
-        };
-        match header {
-            Some(header) if header.chunk == chunk => self.samples += header.samples,
-            _ => {
-                return Err(Error::CorruptOutput {
-                    path,
-                    reason: format!("first line is not the header of chunk {chunk}"),
-                });
-            }
+        // The header, verified above.
+        if let Some(line) = lines.next() {
+            line.map_err(Error::io(&path))?;
         }
         self.current = Some((path, lines, 1));
         self.next_chunk += 1;

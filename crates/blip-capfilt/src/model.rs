@@ -16,7 +16,7 @@ use blip_train::pre_caption;
 use burn::tensor::Device;
 use image::RgbImage;
 
-use crate::{CapFiltModel, ImageVerdict, ModelError, ScoredText};
+use crate::{CapFiltModel, Error, ImageVerdict, ModelError, ScoredText};
 
 /// How synthetic captions are written.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +75,72 @@ impl Default for CapFiltSettings {
 }
 
 impl CapFiltSettings {
+    /// Checks every setting that would make generation or scoring fail, or run something
+    /// other than what `run.json` records: top-p in (0, 1] (nucleus sampling), at least
+    /// one beam (beam search), at least one caption, a finite positive repetition
+    /// penalty, `max_length >= 1`, `min_length <= max_length`, and at least one word kept
+    /// for scoring. The one place these settings are checked: [`run`](crate::run) calls
+    /// it (through [`CapFiltModel::validate`]) before writing anything, so a bad value
+    /// fails at once with [`Error::InvalidOption`] and does not lock the output
+    /// directory; a front end can call it before loading the models. What needs the
+    /// captioner (prompt length, position limit) is checked by [`BlipCapFilt`]'s
+    /// [`CapFiltModel::validate`].
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |option, reason: String| Err(Error::InvalidOption { option, reason });
+        match self.strategy {
+            CaptionStrategy::Nucleus { top_p } => {
+                // `!(p > 0.0)` is true for NaN too.
+                if !(top_p > 0.0 && top_p <= 1.0) {
+                    return invalid("top_p", format!("{top_p} is not in (0, 1]"));
+                }
+            }
+            CaptionStrategy::Beam { num_beams } => {
+                if num_beams == 0 {
+                    return invalid("num_beams", "must be at least 1".into());
+                }
+                // Raising the beams to the caption count would run other settings than
+                // run.json records.
+                if num_beams < self.num_captions {
+                    return invalid(
+                        "num_beams",
+                        format!(
+                            "{num_beams} beams cannot return num_captions = {} captions",
+                            self.num_captions
+                        ),
+                    );
+                }
+            }
+        }
+        if self.num_captions == 0 {
+            return invalid("num_captions", "must be at least 1".into());
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return invalid(
+                "repetition_penalty",
+                format!(
+                    "{} is not a finite positive number (1.0: no penalty)",
+                    self.repetition_penalty
+                ),
+            );
+        }
+        if self.max_length == 0 {
+            return invalid("max_length", "must be at least 1".into());
+        }
+        if self.min_length > self.max_length {
+            return invalid(
+                "min_length",
+                format!("{} exceeds max_length {}", self.min_length, self.max_length),
+            );
+        }
+        if self.max_words == 0 {
+            return invalid(
+                "max_words",
+                "must be at least 1 (0 would score empty texts)".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The generation config for one image whose sampling seed is `seed`.
     fn generation(&self, seed: u64) -> GenerationConfig {
         let base = GenerationConfig {
@@ -94,10 +160,7 @@ impl CapFiltSettings {
                 }),
                 ..base
             },
-            CaptionStrategy::Beam { num_beams } => GenerationConfig {
-                num_beams: num_beams.max(self.num_captions),
-                ..base
-            },
+            CaptionStrategy::Beam { num_beams } => GenerationConfig { num_beams, ..base },
         }
     }
 
@@ -186,6 +249,42 @@ impl BlipCapFilt {
 }
 
 impl CapFiltModel for BlipCapFilt {
+    /// [`CapFiltSettings::validate`], then what needs the captioner: the prompt (as
+    /// generation uses it) must leave room for a token under `max_length`, and
+    /// `max_length` must fit the decoder's position embeddings.
+    fn validate(&self) -> Result<(), Error> {
+        self.settings.validate()?;
+        let prompt = self.settings.prompt.trim_end();
+        let tokens = self
+            .captioner
+            .tokenizer
+            .decoder_prompt(prompt)
+            .map_err(|e| Error::InvalidOption {
+                option: "prompt",
+                reason: format!("{prompt:?} cannot be tokenised: {e}"),
+            })?;
+        let max_length = self.settings.max_length;
+        if tokens.len() >= max_length {
+            return Err(Error::InvalidOption {
+                option: "max_length",
+                reason: format!(
+                    "{max_length} leaves no room after the prompt {prompt:?} ({} tokens with \
+                     [DEC]); it must be at least {}",
+                    tokens.len(),
+                    tokens.len() + 1
+                ),
+            });
+        }
+        let positions = self.captioner.model.text_decoder.bert.max_positions();
+        if max_length > positions {
+            return Err(Error::InvalidOption {
+                option: "max_length",
+                reason: format!("{max_length} exceeds the captioner's {positions} positions"),
+            });
+        }
+        Ok(())
+    }
+
     fn process(
         &mut self,
         images: &[RgbImage],

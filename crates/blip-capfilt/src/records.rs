@@ -30,7 +30,8 @@ pub enum TextSource {
 pub enum SkipKind {
     /// The image file does not exist.
     Missing,
-    /// The image file or tar member cannot be read (permissions, I/O error, too large).
+    /// The image file or tar member cannot be read (permissions, I/O error, too large, not
+    /// a regular file such as a FIFO or a directory).
     Unreadable,
     /// The bytes do not decode as an image.
     Corrupt,
@@ -38,7 +39,8 @@ pub enum SkipKind {
     NoImage,
     /// A tar key has several image members (`key.jpg` and `key.png`).
     AmbiguousImage,
-    /// A tar key is not a plain relative path (`..`, absolute) and cannot name an output file.
+    /// A tar key is not a plain relative path (`..`, absolute) or not valid UTF-8, and
+    /// cannot name an output file.
     UnsafeKey,
     /// A tar key's `.txt` / `.json` member is unreadable or invalid JSON.
     BadMetadata,
@@ -87,7 +89,8 @@ pub struct SkippedRecord {
     /// The sample's position in the input order.
     pub ordinal: u64,
     /// Image path as the annotation file would have named it (for tar keys without image
-    /// member: `images/<stem>/<key>` without extension).
+    /// member: `images/<stem>/<key>` without extension). A tar key that is not valid UTF-8
+    /// is written with its invalid bytes as `\xNN` (and `\` as `\\`), never lossily.
     pub image: String,
     /// Category of the failure.
     pub kind: SkipKind,
@@ -122,6 +125,11 @@ pub(crate) struct ChunkHeader {
     /// Samples (images) in the chunk, processed or skipped; an image whose model output
     /// had no text at all has no record, so this count is the only trace of it.
     pub samples: u64,
+    /// Record lines after the header.
+    pub records: u64,
+    /// SHA-256 (lowercase hex) of every byte after the header line: the record lines,
+    /// each with its `\n`.
+    pub sha256: String,
 }
 
 /// Contents of a shard's `done` marker.

@@ -10,12 +10,13 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::chunk::{verify_chunk, write_chunk};
 use crate::fsutil::{
     create_dir_all, remove_stale_temps, sync_dir, write_atomic, write_atomic_no_dir_sync,
 };
 use crate::input::{Flow, Input, Sample, Skip};
 use crate::manifest::{self, RunManifest};
-use crate::records::{ChunkHeader, DoneMarker};
+use crate::records::DoneMarker;
 use crate::{
     CHUNKS_DIR, CapFiltModel, DONE_FILE, Error, LOCK_FILE, ProvenanceRecord, RUN_FILE, RunOptions,
     Shard, SkipKind, SkippedRecord, Summary, TextRecord, TextSource,
@@ -43,8 +44,18 @@ pub struct RunReport {
 /// Runs CapFilt over `options.shard` of the input with `model`, resuming a killed run in
 /// the same output directory. See the crate docs for the layout and guarantees.
 pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunReport, Error> {
+    // Everything that can be refused is checked before the output directory is touched,
+    // so that a corrected rerun is not taken for a run with other options.
     options.validate()?;
+    model.validate()?;
     let input = Input::resolve(&options.input, options.image_root.as_deref())?;
+    // Tar outputs are relative to the output directory, which the summary names.
+    if matches!(input, Input::Tars { .. }) && options.out_dir.to_str().is_none() {
+        return Err(Error::NonUtf8Path {
+            path: options.out_dir.clone(),
+            what: "the output directory of a tar input (the summary's image root)",
+        });
+    }
     let captioner = model.captioner_name();
     let filter = model.filter_name();
     let manifest = RunManifest::new(options, &input, captioner.clone(), filter.clone())?;
@@ -64,20 +75,50 @@ pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunRepo
             });
         }
     };
-    if let Some(recorded) = &recorded {
-        manifest::check(run_file.clone(), &manifest, recorded, false)?;
+    // A shard that committed nothing produced nothing under its recorded options (its run
+    // stopped at an input error, say): a corrected rerun replaces them instead of being
+    // locked out as "options differ".
+    let nothing_committed = || -> Result<bool, Error> {
+        Ok(!chunks_dir.exists() || list_chunks(&chunks_dir)?.is_empty())
+    };
+    let mut replace = recorded.is_none();
+    if let Some(recorded) = &recorded
+        && let Err(changed) = manifest::check(run_file.clone(), &manifest, recorded, false)
+    {
+        if !nothing_committed()? {
+            return Err(changed);
+        }
+        replace = true;
     }
     check_siblings(&options.out_dir, &manifest)?;
     create_dir_all(&chunks_dir)?;
     // Held until this function returns; the OS drops it when the process dies (kill -9
     // included), so it never goes stale.
     let _lock = lock_shard(&shard_dir.join(LOCK_FILE))?;
-    if recorded.is_none() {
+    if replace {
+        // Checked again under the lock: a concurrent run of the old options may have
+        // committed a chunk since.
+        if recorded.is_some() && !nothing_committed()? {
+            return Err(Error::OptionsChanged {
+                path: run_file,
+                differences: vec![
+                    "a run with the recorded options committed a chunk meanwhile".into(),
+                ],
+            });
+        }
         manifest.write(&run_file)?;
     }
     remove_stale_temps(&shard_dir)?;
     remove_stale_temps(&chunks_dir)?;
     let committed = list_chunks(&chunks_dir)?;
+    // A committed chunk is trusted (its images are not read again), so it must be intact.
+    for &chunk in &committed {
+        verify_chunk(
+            &chunk_path(&chunks_dir, chunk),
+            chunk,
+            "delete this chunk file and run again to redo the chunk",
+        )?;
+    }
 
     let plan = Plan {
         shard,
@@ -692,15 +733,6 @@ fn commit_chunk(
             sync_dir(dir)?;
         }
     }
-    let header = ChunkHeader { chunk, samples };
     let records = std::mem::take(&mut buffer.records);
-    write_atomic(&chunk_path(ctx.chunks_dir, chunk), |out| {
-        serde_json::to_writer(&mut *out, &header)?;
-        out.write_all(b"\n")?;
-        for record in &records {
-            serde_json::to_writer(&mut *out, record)?;
-            out.write_all(b"\n")?;
-        }
-        Ok(())
-    })
+    write_chunk(&chunk_path(ctx.chunks_dir, chunk), chunk, samples, &records)
 }

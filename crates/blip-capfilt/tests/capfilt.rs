@@ -6,8 +6,9 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use blip_capfilt::{
-    Annotation, CapFiltModel, Error, ImageVerdict, ModelError, ProvenanceRecord, RunOptions,
-    ScoredText, Shard, SkipKind, Summary, TextSource, expand_braces, merge, run,
+    Annotation, CapFiltModel, CapFiltSettings, CaptionStrategy, Error, ImageVerdict, ModelError,
+    ProvenanceRecord, RunOptions, ScoredText, Shard, SkipKind, Summary, TextSource, expand_braces,
+    merge, run,
 };
 use image::{ImageFormat, Rgb, RgbImage};
 use serde_json::{Value, json};
@@ -26,6 +27,9 @@ struct FakeModel {
     seen: usize,
     fault: Option<Fault>,
     name: Option<String>,
+    /// Generation settings, checked as the real model checks them: up front in
+    /// `validate`, and (as generation would fail) in every `process` call.
+    settings: Option<CapFiltSettings>,
 }
 
 #[derive(Clone, Copy)]
@@ -72,6 +76,9 @@ impl CapFiltModel for FakeModel {
     ) -> Result<Vec<ImageVerdict>, ModelError> {
         assert_eq!(images.len(), web_texts.len());
         self.seen += images.len();
+        if let Some(settings) = &self.settings {
+            settings.validate().map_err(|e| e.to_string())?;
+        }
         match self.fault {
             Some(Fault::Fail) => return Err("out of GPU memory".into()),
             Some(Fault::TooFewVerdicts) => return Ok(Vec::new()),
@@ -104,6 +111,13 @@ impl CapFiltModel for FakeModel {
                 }
             })
             .collect())
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        match &self.settings {
+            Some(settings) => settings.validate(),
+            None => Ok(()),
+        }
     }
 
     fn captioner_name(&self) -> String {
@@ -836,8 +850,8 @@ fn malformed_inputs_name_the_place() {
         (write("e.json", r#"[{"image": "x.png"}"#), "invalid JSON"),
         (write("f.txt", "hello"), "neither"),
     ];
-    for (path, needle) in cases {
-        let err = run(&options(&path, &out), &mut FakeModel::default()).unwrap_err();
+    for (path, needle) in &cases {
+        let err = run(&options(path, &out), &mut FakeModel::default()).unwrap_err();
         assert!(
             err.to_string().contains(needle),
             "{}: {err}",
@@ -849,8 +863,16 @@ fn malformed_inputs_name_the_place() {
                 || matches!(err, Error::Input { .. }),
             "{err}"
         );
-        let _ = std::fs::remove_dir_all(&out);
     }
+    // The output directory is not locked by those failed runs: nothing was committed, so
+    // the input, corrected, runs into the same directory.
+    let fixed = write("a.json", r#"[{"image": "x.png", "caption": "a dog"}]"#);
+    run(&options(&fixed, &out), &mut FakeModel::default()).unwrap();
+    // Once a chunk is committed, other options are refused.
+    let other = write("g.json", r#"[{"image": "y.png", "caption": "a cat"}]"#);
+    let err = run(&options(&other, &out), &mut FakeModel::default()).unwrap_err();
+    assert!(matches!(err, Error::OptionsChanged { .. }), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let err = run(&options(&empty, &out), &mut FakeModel::default()).unwrap_err();
@@ -919,4 +941,423 @@ fn a_shard_runs_once_at_a_time() {
             .unwrap()
             .complete
     );
+}
+
+/// Chunk `chunk` of an unsharded run in `out`.
+fn chunk_file(out: &Path, chunk: u64) -> PathBuf {
+    out.join(format!("shard-00000-of-00001/chunks/{chunk:08}.jsonl"))
+}
+
+/// Writes `files` (relative path → bytes, as [`tree`] returns them) under `dir`.
+fn write_tree(dir: &Path, files: &BTreeMap<String, Vec<u8>>) {
+    for (rel, bytes) in files {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+#[test]
+fn chunk_headers_carry_the_record_count_and_sha256() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let json = generated_json(&dir.path().join("data"), 7);
+    let out = dir.path().join("out");
+    run(&options(&json, &out), &mut FakeModel::default()).unwrap();
+    for chunk in 0..3 {
+        let text = read(&chunk_file(&out, chunk));
+        let (header, body) = text.split_once('\n').unwrap();
+        let header: Value = serde_json::from_str(header).unwrap();
+        let digest: String = Sha256::digest(body.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            header,
+            json!({
+                "chunk": chunk,
+                "samples": if chunk < 2 { 3 } else { 1 },
+                "records": body.lines().count(),
+                "sha256": digest,
+            })
+        );
+    }
+}
+
+#[test]
+fn damaged_chunks_are_refused_by_merge_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = generated_json(&dir.path().join("data"), 20);
+    let reference = dir.path().join("reference");
+    run(&options(&json, &reference), &mut FakeModel::default()).unwrap();
+    let finished = tree(&reference);
+
+    // Chunk 1 (samples 3..6): a skipped missing image, then 3 texts of 4 and 5.
+    type Damage = fn(&str) -> String;
+    let cases: [(&str, Damage, &str); 5] = [
+        (
+            "three lines removed",
+            |text| {
+                let mut lines: Vec<&str> = text.lines().collect();
+                lines.drain(1..4);
+                lines.join("\n") + "\n"
+            },
+            "header says 4 record lines, found 1",
+        ),
+        (
+            "cut after a whole line",
+            |text| {
+                let end = text[..text.len() - 1].rfind('\n').unwrap();
+                text[..=end].to_string()
+            },
+            "header says 4 record lines, found 3",
+        ),
+        (
+            "cut mid-line",
+            |text| text[..text.len() - 10].to_string(),
+            "cut short",
+        ),
+        (
+            "a byte altered",
+            |text| {
+                let (header, body) = text.split_once('\n').unwrap();
+                format!("{header}\n{}", body.replacen("0.9", "0.1", 1))
+            },
+            "record bytes have SHA-256",
+        ),
+        (
+            "a line added",
+            |text| {
+                let last = text.lines().last().unwrap();
+                format!("{text}{last}\n")
+            },
+            "header says 4 record lines, found 5",
+        ),
+    ];
+    for (i, (what, damage, needle)) in cases.into_iter().enumerate() {
+        let out = dir.path().join(format!("damaged-{i}"));
+        write_tree(&out, &finished);
+        let chunk = chunk_file(&out, 1);
+        let original = read(&chunk);
+        let damaged = damage(&original);
+        assert_ne!(damaged, original, "{what}: no damage done");
+        std::fs::write(&chunk, &damaged).unwrap();
+
+        let expect_corrupt = |result: Result<_, Error>, recovery: &str| match result {
+            Err(Error::CorruptOutput { path, reason }) => {
+                assert_eq!(path, chunk, "{what}: {reason}");
+                assert!(reason.contains(needle), "{what}: {reason}");
+                assert!(reason.contains(recovery), "{what}: {reason}");
+            }
+            other => panic!("{what}: expected CorruptOutput, got {other:?}"),
+        };
+        expect_corrupt(merge(&out).map(|_| ()), "delete this chunk file");
+        // The failed merge left the earlier outputs as they were.
+        assert_eq!(
+            read(&out.join("provenance.jsonl")),
+            read(&reference.join("provenance.jsonl")),
+            "{what}"
+        );
+        // A restart does not trust the chunk either.
+        let mut model = FakeModel::default();
+        expect_corrupt(
+            run(&options(&json, &out), &mut model).map(|_| ()),
+            "delete this chunk file and run again",
+        );
+        assert_eq!(model.seen, 0, "{what}");
+
+        // The documented recovery: delete the chunk, run again.
+        std::fs::remove_file(&chunk).unwrap();
+        let mut model = FakeModel::default();
+        let report = run(&options(&json, &out), &mut model).unwrap();
+        assert_eq!(report.chunks_committed, 1, "{what}");
+        assert_eq!(
+            model.seen, 2,
+            "{what}: images 4 and 5 redone (3 is missing)"
+        );
+        assert_same_output(&reference, &out);
+    }
+
+    // An unfinished run: the damaged chunk stops the restart before any work.
+    let out = dir.path().join("unfinished");
+    let mut opts = options(&json, &out);
+    opts.max_chunks = Some(2);
+    run(&opts, &mut FakeModel::default()).unwrap();
+    let chunk = chunk_file(&out, 0);
+    let text = read(&chunk).replacen("\"kept\":false", "\"kept\":true ", 1);
+    std::fs::write(&chunk, text).unwrap();
+    opts.max_chunks = None;
+    let mut model = FakeModel::default();
+    match run(&opts, &mut model) {
+        Err(Error::CorruptOutput { path, reason }) => {
+            assert_eq!(path, chunk);
+            assert!(reason.contains("SHA-256"), "{reason}");
+        }
+        other => panic!("expected CorruptOutput, got {other:?}"),
+    }
+    assert_eq!(model.seen, 0);
+    assert!(!out.join("shard-00000-of-00001/done").exists());
+}
+
+#[test]
+fn invalid_generation_settings_fail_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = generated_json(&dir.path().join("data"), 5);
+    let out = dir.path().join("out");
+    let good = CapFiltSettings::default();
+    let with = |f: fn(&mut CapFiltSettings)| {
+        let mut settings = good.clone();
+        f(&mut settings);
+        settings
+    };
+    let cases = [
+        (
+            "top_p",
+            with(|s| s.strategy = CaptionStrategy::Nucleus { top_p: 0.0 }),
+        ),
+        (
+            "top_p",
+            with(|s| s.strategy = CaptionStrategy::Nucleus { top_p: 1.5 }),
+        ),
+        (
+            "top_p",
+            with(|s| s.strategy = CaptionStrategy::Nucleus { top_p: f64::NAN }),
+        ),
+        (
+            "num_beams",
+            with(|s| s.strategy = CaptionStrategy::Beam { num_beams: 0 }),
+        ),
+        ("num_captions", with(|s| s.num_captions = 0)),
+        ("max_length", with(|s| s.max_length = 0)),
+        ("min_length", with(|s| s.min_length = 21)),
+        ("repetition_penalty", with(|s| s.repetition_penalty = 0.0)),
+        (
+            "repetition_penalty",
+            with(|s| s.repetition_penalty = f64::INFINITY),
+        ),
+        ("max_words", with(|s| s.max_words = 0)),
+    ];
+    for (setting, bad) in cases {
+        let mut opts = options(&json, &out);
+        opts.generation = bad.to_json();
+        let mut model = FakeModel {
+            settings: Some(bad.clone()),
+            ..FakeModel::default()
+        };
+        match run(&opts, &mut model) {
+            Err(Error::InvalidOption { option, reason }) => {
+                assert_eq!(option, setting, "{reason}");
+            }
+            other => panic!("{setting}: expected InvalidOption, got {other:?}"),
+        }
+        // Refused before any image was decoded or given to the model, and before the
+        // output directory was touched (no run.json to refuse the corrected rerun).
+        assert_eq!(model.seen, 0, "{setting}");
+        assert!(!out.exists(), "{setting}: the output directory was created");
+
+        opts.generation = good.to_json();
+        model.settings = Some(good.clone());
+        let report = run(&opts, &mut model).unwrap();
+        assert!(report.complete, "{setting}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    // The nucleus bounds and a beam search are accepted.
+    for ok in [
+        with(|s| s.strategy = CaptionStrategy::Nucleus { top_p: 1.0 }),
+        with(|s| s.strategy = CaptionStrategy::Beam { num_beams: 1 }),
+        with(|s| s.min_length = s.max_length),
+    ] {
+        ok.validate().unwrap();
+    }
+}
+
+/// Runs `f` on its own thread and fails, instead of hanging the test run, when it has not
+/// returned within a minute (the FIFO tests: opening a FIFO blocks until a writer comes).
+#[cfg(unix)]
+fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(value) => value,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what}: blocked"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
+}
+
+#[cfg(unix)]
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_are_refused_or_skipped_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let expect_not_regular = |opts: RunOptions, name: &str| {
+        let out = opts.out_dir.clone();
+        let err =
+            within_a_minute(name, move || run(&opts, &mut FakeModel::default())).expect_err(name);
+        assert!(matches!(err, Error::Input { .. }), "{name}: {err}");
+        let message = err.to_string();
+        assert!(message.contains(name), "{message}");
+        assert!(message.contains("not a regular file"), "{message}");
+        assert!(!out.exists(), "{name}: the output directory was created");
+    };
+
+    // --input a FIFO, read as JSON or as a tar.
+    for name in ["input.json", "input.tar"] {
+        let fifo = root.join(name);
+        mkfifo(&fifo);
+        expect_not_regular(options(&fifo, &root.join("out")), name);
+    }
+    // A FIFO among the shards of a directory (it would be silently left out), or named by
+    // a brace pattern.
+    let shards = tar_fixture(&root);
+    mkfifo(&shards.join("00002.tar"));
+    expect_not_regular(options(&shards, &root.join("out")), "00002.tar");
+    let mut opts = options(&shards, &root.join("out"));
+    opts.input = format!("{}/{{00000..00002}}.tar", shards.display());
+    expect_not_regular(opts, "00002.tar");
+
+    // A FIFO as an image of a JSON input: skipped as unreadable, the rest processed.
+    let images = root.join("img");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::write(images.join("0.png"), png(RED)).unwrap();
+    mkfifo(&images.join("1.png"));
+    std::fs::write(images.join("2.png"), png(GREEN)).unwrap();
+    let records = json!([
+        {"image": "img/0.png", "caption": "a red car"},
+        {"image": "img/1.png", "caption": "a red car"},
+        {"image": "img/2.png", "caption": "a green car"},
+    ]);
+    let input = root.join("ann.json");
+    std::fs::write(&input, records.to_string()).unwrap();
+    let out = root.join("json-out");
+    let opts = options(&input, &out);
+    let report = within_a_minute("FIFO image", move || {
+        run(&opts, &mut FakeModel::default()).unwrap()
+    });
+    assert_eq!((report.images_processed, report.images_skipped), (2, 1));
+    let skipped: Vec<_> = provenance(&out)
+        .into_iter()
+        .filter_map(|r| match r {
+            ProvenanceRecord::Skipped(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(
+        (skipped[0].ordinal, skipped[0].kind),
+        (1, SkipKind::Unreadable)
+    );
+    assert_eq!(skipped[0].image, "img/1.png");
+    assert!(
+        skipped[0].reason.contains("not a regular file"),
+        "{}",
+        skipped[0].reason
+    );
+}
+
+/// A tar whose member names are raw bytes (not necessarily UTF-8).
+#[cfg(unix)]
+fn write_tar_bytes(path: &Path, members: &[(&[u8], Vec<u8>)]) {
+    let mut builder = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in members {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        header.set_cksum();
+        builder.append(&header, data.as_slice()).unwrap();
+    }
+    builder.finish().unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn non_utf8_names_are_never_written_lossily() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Tar keys that are not UTF-8 are skipped, named with their bytes escaped; two of them
+    // that differ only in an invalid byte stay two samples.
+    let shards = root.join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    write_tar_bytes(
+        &shards.join("t.tar"),
+        &[
+            (b"k\xff.png", png(RED)),
+            (b"k\xff.txt", b"a red car".to_vec()),
+            (b"k\xfe.png", png(GREEN)),
+            (b"ok.png", png(BLUE)),
+            (b"ok.txt", b"blue".to_vec()),
+        ],
+    );
+    let out = root.join("out");
+    let summary = run(&options(&shards, &out), &mut FakeModel::default())
+        .unwrap()
+        .summary
+        .unwrap();
+    for file in ["provenance.jsonl", "annotations.json", "summary.json"] {
+        let text = read(&out.join(file));
+        assert!(!text.contains('\u{fffd}'), "{file}: {text}");
+    }
+    assert_eq!(summary.images, 3);
+    let skipped: BTreeMap<String, SkipKind> = provenance(&out)
+        .into_iter()
+        .filter_map(|r| match r {
+            ProvenanceRecord::Skipped(s) => Some((s.image, s.kind)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        skipped,
+        BTreeMap::from([
+            (r"images/t/k\xfe.png".to_string(), SkipKind::UnsafeKey),
+            (r"images/t/k\xff.png".to_string(), SkipKind::UnsafeKey),
+        ])
+    );
+    for a in annotations(&out) {
+        assert!(
+            Path::new(&summary.image_root).join(&a.image).is_file(),
+            "{}",
+            a.image
+        );
+    }
+
+    let expect_non_utf8 = |opts: &RunOptions, path: &Path| {
+        match run(opts, &mut FakeModel::default()) {
+            Err(Error::NonUtf8Path { path: got, what }) => assert_eq!(got, path, "{what}"),
+            other => panic!("{}: expected NonUtf8Path, got {other:?}", path.display()),
+        }
+        assert!(!opts.out_dir.exists(), "the output directory was created");
+    };
+    // A tar file name (its stem would name images/<stem>/).
+    let bad_shards = root.join("bad-shards");
+    std::fs::create_dir(&bad_shards).unwrap();
+    let bad_tar = bad_shards.join(OsStr::from_bytes(b"\xff.tar"));
+    write_tar(&bad_tar, &[("k.png", png(RED))]);
+    expect_non_utf8(&options(&bad_shards, &root.join("out-2")), &bad_tar);
+    // The image root of a JSON input, which the summary names.
+    let image_root = root.join(OsStr::from_bytes(b"img\xff"));
+    std::fs::create_dir(&image_root).unwrap();
+    std::fs::write(image_root.join("0.png"), png(RED)).unwrap();
+    let input = root.join("ann.json");
+    std::fs::write(&input, r#"[{"image": "0.png", "caption": "red"}]"#).unwrap();
+    let mut opts = options(&input, &root.join("out-3"));
+    opts.image_root = Some(image_root.clone());
+    expect_non_utf8(&opts, &image_root);
+    // The output directory of a tar input, the summary's image root.
+    let bad_out = root.join(OsStr::from_bytes(b"out\xff"));
+    expect_non_utf8(&options(&shards, &bad_out), &bad_out);
 }

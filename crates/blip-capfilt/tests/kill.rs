@@ -1,13 +1,14 @@
 //! A real CapFilt run (tiny BLIP captioner and filter from the test fixtures) killed with
 //! SIGKILL mid-run and started again finishes with exactly the output of an uninterrupted
-//! run.
+//! run; and the real model's settings are checked before anything is written.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blip_capfilt::{
-    BlipCapFilt, CapFiltModel, CapFiltSettings, ImageVerdict, ModelError, RunOptions, run,
+    BlipCapFilt, CapFiltModel, CapFiltSettings, CaptionStrategy, Error, ImageVerdict, ModelError,
+    RunOptions, run,
 };
 use burn::tensor::Device;
 
@@ -155,4 +156,97 @@ fn a_run_killed_mid_way_and_restarted_equals_an_uninterrupted_one() {
         "24 web + 24 synthetic texts"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A bad generation setting (one only the captioner can judge included) fails before the
+/// output directory is touched, so that the corrected run is not refused as a run with
+/// other options.
+#[test]
+fn bad_settings_fail_before_the_output_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("images")).unwrap();
+    image::RgbImage::from_pixel(20, 20, image::Rgb([200, 30, 30]))
+        .save(dir.path().join("images/0.png"))
+        .unwrap();
+    let input = dir.path().join("web.json");
+    std::fs::write(
+        &input,
+        r#"[{"image": "images/0.png", "caption": "a red square"}]"#,
+    )
+    .unwrap();
+    let good = CapFiltSettings {
+        max_length: 8,
+        min_length: 2,
+        ..CapFiltSettings::default()
+    };
+    let mut model = BlipCapFilt::load(
+        &fixture("tiny-captioning"),
+        &fixture("tiny-retrieval"),
+        ("tiny-captioning".into(), "tiny-retrieval".into()),
+        good.clone(),
+        &Device::flex(),
+    )
+    .unwrap();
+    let prompt_tokens = model
+        .captioner
+        .tokenizer
+        .decoder_prompt(good.prompt.trim_end())
+        .unwrap()
+        .len();
+    let out = dir.path().join("out");
+    for (setting, bad) in [
+        (
+            "top_p",
+            CapFiltSettings {
+                strategy: CaptionStrategy::Nucleus { top_p: 0.0 },
+                ..good.clone()
+            },
+        ),
+        (
+            "num_beams",
+            CapFiltSettings {
+                strategy: CaptionStrategy::Beam { num_beams: 0 },
+                ..good.clone()
+            },
+        ),
+        (
+            "num_captions",
+            CapFiltSettings {
+                num_captions: 0,
+                ..good.clone()
+            },
+        ),
+        // No room for a token after the prompt.
+        (
+            "max_length",
+            CapFiltSettings {
+                max_length: prompt_tokens,
+                min_length: 0,
+                ..good.clone()
+            },
+        ),
+        // Past the decoder's position embeddings.
+        (
+            "max_length",
+            CapFiltSettings {
+                max_length: 1 << 20,
+                ..good.clone()
+            },
+        ),
+    ] {
+        model.settings = bad.clone();
+        let mut opts = options(&input, &out);
+        opts.generation = bad.to_json();
+        match run(&opts, &mut model) {
+            Err(Error::InvalidOption { option, reason }) => {
+                assert_eq!(option, setting, "{reason}")
+            }
+            other => panic!("{setting}: expected InvalidOption, got {other:?}"),
+        }
+        assert!(!out.exists(), "{setting}: the output directory was created");
+    }
+    model.settings = good.clone();
+    let mut opts = options(&input, &out);
+    opts.generation = good.to_json();
+    assert!(run(&opts, &mut model).unwrap().complete);
 }

@@ -440,7 +440,7 @@ impl Rng {
 /// token.
 fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> Result<usize> {
     let scaled: Vec<f64> = scores.iter().map(|&x| x as f64 / s.temperature).collect();
-    if scaled.iter().any(|&x| x == f64::INFINITY) {
+    if scaled.contains(&f64::INFINITY) {
         return Ok(argmax(scores));
     }
     let mut order: Vec<usize> = (0..scaled.len())
