@@ -1,6 +1,8 @@
 //! ITC and ITM, exactly as the original `BLIP_Pretrain.forward` computes them.
 
 use blip_text::Rng;
+
+use crate::error::{Result, TrainError};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor};
 
@@ -74,16 +76,32 @@ pub fn hard_negative_weights(sim: Tensor<2>) -> Tensor<2> {
 /// Draws one hard negative per row of `weights` (`[B, B]`, from [`hard_negative_weights`]):
 /// index `j` with probability proportional to `weights[i, j]`, from the seeded `rng`, as the
 /// original's `torch.multinomial(weights[i], 1)`.
-pub fn sample_negatives(weights: Tensor<2>, rng: &mut Rng) -> Vec<usize> {
-    let [b, _] = weights.dims();
+///
+/// A row with no positive weight has no negative to draw: a batch of one, or, in retrieval
+/// fine-tuning, a batch whose every sample shows the row's image. That row is a
+/// [`TrainError::Batch`] naming it, as torch's multinomial raises there; drawing anyway
+/// would pick index 0, which may be the positive pair itself. So is a NaN or negative weight.
+pub fn sample_negatives(weights: Tensor<2>, rng: &mut Rng) -> Result<Vec<usize>> {
+    let [b, cols] = weights.dims();
     let values = weights
         .into_data()
         .convert::<f64>()
         .try_into_vec_as::<f64>()
-        .expect("float weights");
+        .map_err(|e| TrainError::Batch(format!("hard-negative weights: {e:?}")))?;
     values
-        .chunks(b)
-        .map(|row| rng.weighted_index(row))
+        .chunks(cols.max(1))
+        .take(b)
+        .enumerate()
+        .map(|(i, row)| {
+            let valid = row.iter().all(|w| w.is_finite() && *w >= 0.0);
+            if !valid || !row.iter().any(|&w| w > 0.0) {
+                return Err(TrainError::Batch(format!(
+                    "hard-negative row {i} has no candidate (weights {row:?}): every other \
+                     sample of the batch is a positive for it; use a larger or shuffled batch"
+                )));
+            }
+            Ok(rng.weighted_index(row))
+        })
         .collect()
 }
 

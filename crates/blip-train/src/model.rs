@@ -68,11 +68,16 @@ pub struct LossWeights {
     pub lm: f64,
 }
 
+/// The ViT's LayerNorm epsilon in the original code (`partial(nn.LayerNorm, eps=1e-6)` in
+/// `models/vit.py`); transformers' BLIP configs say 1e-5.
+pub const ORIGINAL_VIT_LAYER_NORM_EPS: f64 = 1e-6;
+
 impl PretrainConfig {
     /// BLIP pre-training with ViT-B/16 at 224 px (the paper's pre-training resolution).
     pub fn base() -> Self {
         let mut blip = BlipConfig::base();
         blip.vision.image_size = 224;
+        blip.vision.layer_norm_eps = ORIGINAL_VIT_LAYER_NORM_EPS;
         Self::new(blip)
     }
 
@@ -80,6 +85,7 @@ impl PretrainConfig {
     pub fn large() -> Self {
         let mut blip = BlipConfig::large();
         blip.vision.image_size = 224;
+        blip.vision.layer_norm_eps = ORIGINAL_VIT_LAYER_NORM_EPS;
         Self::new(blip)
     }
 

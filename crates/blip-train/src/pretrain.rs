@@ -215,8 +215,8 @@ pub fn compute_losses(
                     )
                 }
             };
-            let negative_images = sample_negatives(w_t2i, rng);
-            let negative_texts = sample_negatives(w_i2t, rng);
+            let negative_images = sample_negatives(w_t2i, rng)?;
+            let negative_texts = sample_negatives(w_i2t, rng)?;
             let neg_index = Tensor::<1, Int>::from_data(
                 TensorData::new(
                     negative_images

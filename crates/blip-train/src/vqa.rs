@@ -7,13 +7,14 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::error::{Result, TrainError};
 use crate::model::{lm_labels, with_first_token};
 
-/// A VQA training batch: questions (`[ENC]` first, as the original encodes them), and for
-/// each question its candidate answers with their weights (VQA v2's soft scores).
+/// A VQA training batch: questions as the tokenizer encodes them (`[CLS]` first; the loss
+/// puts `[ENC]` there, as the original encodes them), and for each question its candidate
+/// answers with their weights (VQA v2's soft scores).
 #[derive(Debug, Clone)]
 pub struct VqaBatch {
     /// `[B, 3, S, S]` pixels.
     pub pixel_values: Tensor<4>,
-    /// `B` questions.
+    /// `B` questions (`[CLS]` first; replaced by `[ENC]`).
     pub questions: Encoded,
     /// All answers, grouped by question (`[CLS]` first; replaced by `[DEC]`).
     pub answers: Encoded,
@@ -31,10 +32,14 @@ pub struct VqaBatch {
 /// states — the question encoded with cross-attention to the image, repeated once per
 /// answer, padding masked — and `CE_ε` is the per-token cross-entropy with label smoothing
 /// `ε` (0.1 in the original), summed over the answer's tokens (padding excluded).
+///
+/// The questions' first token becomes `enc_token_id` (`[ENC]`) and the answers'
+/// `dec_token_id` (`[DEC]`) here, so a batch holds the tokenizer's output as it is.
 pub fn vqa_loss(
     model: &VqaModel,
     batch: &VqaBatch,
     dec_token_id: u32,
+    enc_token_id: u32,
     label_smoothing: f64,
 ) -> Result<Tensor<1>> {
     let [b, _, _, _] = batch.pixel_values.dims();
@@ -53,7 +58,11 @@ pub fn vqa_loss(
     }
     let device = batch.pixel_values.device();
     let image_embeds = model.vision_model.forward(batch.pixel_values.clone())?;
-    let (question_ids, question_mask) = batch.questions.to_tensors(&device);
+    let questions = Encoded {
+        input_ids: with_first_token(&batch.questions.input_ids, enc_token_id as usize),
+        attention_mask: batch.questions.attention_mask.clone(),
+    };
+    let (question_ids, question_mask) = questions.to_tensors(&device);
     let question =
         model.encode_question(image_embeds, question_ids, Some(question_mask.clone()))?;
     // Each question's states (and mask) repeated once per answer.

@@ -236,6 +236,7 @@ mod sampling {
         let mut counts = [[0usize; 3]; 3];
         for _ in 0..2000 {
             for (i, j) in sample_negatives(weights(), &mut rng)
+                .unwrap()
                 .into_iter()
                 .enumerate()
             {
@@ -256,8 +257,22 @@ mod sampling {
             (share - 0.5).abs() < 0.04,
             "row 1 drew index 0 {share} of the time"
         );
-        let draw = |seed| sample_negatives(weights(), &mut Rng(seed));
+        let draw = |seed| sample_negatives(weights(), &mut Rng(seed)).unwrap();
         assert_eq!(draw(7), draw(7));
+    }
+
+    #[test]
+    fn a_row_without_a_candidate_is_an_error_not_its_own_pair() {
+        // Row 1's only other sample shares its image (retrieval fine-tuning masks it): the
+        // silent fallback drew index 0, the pair itself for row 0 of a batch of one.
+        let device = Device::flex();
+        let weights = Tensor::<2>::from_floats([[0.0, 1.0], [0.0, 0.0]], &device);
+        let err = sample_negatives(weights, &mut Rng(1)).unwrap_err();
+        assert!(err.to_string().contains("row 1 has no candidate"), "{err}");
+        let one = Tensor::<2>::from_floats([[0.0]], &device);
+        assert!(sample_negatives(one, &mut Rng(1)).is_err());
+        let nan = Tensor::<2>::from_floats([[0.0, f32::NAN], [1.0, 0.0]], &device);
+        assert!(sample_negatives(nan, &mut Rng(1)).is_err());
     }
 
     #[test]

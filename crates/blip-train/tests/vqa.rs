@@ -32,7 +32,8 @@ fn setup(device: &Device) -> (VqaModel, VqaBatch) {
     let model = VqaModel::new(&blip, device);
     let batch = VqaBatch {
         pixel_values: Tensor::random([2, 3, 32, 32], Distribution::Normal(0.0, 1.0), device),
-        questions: encoded(&[&[4, 7, 8, 9, 2], &[4, 10, 2]]),
+        // [CLS] = 1 first, as the tokenizer writes them; the loss puts [ENC] = 4 there.
+        questions: encoded(&[&[1, 7, 8, 9, 2], &[1, 10, 2]]),
         answers: encoded(&[&[1, 20, 2], &[1, 21, 22, 2], &[1, 23, 2]]),
         answers_per_question: vec![2, 1],
         weights: vec![0.6, 0.4, 1.0],
@@ -44,7 +45,7 @@ fn setup(device: &Device) -> (VqaModel, VqaBatch) {
 fn the_loss_is_the_weighted_sum_of_each_answer_alone() {
     let device = Device::flex();
     let (model, batch) = setup(&device);
-    let got: f32 = vqa_loss(&model, &batch, 3, 0.1).unwrap().into_scalar();
+    let got: f32 = vqa_loss(&model, &batch, 3, 4, 0.1).unwrap().into_scalar();
     let embeds = model
         .vision_model
         .forward(batch.pixel_values.clone())
@@ -56,8 +57,10 @@ fn the_loss_is_the_weighted_sum_of_each_answer_alone() {
             .iter()
             .filter(|&&m| m == 1)
             .count();
+        let mut question_ids = batch.questions.input_ids[q][..qlen].to_vec();
+        question_ids[0] = 4; // [ENC], as the original encodes questions
         let question = Encoded {
-            input_ids: vec![batch.questions.input_ids[q][..qlen].to_vec()],
+            input_ids: vec![question_ids],
             attention_mask: vec![vec![1; qlen]],
         };
         let (qids, qmask) = question.to_tensors(&device);
@@ -94,10 +97,10 @@ fn a_few_steps_fit_the_answers() {
     let (model, batch) = setup(&device);
     let mut model = model.train();
     let mut optim = blip_adamw().init();
-    let first: f32 = vqa_loss(&model, &batch, 3, 0.0).unwrap().into_scalar();
+    let first: f32 = vqa_loss(&model, &batch, 3, 4, 0.0).unwrap().into_scalar();
     let mut last = first;
     for _ in 0..100 {
-        let loss = vqa_loss(&model, &batch, 3, 0.0).unwrap();
+        let loss = vqa_loss(&model, &batch, 3, 4, 0.0).unwrap();
         last = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-3, model, grads);
