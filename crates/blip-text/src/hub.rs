@@ -273,7 +273,11 @@ mod download {
             let url = format!("{endpoint}/{spec}/resolve/main/{file}");
             let get = |url: &str| {
                 let mut request = agent.get(url);
-                if let Some(token) = token {
+                // The token goes to the hub only, never to the storage a redirect names.
+                let same_host = url
+                    .strip_prefix(endpoint)
+                    .is_some_and(|rest| rest.starts_with('/'));
+                if let Some(token) = token.filter(|_| same_host) {
                     request = request.header("Authorization", format!("Bearer {token}"));
                 }
                 request
@@ -507,14 +511,22 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
-    /// A hub on 127.0.0.1 that answers every request with `headers` and a `{}` body, for
-    /// at most `requests` requests or 20 seconds.
+    /// Requests a test server received, as text.
     #[cfg(feature = "download")]
-    fn malicious_hub(headers: String, requests: usize) -> String {
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+    /// A server on 127.0.0.1 that answers every request with `status` and `headers` and a
+    /// `{}` body, for at most `requests` requests or 20 seconds; returns its URL and the
+    /// requests it saw.
+    #[cfg(feature = "download")]
+    fn test_server(status: &str, headers: String, requests: usize) -> (String, Seen) {
         use std::io::{Read as _, Write as _};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
+        let seen = Seen::default();
+        let log = seen.clone();
+        let status = status.to_string();
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             let mut served = 0;
@@ -529,14 +541,50 @@ mod tests {
                 while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
                     request.push(byte[0]);
                 }
+                log.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&request).to_lowercase());
                 let response = format!(
-                    "HTTP/1.1 200 OK\r\n{headers}content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                    "HTTP/1.1 {status}\r\n{headers}content-length: 2\r\nconnection: close\r\n\r\n{{}}"
                 );
                 let _ = stream.write_all(response.as_bytes());
                 served += 1;
             }
         });
-        format!("http://{address}")
+        (format!("http://{address}"), seen)
+    }
+
+    #[cfg(feature = "download")]
+    fn malicious_hub(headers: String, requests: usize) -> String {
+        test_server("200 OK", headers, requests).0
+    }
+
+    #[cfg(feature = "download")]
+    #[test]
+    fn the_token_is_not_sent_where_a_redirect_points() {
+        let root = scratch("redirect");
+        let (storage, storage_seen) = test_server("200 OK", String::new(), MODEL_FILES.len());
+        let (hub, hub_seen) = test_server(
+            "302 Found",
+            format!(
+                "location: {storage}/blob\r\nx-repo-commit: {COMMIT}\r\netag: \"{}\"\r\n",
+                "d".repeat(64)
+            ),
+            MODEL_FILES.len(),
+        );
+        let snapshot = download::model(&hub, Some("secret"), "org/model", &root).unwrap();
+        assert!(snapshot.join("config.json").is_file());
+        let hub_seen = hub_seen.lock().unwrap();
+        let storage_seen = storage_seen.lock().unwrap();
+        assert_eq!(hub_seen.len(), MODEL_FILES.len());
+        assert!(
+            hub_seen
+                .iter()
+                .all(|r| r.contains("authorization: bearer secret"))
+        );
+        assert_eq!(storage_seen.len(), MODEL_FILES.len());
+        assert!(storage_seen.iter().all(|r| !r.contains("authorization")));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[cfg(feature = "download")]
