@@ -82,15 +82,21 @@ impl BlipTokenizer {
     /// off; `[DEC]`/`[ENC]` are added when absent (HF BLIP repos lack them).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        if !path.is_file() {
-            return Err(blip_vision::Error::Io {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut blip_vision::open_file(path)?, &mut bytes).map_err(
+            |source| blip_vision::Error::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            }
-            .into());
-        }
-        let inner = Tokenizer::from_file(path).map_err(|e| tokenizer_error(path, e))?;
-        Self::from_tokenizer(inner, path)
+                source,
+            },
+        )?;
+        // Plain JSON first: the tokenizers crate panics on some malformed files (a file cut
+        // inside "decoder") instead of returning an error.
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| tokenizer_error(path, format!("not JSON: {e}")))?;
+        let inner = guard(path, || {
+            Tokenizer::from_bytes(&bytes).map_err(|e| tokenizer_error(path, e))
+        })?;
+        guard(path, || Self::from_tokenizer(inner, path))
     }
 
     /// Builds the BERT uncased tokenizer from a `vocab.txt` (one token per line): lowercasing
@@ -130,6 +136,21 @@ impl BlipTokenizer {
     }
 
     fn from_tokenizer(mut inner: Tokenizer, path: &Path) -> Result<Self> {
+        // Ids beyond any vocabulary a config may declare; near u32::MAX they also made the
+        // ids of added tokens wrap around to 0.
+        if let Some((token, &id)) = inner
+            .get_vocab(true)
+            .iter()
+            .find(|&(_, &id)| id as usize >= blip_vision::MAX_WIDTH)
+        {
+            return Err(tokenizer_error(
+                path,
+                format!(
+                    "token {token:?} has id {id}, beyond the largest vocabulary ({})",
+                    blip_vision::MAX_WIDTH
+                ),
+            ));
+        }
         inner.with_padding(None);
         inner
             .with_truncation(None)
@@ -143,14 +164,28 @@ impl BlipTokenizer {
                 message: format!("no id for {token}"),
             })
         };
-        Ok(Self {
+        let tokenizer = Self {
             pad_token_id: id("[PAD]")?,
             cls_token_id: id("[CLS]")?,
             sep_token_id: id("[SEP]")?,
             dec_token_id: id("[DEC]")?,
             enc_token_id: id("[ENC]")?,
             inner,
-        })
+        };
+        // BLIP's texts are `[CLS] … [SEP]`: a tokenizer whose post-processor does not
+        // write them (or is missing) would feed the models other inputs than they learnt.
+        let empty = tokenizer.encode("")?;
+        if empty != [tokenizer.cls_token_id, tokenizer.sep_token_id] {
+            return Err(tokenizer_error(
+                path,
+                format!(
+                    "an empty text encodes as {empty:?}, not [CLS] [SEP] ({}, {}): \
+                     the post-processor must add them",
+                    tokenizer.cls_token_id, tokenizer.sep_token_id
+                ),
+            ));
+        }
+        Ok(tokenizer)
     }
 
     /// Number of ids, added tokens included (30524 for BLIP).
@@ -160,10 +195,13 @@ impl BlipTokenizer {
 
     /// `[CLS] tokens [SEP]` for one text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, true).map_err(|e| Error::Encode {
+        let failed = |message: String| Error::Encode {
             text: text.to_string(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let encoding = caught(|| self.inner.encode(text, true))
+            .map_err(failed)?
+            .map_err(|e| failed(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -209,19 +247,26 @@ impl BlipTokenizer {
     pub fn decoder_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(text)?;
         ids.pop(); // [SEP]
-        ids[0] = self.dec_token_id;
+        let Some(first) = ids.first_mut() else {
+            return Err(Error::Encode {
+                text: text.to_string(),
+                message: "the tokenizer wrote no [CLS] to replace by [DEC]".into(),
+            });
+        };
+        *first = self.dec_token_id;
         Ok(ids)
     }
 
     /// Decodes ids to text: `##` pieces joined, special tokens (`[CLS]`, `[SEP]`, `[PAD]`,
     /// `[DEC]`, `[ENC]`...) dropped when `skip_special_tokens`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::Encode {
-                text: format!("ids {ids:?}"),
-                message: e.to_string(),
-            })
+        let failed = |message: String| Error::Encode {
+            text: format!("ids {ids:?}"),
+            message,
+        };
+        caught(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(failed)?
+            .map_err(|e| failed(e.to_string()))
     }
 
     /// Writes the tokenizer as a `tokenizer.json` (with `[DEC]`/`[ENC]`) that
@@ -251,6 +296,26 @@ impl BlipTokenizer {
 fn model_token_id(model: &WordPiece, token: &str) -> Option<u32> {
     use tokenizers::Model;
     model.token_to_id(token)
+}
+
+/// Runs a call into the tokenizers crate, turning a panic into an error message. Some of
+/// its code paths panic on a malformed `tokenizer.json` (a post-processor naming a token
+/// it does not define, a BPE decoder given no tokens) where an error is due; the fuzz
+/// corpus in `crates/blip-train/tests/fuzz-corpus/tokenizer/` holds each case.
+fn caught<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        format!("the tokenizers crate failed: {message}")
+    })
+}
+
+/// [`caught`] for a tokenizer being built from `path`.
+fn guard<T>(path: &Path, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    caught(call).map_err(|message| tokenizer_error(path, message))?
 }
 
 fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> Error {

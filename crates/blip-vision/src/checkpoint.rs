@@ -113,7 +113,8 @@ impl SafetensorsHeader {
             .map_err(|_| invalid(format!("file is {file_len} bytes, too short for a header")))?;
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > 100_000_000 || 8 + header_len > file_len {
-            return Err(if 8 + header_len > file_len && header_len <= 100_000_000 {
+            // `8 + header_len` only where the length is bounded: near 2^64 it overflowed.
+            return Err(if header_len <= 100_000_000 {
                 Error::Truncated {
                     path: path.to_path_buf(),
                     expected: 8 + header_len,
