@@ -87,6 +87,10 @@ struct Args {
     /// `model_base_capfilt_large.pth`).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// With --init: start the momentum encoders and ITC queues afresh instead of keeping
+    /// the checkpoint's (the original keeps them).
+    #[arg(long)]
+    reset_distillation: bool,
     /// Continue the run in --checkpoint-dir from its latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -199,7 +203,7 @@ fn main() {
             }
             config
         };
-        let (model, mut config) = match &args.init {
+        let (model, mut config, saved_distillation) = match &args.init {
             // An original salesforce/BLIP file (`model_base.pth`): its ViT width says
             // whether it is BLIP-base or -large; anything else takes --size.
             Some(file) if file.is_file() => {
@@ -212,15 +216,19 @@ fn main() {
                     Some(1024) => Size::Large,
                     _ => args.size,
                 });
-                let (model, _distillation) = checkpoint
+                let (model, distillation) = checkpoint
                     .pretrain(&config, &device)
                     .unwrap_or_else(|e| or_fail(e));
-                (model, config)
+                (model, config, distillation)
             }
-            Some(dir) => Trainer::load_model(dir, &device).unwrap_or_else(|e| or_fail(e)),
+            Some(dir) => {
+                let (model, config) =
+                    Trainer::load_model(dir, &device).unwrap_or_else(|e| or_fail(e));
+                (model, config, None)
+            }
             None => {
                 let config = preset(args.size);
-                (config.init(&device), config)
+                (config.init(&device), config, None)
             }
         };
         config.weights = match args.task {
@@ -238,7 +246,26 @@ fn main() {
             // the largest multiple of the batch that fits the preset's queue
             config.queue_size = (config.queue_size / args.batch_size).max(1) * args.batch_size;
         }
-        Trainer::new(model, config, train, &train_device)
+        let mut trainer = Trainer::new(model, config, train, &train_device);
+        // As the original's load_checkpoint: fine-tuning from a pre-training checkpoint
+        // keeps its momentum encoders and queues (unless asked not to).
+        if let Some(init) = args.init.as_ref().filter(|_| !args.reset_distillation)
+            && trainer.distillation.is_some()
+        {
+            let kept = match saved_distillation {
+                Some(saved) => trainer.adopt_distillation(saved).map(|()| true),
+                None if init.is_dir() => trainer.keep_distillation_of(init),
+                None => Ok(false),
+            }
+            .unwrap_or_else(|e| or_fail(e));
+            if kept {
+                eprintln!(
+                    "kept the momentum encoders and queues of {} (--reset-distillation starts them afresh)",
+                    init.display()
+                );
+            }
+        }
+        trainer
     };
     if trainer.config.blip.text.vocab_size != tokenizer.vocab_size() {
         fail(&format!(

@@ -421,31 +421,10 @@ impl Trainer {
         }
         let model = model.map(&mut SetIds(ids.into_iter()));
         let mut trainer = Self::new(model, config, train, device);
-        if let Some(d) = trainer.distillation.as_mut() {
-            let record = DistillationRecord::of(d).fork(&plain);
-            let header = SafetensorsHeader::read(&dir.join("momentum.safetensors"))?;
-            // Rebuilt from host data: forked values keep a link to the ops that read them,
-            // which a later backward would find already consumed.
-            let record = load_safetensors(record, &header, &PRETRAIN_KEYS)?
-                .map(&mut FromData(device.clone()))
-                .no_grad();
-            let ptr = number(&state["queue_ptr"], "queue_ptr")?;
-            d.momentum = record.momentum;
-            d.image_queue = FeatureQueue {
-                features: record.image_queue.val().detach(),
-                ptr,
-            };
-            d.text_queue = FeatureQueue {
-                features: record.text_queue.val().detach(),
-                ptr,
-            };
-            d.idx_queue = state["idx_queue"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_i64()).collect())
-                .filter(|q: &Vec<i64>| q.len() == d.idx_queue.len())
-                .ok_or_else(
-                    || bad("state.json: `idx_queue` missing or of the wrong size".into()),
-                )?;
+        if trainer.distillation.is_some() {
+            let saved = read_distillation(dir, &state, &trainer.config, &plain)?
+                .ok_or_else(|| bad("momentum.safetensors missing".into()))?;
+            trainer.adopt_distillation(saved)?;
         }
         let optimizer_path = dir.join("optimizer.bpk");
         trainer.optimizer =
@@ -459,6 +438,64 @@ impl Trainer {
         trainer.progress = progress;
         trainer.rng = rng;
         Ok(trainer)
+    }
+
+    /// Takes over momentum encoders and queues from elsewhere, in place of the fresh ones
+    /// [`Self::new`] made: the original's `load_checkpoint` keeps them when fine-tuning
+    /// starts from a pre-training checkpoint, so the first steps contrast against the
+    /// pre-trained queue instead of random vectors. See [`Self::keep_distillation_of`]
+    /// (a checkpoint of ours) and [`crate::original::OriginalCheckpoint::pretrain`] (a
+    /// `.pth` file). Not calling it is the documented way to start them afresh.
+    ///
+    /// Queues of another size than `config.queue_size` are an error (the original drops
+    /// such tensors silently): set `queue_size` to the checkpoint's, or start afresh. So is
+    /// a trainer whose objectives need no distillation (ITC and ITM off).
+    pub fn adopt_distillation(&mut self, saved: Distillation) -> Result<()> {
+        let bad = |message: String| TrainError::Batch(format!("distillation state: {message}"));
+        let Some(current) = self.distillation.as_mut() else {
+            return Err(bad("this run computes neither ITC nor ITM".into()));
+        };
+        let size = |q: &FeatureQueue| q.features.dims();
+        if size(&saved.image_queue) != size(&current.image_queue)
+            || size(&saved.text_queue) != size(&current.text_queue)
+        {
+            return Err(bad(format!(
+                "queues of shape {:?} saved, this run's are {:?}: set queue_size to the \
+                 checkpoint's, or do not keep them",
+                size(&saved.image_queue),
+                size(&current.image_queue)
+            )));
+        }
+        // Rebuilt from host data: forked values keep a link to the ops that read them,
+        // which a later backward would find already consumed.
+        let record = DistillationRecord::of(&saved)
+            .map(&mut FromData(self.device.clone()))
+            .no_grad();
+        current.momentum = record.momentum;
+        current.image_queue = FeatureQueue {
+            features: record.image_queue.val().detach(),
+            ptr: saved.image_queue.ptr,
+        };
+        current.text_queue = FeatureQueue {
+            features: record.text_queue.val().detach(),
+            ptr: saved.text_queue.ptr,
+        };
+        if saved.idx_queue.len() == current.idx_queue.len() {
+            current.idx_queue = saved.idx_queue;
+        }
+        Ok(())
+    }
+
+    /// [`Self::adopt_distillation`] of the momentum encoders and queues saved in the
+    /// checkpoint directory `dir` (written by [`Self::save`]). Returns whether it held
+    /// any (a checkpoint of a run without ITC and ITM has none).
+    pub fn keep_distillation_of(&mut self, dir: &Path) -> Result<bool> {
+        let (state, config) = read_state(dir)?;
+        let plain = self.device.clone().inner();
+        match read_distillation(dir, &state, &config, &plain)? {
+            Some(saved) => self.adopt_distillation(saved).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Whether a checkpoint can be written now (no accumulated gradients pending).
@@ -499,6 +536,51 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PretrainConfig)> {
     let config = serde_json::from_value(state["config"].clone())
         .map_err(|e| bad(format!("state.json `config`: {e}")))?;
     Ok((state, config))
+}
+
+/// The momentum encoders and queues a checkpoint directory holds, on `device` (a plain one),
+/// or `None` when it has no `momentum.safetensors`.
+fn read_distillation(
+    dir: &Path,
+    state: &serde_json::Value,
+    config: &PretrainConfig,
+    device: &Device,
+) -> Result<Option<Distillation>> {
+    let bad = |message: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let path = dir.join("momentum.safetensors");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    // The shapes come from the saved config: a fresh model of it gives the layout to read.
+    let model = config.init(device);
+    let fresh = Distillation::new(&model, config, device);
+    let header = SafetensorsHeader::read(&path)?;
+    let record = load_safetensors(DistillationRecord::of(&fresh), &header, &PRETRAIN_KEYS)?;
+    let ptr = state["queue_ptr"]
+        .as_u64()
+        .map(|n| n as usize)
+        .filter(|&ptr| ptr < config.queue_size)
+        .ok_or_else(|| bad("state.json: `queue_ptr` missing or beyond the queue".into()))?;
+    let idx_queue = state["idx_queue"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_i64()).collect())
+        .filter(|q: &Vec<i64>| q.len() == fresh.idx_queue.len())
+        .ok_or_else(|| bad("state.json: `idx_queue` missing or of the wrong size".into()))?;
+    Ok(Some(Distillation {
+        momentum: record.momentum,
+        image_queue: FeatureQueue {
+            features: record.image_queue.val(),
+            ptr,
+        },
+        text_queue: FeatureQueue {
+            features: record.text_queue.val(),
+            ptr,
+        },
+        idx_queue,
+    }))
 }
 
 /// The momentum encoders and queues as one module, so one safetensors file holds them.

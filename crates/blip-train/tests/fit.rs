@@ -184,3 +184,69 @@ fn caption_fine_tuning_masks_the_prompt() {
     assert!(labels[width - pads..width].iter().all(|&l| l == -100));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn fine_tuning_keeps_the_momentum_encoders_and_queues_of_its_checkpoint() {
+    // Trainer::new rebuilt them: the first steps contrasted against random queue vectors.
+    let dir = std::env::temp_dir().join(format!("blip-keep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tokenizer = tokenizer();
+    let loader = loader(&dir, 32);
+    let device = Device::flex().autodiff();
+    let config = pretrain_config(&tokenizer);
+    let train = TrainConfig::new().with_warmup_steps(1);
+    let mut options = FitOptions::new(TextRecipe::pretrain());
+    options.max_steps = Some(3);
+    let mut pretrained = Trainer::new(config.init(&Device::flex()), config, train, &device);
+    fit(&mut pretrained, &loader, &tokenizer, &options).unwrap();
+    let checkpoint = pretrained.save(&dir.join("checkpoints")).unwrap();
+    let queue = |t: &Trainer| {
+        let d = t.distillation.as_ref().unwrap();
+        let values = |x: burn::tensor::Tensor<2>| x.into_data().try_to_vec::<f32>().unwrap();
+        (
+            values(d.image_queue.features.clone()),
+            values(d.text_queue.features.clone()),
+            d.image_queue.ptr,
+        )
+    };
+    let saved = queue(&pretrained);
+    assert_ne!(
+        saved.2, 0,
+        "three steps of 4 moved the pointer of an 8-wide queue"
+    );
+
+    // Retrieval fine-tuning from the checkpoint.
+    let (model, mut config) = Trainer::load_model(&checkpoint, &Device::flex()).unwrap();
+    config.weights = config.weights.with_lm(0.0);
+    let fresh = Trainer::new(
+        model.clone(),
+        config.clone(),
+        TrainConfig::finetune_retrieval(),
+        &device,
+    );
+    assert_ne!(
+        queue(&fresh).0,
+        saved.0,
+        "a new trainer starts from random queues"
+    );
+    let mut kept = Trainer::new(
+        model.clone(),
+        config.clone(),
+        TrainConfig::finetune_retrieval(),
+        &device,
+    );
+    assert!(kept.keep_distillation_of(&checkpoint).unwrap());
+    assert_eq!(queue(&kept), saved);
+    // It trains on from there.
+    let mut options = FitOptions::new(TextRecipe::retrieval());
+    options.max_steps = Some(1);
+    fit(&mut kept, &loader, &tokenizer, &options).unwrap();
+
+    // Queues of another size are refused, not silently replaced.
+    let mut other = config.clone().with_queue_size(16);
+    other.weights = config.weights.clone();
+    let mut wrong = Trainer::new(model, other, TrainConfig::finetune_retrieval(), &device);
+    let err = wrong.keep_distillation_of(&checkpoint).unwrap_err();
+    assert!(err.to_string().contains("queue_size"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
