@@ -252,6 +252,12 @@ impl CapFiltModel for BlipCapFilt {
     /// [`CapFiltSettings::validate`], then what needs the captioner: the prompt (as
     /// generation uses it) must leave room for a token under `max_length`, and
     /// `max_length` must fit the decoder's position embeddings.
+    fn image_processor(&self) -> Option<blip_vision::ImageProcessor> {
+        // One size for both networks (the usual 384): resize once, as decoded.
+        (self.captioner.processor == self.filter.processor)
+            .then(|| self.captioner.processor.clone())
+    }
+
     fn validate(&self) -> Result<(), Error> {
         self.settings.validate()?;
         let prompt = self.settings.prompt.trim_end();

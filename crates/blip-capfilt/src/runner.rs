@@ -2,11 +2,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{Cursor, Write};
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, sync_channel};
 
+use blip_vision::ImageProcessor;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -144,11 +145,13 @@ pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunRepo
         complete: false,
         summary: None,
     };
+    let fit = model.image_processor();
     let end = std::thread::scope(|scope| -> Result<WalkEnd, Error> {
         // One batch queued while the next decodes: decoding overlaps the model, and at
         // most three batches of pixels are alive.
         let (tx, rx) = sync_channel::<Event>(1);
-        let producer = scope.spawn(|| produce(&input, &plan, options, ctx.keep_bytes, tx));
+        let producer =
+            scope.spawn(|| produce(&input, &plan, options, ctx.keep_bytes, fit.as_ref(), tx));
         let mut buffer = ChunkBuffer::default();
         let mut end = None;
         for event in rx.iter() {
@@ -420,13 +423,14 @@ fn produce(
     plan: &Plan,
     options: &RunOptions,
     keep_bytes: bool,
+    fit: Option<&ImageProcessor>,
     tx: SyncSender<Event>,
 ) -> Result<(), Error> {
     let mut batch: Vec<Sample> = Vec::with_capacity(options.batch_size);
     let mut open = HashMap::new();
     let threads = options.decode_threads;
     let send_batch = |batch: &mut Vec<Sample>, chunk: u64, open: &mut HashMap<usize, File>| {
-        let items = decode_batch(input, std::mem::take(batch), threads, keep_bytes, open);
+        let items = decode_batch(input, std::mem::take(batch), threads, keep_bytes, fit, open);
         // A closed channel means the model side stopped (error): stop quietly.
         match tx.send(Event::Batch { chunk, items }) {
             Ok(()) => Flow::Continue,
@@ -465,6 +469,7 @@ fn decode_batch(
     samples: Vec<Sample>,
     threads: usize,
     keep_bytes: bool,
+    fit: Option<&ImageProcessor>,
     open: &mut HashMap<usize, File>,
 ) -> Vec<Decoded> {
     let raw: Vec<(Sample, Result<Vec<u8>, Skip>)> = samples
@@ -475,7 +480,7 @@ fn decode_batch(
         })
         .collect();
     parallel_map(raw, threads, |(sample, bytes)| {
-        let outcome = bytes.and_then(|bytes| match decode(&bytes) {
+        let outcome = bytes.and_then(|bytes| match decode(&bytes, fit) {
             Ok(image) => Ok((image, keep_bytes.then_some(bytes))),
             Err(reason) => Err((SkipKind::Corrupt, format!("{}: {reason}", sample.image))),
         });
@@ -483,16 +488,16 @@ fn decode_batch(
     })
 }
 
-/// Decodes any format the `image` crate reads (guessed from the content) to RGB the way
-/// `blip_vision` does (alpha over white). A decoder panic on hostile bytes is a corrupt
-/// image, not a crashed run.
-fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
+/// Decodes as `blip_vision` does (any format, alpha over white, truncated JPEGs refused),
+/// resized at once to `fit`'s size when given. A decoder panic on hostile bytes is a
+/// corrupt image, not a crashed run.
+fn decode(bytes: &[u8], fit: Option<&ImageProcessor>) -> Result<RgbImage, String> {
     catch_unwind(AssertUnwindSafe(|| {
-        let reader = image::ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| e.to_string())?;
-        let image = reader.decode().map_err(|e| e.to_string())?;
-        Ok(blip_vision::to_rgb(image))
+        let image = ImageProcessor::decode(bytes).map_err(|e| e.to_string())?;
+        Ok(match fit {
+            Some(processor) => processor.fit(image),
+            None => image,
+        })
     }))
     .unwrap_or_else(|_| Err("the image decoder panicked".to_string()))
 }

@@ -30,6 +30,9 @@ struct FakeModel {
     /// Generation settings, checked as the real model checks them: up front in
     /// `validate`, and (as generation would fail) in every `process` call.
     settings: Option<CapFiltSettings>,
+    /// The processor images are resized to as decoded, and the sizes `process` saw.
+    fit: Option<blip_vision::ImageProcessor>,
+    sizes: Vec<(u32, u32)>,
 }
 
 #[derive(Clone, Copy)]
@@ -76,6 +79,7 @@ impl CapFiltModel for FakeModel {
     ) -> Result<Vec<ImageVerdict>, ModelError> {
         assert_eq!(images.len(), web_texts.len());
         self.seen += images.len();
+        self.sizes.extend(images.iter().map(RgbImage::dimensions));
         if let Some(settings) = &self.settings {
             settings.validate().map_err(|e| e.to_string())?;
         }
@@ -118,6 +122,10 @@ impl CapFiltModel for FakeModel {
             Some(settings) => settings.validate(),
             None => Ok(()),
         }
+    }
+
+    fn image_processor(&self) -> Option<blip_vision::ImageProcessor> {
+        self.fit.clone()
     }
 
     fn captioner_name(&self) -> String {
@@ -1360,4 +1368,46 @@ fn non_utf8_names_are_never_written_lossily() {
     // The output directory of a tar input, the summary's image root.
     let bad_out = root.join(OsStr::from_bytes(b"out\xff"));
     expect_non_utf8(&options(&shards, &bad_out), &bad_out);
+}
+
+#[test]
+fn images_are_resized_as_decoded_and_truncated_jpegs_are_skipped() {
+    // A batch held full-resolution decodes until the model resized them: memory grew with
+    // the input's resolution. With the model's processor, the runner resizes at decode.
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("img");
+    std::fs::create_dir_all(&images).unwrap();
+    let big = RgbImage::from_pixel(300, 200, Rgb(RED));
+    big.save(images.join("big.png")).unwrap();
+    let whole = jpeg(BLUE);
+    std::fs::write(images.join("whole.jpg"), &whole).unwrap();
+    std::fs::write(images.join("cut.jpg"), &whole[..whole.len() / 2]).unwrap();
+    let json = dir.path().join("in.json");
+    let records = json!([
+        {"image": "img/big.png", "caption": "a red thing"},
+        {"image": "img/whole.jpg", "caption": "a blue thing"},
+        {"image": "img/cut.jpg", "caption": "a blue thing"},
+    ]);
+    std::fs::write(&json, records.to_string()).unwrap();
+    let mut model = FakeModel {
+        fit: Some(blip_vision::ImageProcessor::new(16)),
+        ..FakeModel::default()
+    };
+    let out = dir.path().join("out");
+    run(&options(&json, &out), &mut model).unwrap();
+    assert_eq!(model.sizes, vec![(16, 16), (16, 16)]);
+    let provenance = read(&out.join("provenance.jsonl"));
+    let skipped: Vec<Value> = provenance
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["record"] == "skipped")
+        .collect();
+    assert_eq!(skipped.len(), 1, "{provenance}");
+    assert_eq!(skipped[0]["image"], "img/cut.jpg");
+    assert!(
+        skipped[0]["reason"].as_str().unwrap().contains("truncated"),
+        "{provenance}"
+    );
+    // The colours survive the resize: the verdicts are the same as at full size.
+    assert!(provenance.contains("a red square"), "{provenance}");
 }

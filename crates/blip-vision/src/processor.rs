@@ -53,28 +53,31 @@ impl ImageProcessor {
     /// grey) is an error, as it is in PIL. Anything but a regular file is refused unopened.
     pub fn open(path: impl AsRef<Path>) -> Result<RgbImage> {
         let path = path.as_ref();
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut crate::open_file(path)?, &mut bytes).map_err(io)?;
-        let decode = |source| Error::ImageDecode {
+        std::io::Read::read_to_end(&mut crate::open_file(path)?, &mut bytes).map_err(|source| {
+            Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Self::decode(&bytes).map_err(|source| Error::ImageDecode {
             path: path.to_path_buf(),
             source,
-        };
-        if is_truncated_jpeg(&bytes) {
-            return Err(decode(image::ImageError::Decoding(
+        })
+    }
+
+    /// [`Self::open`] for an image already in memory (a tar member, a download).
+    pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, image::ImageError> {
+        if is_truncated_jpeg(bytes) {
+            return Err(image::ImageError::Decoding(
                 image::error::DecodingError::new(
                     image::ImageFormat::Jpeg.into(),
                     "the file is truncated: no end-of-image marker after the last scan",
                 ),
-            )));
+            ));
         }
-        let reader = ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(io)?;
-        Ok(to_rgb(reader.decode().map_err(decode)?))
+        let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+        Ok(to_rgb(reader.decode()?))
     }
 
     /// [`Self::open`], then resized to this processor's size at once. Images kept this way
@@ -82,16 +85,19 @@ impl ImageProcessor {
     /// decoded 12000² photos are 6.9 GB, 16 at 384² are 7 MB. The values equal those of
     /// resizing later: [`Self::resize`] leaves an image of the right size unchanged.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<RgbImage> {
-        let image = Self::open(path)?;
+        Self::open(path).map(|image| self.fit(image))
+    }
+
+    /// `image` resized to this processor's size (unchanged when it has that size already),
+    /// the original dropped: what [`Self::load`] does after decoding.
+    pub fn fit(&self, image: RgbImage) -> RgbImage {
         if image.dimensions() == (self.width as u32, self.height as u32) {
-            return Ok(image);
+            return image;
         }
         let resized = self.resize(&image);
         drop(image);
-        Ok(
-            RgbImage::from_raw(self.width as u32, self.height as u32, resized)
-                .expect("the resampler returns width · height · 3 values"),
-        )
+        RgbImage::from_raw(self.width as u32, self.height as u32, resized)
+            .expect("the resampler returns width · height · 3 values")
     }
 
     /// Resizes and normalises one RGB image into `3·H·W` values, channel-major.
