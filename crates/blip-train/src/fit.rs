@@ -102,7 +102,7 @@ pub struct FitReport {
     /// Wall time spent in model steps, seconds (data preparation overlaps it).
     pub seconds: f64,
     /// The losses of the last batch.
-    pub last_losses: Vec<(&'static str, f64)>,
+    pub last_losses: Vec<(String, f64)>,
 }
 
 impl FitReport {

@@ -57,7 +57,10 @@ pub use momentum::{
 };
 pub use optim::{blip_adamw, clip_grad_norm};
 pub use original::{Family, OriginalCheckpoint};
-pub use pretrain::{Distillation, Losses, TrainBatch, compute_losses};
+pub use pretrain::{
+    Distillation, Losses, Objective, StepOutputs, Term, TrainBatch, compute_losses,
+    compute_losses_with,
+};
 pub use schedule::{cosine_lr, step_decay_lr, warmup_lr};
 pub use trainer::{LrSchedule, Progress, StepReport, TrainConfig, Trainer};
 pub use vqa::{VqaBatch, vqa_loss};

@@ -57,19 +57,100 @@ pub struct TrainBatch {
 /// The objectives' values for one batch.
 #[derive(Debug, Clone)]
 pub struct Losses {
-    /// `(name, loss)` of each computed objective (`"itc"`, `"itm"`, `"lm"`), each `[1]`.
-    pub terms: Vec<(&'static str, Tensor<1>)>,
+    /// `(name, loss)` of each computed objective (`"itc"`, `"itm"`, `"lm"`, then those of
+    /// extra [`Objective`]s), each `[1]`.
+    pub terms: Vec<(String, Tensor<1>)>,
     /// `Σ weight·loss`, what is differentiated.
     pub total: Tensor<1>,
 }
 
 impl Losses {
     /// `(name, value)` of each computed objective, read back to the host.
-    pub fn values(&self) -> Vec<(&'static str, f64)> {
+    pub fn values(&self) -> Vec<(String, f64)> {
         self.terms
             .iter()
-            .map(|(name, t)| (*name, t.clone().into_scalar::<f32>() as f64))
+            .map(|(name, t)| (name.clone(), t.clone().into_scalar::<f32>() as f64))
             .collect()
+    }
+}
+
+/// What one step computed, handed to every extra [`Objective`] after BLIP's three. The
+/// tensors are the step's own (on the training device, in its autodiff graph): a term
+/// built from them trains what produced them.
+#[derive(Debug)]
+pub struct StepOutputs<'a> {
+    /// The model, as the step ran it.
+    pub model: &'a BlipPretrain,
+    /// The batch.
+    pub batch: &'a TrainBatch,
+    /// ViT tokens `[B, 1 + N, D]`.
+    pub image_embeds: Tensor<3>,
+    /// Online ITC features `v` `[B, 256]` (L2-normalised), when ITC or ITM ran.
+    pub image_features: Option<Tensor<2>>,
+    /// Online ITC features `t` `[B, 256]` (L2-normalised), when ITC or ITM ran.
+    pub text_features: Option<Tensor<2>>,
+    /// The learnt temperature `τ` `[1]`, when ITC or ITM ran.
+    pub temperature: Option<Tensor<1>>,
+    /// ITM logits `[3B, 2]` of (text, image), (text, negative image), (negative text,
+    /// image), when ITM ran.
+    pub itm_logits: Option<Tensor<2>>,
+    /// Decoder logits `[B, L, V]` on `[DEC]` + caption, when LM ran.
+    pub decoder_logits: Option<Tensor<3>>,
+}
+
+/// One named, weighted loss term: `weight · loss` joins the step's total, and `name`
+/// (`loss_<name>` in the metrics) its reports.
+#[derive(Debug, Clone)]
+pub struct Term {
+    /// Metrics name; must not repeat BLIP's (`itc`, `itm`, `lm`) or another term's.
+    pub name: String,
+    /// Weight in the total.
+    pub weight: f64,
+    /// The loss, `[1]`.
+    pub loss: Tensor<1>,
+}
+
+/// A loss added to BLIP's ITC + ITM + LM from outside the crate ([`crate::Trainer::add_objective`]):
+/// each step it sees what the step computed ([`StepOutputs`]) and returns weighted terms.
+///
+/// ```
+/// use blip_train::{Objective, Result, StepOutputs, Term};
+///
+/// /// Alignment (Wang & Isola 2020): mean ‖v_i − t_i‖² of matching pairs' ITC features.
+/// struct Alignment(f64);
+///
+/// impl Objective for Alignment {
+///     fn name(&self) -> &str {
+///         "align"
+///     }
+///     fn terms(&mut self, step: &StepOutputs<'_>) -> Result<Vec<Term>> {
+///         let (Some(v), Some(t)) = (&step.image_features, &step.text_features) else {
+///             return Ok(vec![]); // ITC and ITM are off: nothing to align
+///         };
+///         let loss = (v.clone() - t.clone()).powi_scalar(2).sum_dim(1).mean();
+///         Ok(vec![Term { name: "align".into(), weight: self.0, loss }])
+///     }
+/// }
+/// ```
+pub trait Objective: Send {
+    /// The objective's name: checkpoints record it, and a resumed trainer refuses to train
+    /// on until an objective of that name is added again.
+    fn name(&self) -> &str;
+
+    /// The terms this objective adds for one step.
+    fn terms(&mut self, step: &StepOutputs<'_>) -> Result<Vec<Term>>;
+
+    /// State to keep in checkpoints (a running statistic, a schedule position); `null`
+    /// by default.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Restores what [`Self::save_state`] returned, when a resumed trainer gets this
+    /// objective back.
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let _ = state;
+        Ok(())
     }
 }
 
@@ -124,6 +205,19 @@ pub fn compute_losses(
     alpha: f64,
     rng: &mut Rng,
 ) -> Result<Losses> {
+    compute_losses_with(model, distillation, config, batch, alpha, rng, &mut [])
+}
+
+/// [`compute_losses`], then the terms of each extra objective, added to the total.
+pub fn compute_losses_with(
+    model: &BlipPretrain,
+    distillation: Option<&mut Distillation>,
+    config: &PretrainConfig,
+    batch: &TrainBatch,
+    alpha: f64,
+    rng: &mut Rng,
+    objectives: &mut [Box<dyn Objective>],
+) -> Result<Losses> {
     let [b, _, _, _] = batch.pixel_values.dims();
     model.check_text(&batch.text, b)?;
     if let Some(ids) = &batch.image_ids
@@ -138,7 +232,17 @@ pub fn compute_losses(
     let w = &config.weights;
     let contrastive = w.itc != 0.0 || w.itm != 0.0;
     let image_embeds = model.image_embeds(batch.pixel_values.clone())?;
-    let mut terms = Vec::new();
+    let mut terms: Vec<(String, Tensor<1>, f64)> = Vec::new();
+    let mut outputs = StepOutputs {
+        model,
+        batch,
+        image_embeds: image_embeds.clone(),
+        image_features: None,
+        text_features: None,
+        temperature: None,
+        itm_logits: None,
+        decoder_logits: None,
+    };
 
     if contrastive {
         let Some(state) = distillation else {
@@ -159,6 +263,9 @@ pub fn compute_losses(
             state.momentum.clone(),
             config.momentum,
         );
+        outputs.image_features = Some(image_feat.clone());
+        outputs.text_features = Some(text_feat.clone());
+        outputs.temperature = Some(temp.clone());
         let image_feat_m = state.momentum.image_features(batch.pixel_values.clone())?;
         let text_feat_m = state.momentum.text_features(&batch.text, &device)?;
 
@@ -178,7 +285,7 @@ pub fn compute_losses(
                 alpha,
                 positives,
             );
-            terms.push(("itc", loss, w.itc));
+            terms.push(("itc".into(), loss, w.itc));
         }
 
         if w.itm != 0.0 {
@@ -251,7 +358,8 @@ pub fn compute_losses(
             ]
             .concat();
             let logits = model.itm_logits(images, &ids, &mask)?;
-            terms.push(("itm", itm_loss(logits), w.itm));
+            outputs.itm_logits = Some(logits.clone());
+            terms.push(("itm".into(), itm_loss(logits), w.itm));
         }
 
         state.image_queue.enqueue(image_feat_m)?;
@@ -269,7 +377,35 @@ pub fn compute_losses(
             &batch.text.attention_mask,
         )?;
         let labels = lm_labels(&batch.text, batch.prompt_length, &device);
-        terms.push(("lm", lm_loss(logits, labels, config.label_smoothing), w.lm));
+        outputs.decoder_logits = Some(logits.clone());
+        terms.push((
+            "lm".into(),
+            lm_loss(logits, labels, config.label_smoothing),
+            w.lm,
+        ));
+    }
+
+    for objective in objectives.iter_mut() {
+        for term in objective.terms(&outputs)? {
+            if terms.iter().any(|(name, _, _)| *name == term.name) {
+                return Err(TrainError::Batch(format!(
+                    "objective `{}` adds a term `{}`, a name already taken this step",
+                    objective.name(),
+                    term.name
+                )));
+            }
+            if term.loss.dims() != [1] {
+                return Err(TrainError::Batch(format!(
+                    "objective `{}`: term `{}` has shape {:?}, a loss is [1]",
+                    objective.name(),
+                    term.name,
+                    term.loss.dims()
+                )));
+            }
+            if term.weight != 0.0 {
+                terms.push((term.name, term.loss, term.weight));
+            }
+        }
     }
 
     let total = terms

@@ -17,6 +17,7 @@
 //! | `optimizer.bpk` | AdamW moments (burnpack, burn's optimiser record) |
 //! | `state.json` | step, epoch, position in the epoch, RNG, queue pointer and ids, configs, parameter ids |
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use blip_text::Rng;
@@ -32,7 +33,9 @@ use crate::losses::alpha_ramp;
 use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
 use crate::momentum::FeatureQueue;
 use crate::optim::{blip_adamw, clip_grad_norm};
-use crate::pretrain::{Distillation, TrainBatch, clamp_model_temperature, compute_losses};
+use crate::pretrain::{
+    Distillation, Objective, TrainBatch, clamp_model_temperature, compute_losses_with,
+};
 use crate::schedule::{cosine_lr, step_decay_lr, warmup_lr};
 
 /// How the learning rate moves.
@@ -127,7 +130,7 @@ pub struct Progress {
 #[derive(Debug, Clone)]
 pub struct StepReport {
     /// Each objective's value.
-    pub losses: Vec<(&'static str, f64)>,
+    pub losses: Vec<(String, f64)>,
     /// The weighted total.
     pub total: f64,
     /// ITC distillation weight used.
@@ -156,6 +159,10 @@ pub struct Trainer {
     accumulator: GradientsAccumulator<BlipPretrain>,
     pending: usize,
     device: Device,
+    objectives: Vec<Box<dyn Objective>>,
+    /// Objectives a resumed checkpoint was trained with, by name, with their saved
+    /// state: each must be added again before training goes on.
+    awaited: BTreeMap<String, serde_json::Value>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -194,7 +201,37 @@ impl Trainer {
             accumulator: GradientsAccumulator::new(),
             pending: 0,
             device: device.clone(),
+            objectives: Vec::new(),
+            awaited: BTreeMap::new(),
         }
+    }
+
+    /// Adds a loss to BLIP's three for every following step (see [`Objective`]). Its
+    /// terms appear in [`StepReport::losses`] and the metrics; its name and
+    /// [`Objective::save_state`] go into checkpoints. A resumed trainer hands the saved
+    /// state back here ([`Objective::load_state`]).
+    pub fn add_objective(&mut self, mut objective: impl Objective + 'static) -> Result<()> {
+        let name = objective.name().to_string();
+        if ["itc", "itm", "lm"].contains(&name.as_str())
+            || self.objectives.iter().any(|o| o.name() == name)
+        {
+            return Err(TrainError::Batch(format!(
+                "an objective named `{name}` is already part of training"
+            )));
+        }
+        if let Some(state) = self.awaited.remove(&name) {
+            objective.load_state(&state)?;
+        }
+        self.objectives.push(Box::new(objective));
+        Ok(())
+    }
+
+    /// The names of the extra objectives, in the order they run.
+    pub fn objective_names(&self) -> Vec<String> {
+        self.objectives
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
     }
 
     /// The learning rate of the next optimiser step (from the schedule, the epoch and, in
@@ -226,14 +263,21 @@ impl Trainer {
             batches_per_epoch,
             self.train.alpha_ramp_epochs,
         );
+        if let Some(name) = self.awaited.keys().next() {
+            return Err(TrainError::Batch(format!(
+                "the checkpoint was trained with objective `{name}`: add it again \
+                 (Trainer::add_objective) before training on"
+            )));
+        }
         let model = clamp_model_temperature(self.model.clone());
-        let losses = compute_losses(
+        let losses = compute_losses_with(
             &model,
             self.distillation.as_mut(),
             &self.config,
             batch,
             alpha,
             &mut self.rng,
+            &mut self.objectives,
         )?;
         let accumulation = self.train.grad_accumulation.max(1);
         let values = losses.values();
@@ -327,6 +371,12 @@ impl Trainer {
             "param_ids": param_ids(&self.model).iter().map(|id| id.val().to_string()).collect::<Vec<_>>(),
             "config": serde_json::to_value(&self.config).expect("configs serialise"),
             "train": serde_json::to_value(&self.train).expect("configs serialise"),
+            "objectives": self
+                .objectives
+                .iter()
+                .map(|o| (o.name().to_string(), o.save_state()))
+                .chain(self.awaited.clone())
+                .collect::<serde_json::Map<_, _>>(),
         });
         write_synced(
             &partial.join("state.json"),
@@ -437,6 +487,12 @@ impl Trainer {
                 })?;
         trainer.progress = progress;
         trainer.rng = rng;
+        if let Some(objectives) = state["objectives"].as_object() {
+            trainer.awaited = objectives
+                .iter()
+                .map(|(name, state)| (name.clone(), state.clone()))
+                .collect();
+        }
         Ok(trainer)
     }
 

@@ -357,3 +357,128 @@ fn resuming_a_checkpoint_continues_exactly() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A loss from outside the crate: alignment of matching pairs' ITC features
+/// (mean ‖v_i − t_i‖²), counting its steps as state a checkpoint keeps.
+struct Alignment {
+    weight: f64,
+    steps: u64,
+}
+
+impl blip_train::Objective for Alignment {
+    fn name(&self) -> &str {
+        "align"
+    }
+
+    fn terms(
+        &mut self,
+        step: &blip_train::StepOutputs<'_>,
+    ) -> blip_train::Result<Vec<blip_train::Term>> {
+        self.steps += 1;
+        let (Some(v), Some(t)) = (&step.image_features, &step.text_features) else {
+            return Ok(vec![]);
+        };
+        let loss = (v.clone() - t.clone()).powi_scalar(2).sum_dim(1).mean();
+        Ok(vec![blip_train::Term {
+            name: "align".into(),
+            weight: self.weight,
+            loss,
+        }])
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "steps": self.steps })
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> blip_train::Result<()> {
+        self.steps = state["steps"].as_u64().unwrap_or(0);
+        Ok(())
+    }
+}
+
+#[test]
+fn an_objective_from_outside_the_crate_trains_reports_and_resumes() {
+    let device = Device::flex().autodiff();
+    let (config, train) = resume_settings();
+    let batches = fixed_batches(&device);
+    let dir = std::env::temp_dir().join(format!("blip-objective-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let new_trainer = || {
+        let mut trainer = Trainer::new(
+            config.init(&Device::flex()),
+            config.clone(),
+            train.clone(),
+            &device,
+        );
+        trainer
+            .add_objective(Alignment {
+                weight: 0.5,
+                steps: 0,
+            })
+            .unwrap();
+        trainer
+    };
+    let mut straight = new_trainer();
+    let mut expected = Vec::new();
+    for (i, b) in batches.iter().enumerate() {
+        if i == 4 {
+            straight.save(&dir).unwrap();
+        }
+        let report = straight.train_batch(b, 8).unwrap();
+        // The term is reported by name and is part of the differentiated total.
+        let names: Vec<&str> = report.losses.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["itc", "itm", "lm", "align"]);
+        let weighted: f64 = report
+            .losses
+            .iter()
+            .map(|(n, v)| if n == "align" { 0.5 * v } else { *v })
+            .sum();
+        assert!((weighted - report.total).abs() < 1e-4, "{report:?}");
+        expected.push(report.losses);
+    }
+
+    // A resumed trainer refuses to go on without the objective it was trained with...
+    let checkpoint = Trainer::latest_checkpoint(&dir).unwrap().unwrap();
+    let mut resumed = Trainer::resume(&checkpoint, &device).unwrap();
+    let err = resumed.train_batch(&batches[4], 8).unwrap_err();
+    assert!(err.to_string().contains("`align`"), "{err}");
+    // ...and with it back (its state restored), continues as the uninterrupted run did.
+    resumed
+        .add_objective(Alignment {
+            weight: 0.5,
+            steps: 0,
+        })
+        .unwrap();
+    for (i, b) in batches[4..].iter().enumerate() {
+        let got = resumed.train_batch(b, 8).unwrap().losses;
+        for ((name, got), (_, want)) in got.iter().zip(&expected[4 + i]) {
+            assert!(
+                (got - want).abs() <= 1e-5,
+                "batch {}, {name}: resumed {got}, uninterrupted {want}",
+                4 + i
+            );
+        }
+    }
+    resumed.save(&dir).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Trainer::latest_checkpoint(&dir)
+                .unwrap()
+                .unwrap()
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["objectives"]["align"]["steps"], 8);
+    // Names are unique across BLIP's terms and other objectives.
+    assert!(
+        resumed
+            .add_objective(Alignment {
+                weight: 1.0,
+                steps: 0
+            })
+            .is_err()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
