@@ -39,7 +39,8 @@ pub use blip_vision as vision;
 pub use burn::tensor::Device;
 
 pub use blip_text::{
-    BlipConfig, BlipTokenizer, CaptioningModel, Pretrained, RetrievalModel, TextConfig, VqaModel,
+    BlipConfig, BlipTokenizer, Caption, Captioner, CaptioningModel, FirstToken, GenerationConfig,
+    Matcher, Pretrained, QuestionAnswerer, RetrievalModel, Sampling, TextConfig, VqaModel,
     cosine_similarity, lm_loss,
 };
 pub use blip_vision::{ImageProcessor, VisionConfig, VisionTransformer};

@@ -487,3 +487,51 @@ fn a_tokenizer_of_another_vocabulary_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The child half of [`hub_ids_load_from_the_hf_cache`]: `from_pretrained` with a hub id,
+/// in a process whose `HF_HUB_CACHE` points at the cache the parent built.
+#[test]
+fn hub_id_child() {
+    if std::env::var_os("BLIP_HUB_CHILD").is_none() {
+        return; // only meaningful as the child of the test below
+    }
+    let loaded = CaptioningModel::from_pretrained("org/tiny-captioning", &device()).unwrap();
+    assert!(loaded.tokenizer.is_some());
+    let err = CaptioningModel::from_pretrained("org/not-cached", &device()).unwrap_err();
+    assert!(matches!(err, Error::ModelNotFound { .. }), "{err}");
+}
+
+#[test]
+fn hub_ids_load_from_the_hf_cache() {
+    let cache = std::env::temp_dir().join(format!("blip-hub-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--org--tiny-captioning");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let fixture = fixtures().join("tiny-captioning");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(file), snapshot.join(file)).unwrap();
+    }
+    blip::BlipTokenizer::from_vocab(fixture.join("vocab.txt"))
+        .unwrap()
+        .save(snapshot.join("tokenizer.json"))
+        .unwrap();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["hub_id_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env("BLIP_HUB_CHILD", "1")
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9") // nothing listens: no download succeeds
+        .output()
+        .unwrap();
+    assert!(
+        child.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    assert!(String::from_utf8_lossy(&child.stdout).contains("1 passed"));
+    std::fs::remove_dir_all(&cache).unwrap();
+}

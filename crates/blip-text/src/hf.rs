@@ -263,6 +263,17 @@ fn check_tied(header: &SafetensorsHeader, alias: &str, source: &str) -> Result<(
     Ok(())
 }
 
+/// A directory as is; a path-less `org/name` that is no directory is a hub id, looked up in
+/// (or, with the `download` feature, fetched into) the HF cache.
+fn resolve(spec: &Path) -> Result<PathBuf> {
+    match spec.to_str() {
+        Some(id) if !spec.is_dir() && crate::hub::parse_repo_id(id).is_some() => {
+            crate::hub::find_or_download(id, &crate::hub::cache_dir())
+        }
+        _ => Ok(spec.to_path_buf()),
+    }
+}
+
 /// Writes `config.json` and `model.safetensors` into `dir` (created if needed).
 fn save<M: Module + ModuleSnapshot>(
     model: &M,
@@ -287,11 +298,12 @@ fn save<M: Module + ModuleSnapshot>(
 macro_rules! hf_family {
     ($model:ty, $architecture:literal, $keys:expr, $ties:expr, $stacks:expr, $example:literal) => {
         impl $model {
-            #[doc = concat!("Loads a `", $architecture, "` directory (e.g. ", $example, ").")]
+            #[doc = concat!("Loads a `", $architecture, "` directory, or a hub id (e.g. `", $example, "`) from the HF cache, downloaded into it first with the `download` feature when missing (see [`crate::hub::find_or_download`]).")]
             pub fn from_pretrained(
                 dir: impl AsRef<Path>,
                 device: &Device,
             ) -> Result<Pretrained<Self>> {
+                let dir = resolve(dir.as_ref())?;
                 let dir = ModelDir::open(dir)?;
                 let header = dir.weights()?;
                 dir.check_layers(&header, &$stacks(&dir.config))?;

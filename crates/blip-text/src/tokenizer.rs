@@ -277,14 +277,18 @@ impl BlipTokenizer {
         self.inner
             .save(&tmp, true)
             .map_err(|e| tokenizer_error(path, e))?;
-        std::fs::rename(&tmp, path).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            blip_vision::Error::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-            .into()
-        })
+        // On disk before the rename: a crash must not leave an empty file in its place.
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| {
+                let _ = std::fs::remove_file(&tmp);
+                blip_vision::Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+                .into()
+            })
     }
 
     /// The underlying `tokenizers` tokenizer.
