@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fixtures;
+use common::{ScratchDir, fixtures};
 
 /// The example's executable beside this test's (`target/<profile>/examples/<name>`).
 fn example(name: &str) -> PathBuf {
@@ -56,29 +56,11 @@ fn demo_image() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/images/004500.png")
 }
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("blip-cli-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(unix)]
 #[test]
 fn caption_refuses_non_utf8_names_and_fifos_and_captions_the_rest() {
     use std::os::unix::ffi::OsStrExt;
-    let scratch = Scratch::new("names");
+    let scratch = ScratchDir::new("cli-names");
     let good = scratch.0.join("good.png");
     std::fs::copy(demo_image(), &good).unwrap();
     // A name with byte 0xFF became U+FFFD in the JSON: a file that does not exist.

@@ -5,7 +5,7 @@ mod common;
 
 use blip::text::tasks::replace_first;
 use blip::text::{Captioner, FirstToken, GenerationConfig, Matcher, QuestionAnswerer};
-use common::{Expected, device, fixtures};
+use common::{Expected, ScratchDir, device, fixtures};
 
 fn texts(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("expected_text.json")).unwrap()).unwrap()
@@ -176,8 +176,8 @@ fn replace_first_swaps_only_column_zero() {
 /// A copy of a fixture directory whose output layers (the LM head's LayerNorm scale, the ITM
 /// head, the image projection) hold 3e38: finite, so the load accepts them, but overflowing
 /// the outputs, as diverged weights do.
-fn overflowing_copy(fixture: &str, tag: &str) -> tempdir::Dir {
-    let dir = tempdir::Dir::new(&format!("{fixture}-{tag}"));
+fn overflowing_copy(fixture: &str, tag: &str) -> ScratchDir {
+    let dir = ScratchDir::new(&format!("tasks-{fixture}-{tag}"));
     for entry in std::fs::read_dir(fixtures().join(fixture)).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dir.0.join(path.file_name().unwrap())).unwrap();
@@ -214,26 +214,6 @@ fn overflowing_copy(fixture: &str, tag: &str) -> tempdir::Dir {
         .collect();
     safetensors::serialize_to_file(views, None, &weights).unwrap();
     dir
-}
-
-mod tempdir {
-    /// A scratch directory, removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-
-    impl Dir {
-        pub fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("blip-tasks-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 #[test]
