@@ -376,17 +376,11 @@ impl Input {
                     };
                     (kind, format!("{}: {e}", path.display()))
                 };
-                // Checked before opening: opening a FIFO blocks until a writer comes.
-                if !std::fs::metadata(path).map_err(unreadable)?.is_file() {
-                    return Err((
-                        SkipKind::Unreadable,
-                        format!(
-                            "{}: not a regular file (a directory, FIFO, socket or device)",
-                            path.display()
-                        ),
-                    ));
-                }
-                let file = File::open(path).map_err(unreadable)?;
+                // Refuses a FIFO unopened: opening one blocks until a writer comes.
+                let file = blip_vision::open_file(path).map_err(|e| match e {
+                    blip_vision::Error::Io { source, .. } => unreadable(source),
+                    other => (SkipKind::Unreadable, other.to_string()),
+                })?;
                 let size = file.metadata().map_err(unreadable)?.len();
                 if size > MAX_IMAGE_BYTES {
                     return Err((

@@ -74,28 +74,23 @@ impl TextConfig {
             })
         };
         use blip_vision::{MAX_LAYERS, MAX_WIDTH};
-        for (name, value, max) in [
-            ("vocab_size", self.vocab_size, MAX_WIDTH),
-            ("hidden_size", self.hidden_size, MAX_WIDTH),
-            ("encoder_hidden_size", self.encoder_hidden_size, MAX_WIDTH),
-            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
-            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
-            (
-                "max_position_embeddings",
-                self.max_position_embeddings,
-                MAX_WIDTH,
-            ),
-        ] {
-            if value == 0 || value > max {
-                return fail(format!("text {name} {value} is outside 1..={max}"));
-            }
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return fail(format!(
-                "text layer_norm_eps {} must be a positive number",
-                self.layer_norm_eps
-            ));
-        }
+        blip_vision::check_sizes(
+            "text",
+            &[
+                ("vocab_size", self.vocab_size, MAX_WIDTH),
+                ("hidden_size", self.hidden_size, MAX_WIDTH),
+                ("encoder_hidden_size", self.encoder_hidden_size, MAX_WIDTH),
+                ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+                ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+                (
+                    "max_position_embeddings",
+                    self.max_position_embeddings,
+                    MAX_WIDTH,
+                ),
+            ],
+            self.layer_norm_eps,
+            path,
+        )?;
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {

@@ -122,22 +122,17 @@ impl GenerationConfig {
         if self.max_length == 0 {
             return fail("max_length must be at least 1".into());
         }
-        let positive = |x: f64| x > 0.0; // false for NaN too
+        let positive = |x: f64| x > 0.0 && x.is_finite(); // false for NaN too
         if !positive(self.repetition_penalty) {
-            return fail("repetition_penalty must be positive".into());
+            return fail("repetition_penalty must be a finite positive number".into());
         }
-        if !self.repetition_penalty.is_finite() || !self.length_penalty.is_finite() {
-            return fail("repetition_penalty and length_penalty must be finite".into());
+        if !self.length_penalty.is_finite() {
+            return fail("length_penalty must be finite".into());
         }
         if let Some(s) = &self.sampling
             && !(positive(s.top_p) && s.top_p <= 1.0 && positive(s.temperature))
         {
-            return fail("top_p must be in (0, 1] and temperature positive".into());
-        }
-        if let Some(s) = &self.sampling
-            && !s.temperature.is_finite()
-        {
-            return fail("temperature must be finite".into());
+            return fail("top_p must be in (0, 1] and temperature a finite positive number".into());
         }
         Ok(())
     }

@@ -82,13 +82,7 @@ impl BlipTokenizer {
     /// off; `[DEC]`/`[ENC]` are added when absent (HF BLIP repos lack them).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut blip_vision::open_file(path)?, &mut bytes).map_err(
-            |source| blip_vision::Error::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        )?;
+        let bytes = blip_vision::read_file(path)?;
         // Plain JSON first: the tokenizers crate panics on some malformed files (a file cut
         // inside "decoder") instead of returning an error.
         serde_json::from_slice::<serde_json::Value>(&bytes)

@@ -471,8 +471,8 @@ impl Trainer {
         }
         let model = model.map(&mut SetIds(ids.into_iter()));
         let mut trainer = Self::new(model, config, train, device);
-        if trainer.distillation.is_some() {
-            let saved = read_distillation(dir, &state, &trainer.config, &plain)?
+        if let Some(fresh) = &trainer.distillation {
+            let saved = read_distillation(dir, &state, fresh, &plain)?
                 .ok_or_else(|| bad("momentum.safetensors missing".into()))?;
             trainer.adopt_distillation(saved)?;
         }
@@ -507,21 +507,10 @@ impl Trainer {
     /// such tensors silently): set `queue_size` to the checkpoint's, or start afresh. So is
     /// a trainer whose objectives need no distillation (ITC and ITM off).
     pub fn adopt_distillation(&mut self, saved: Distillation) -> Result<()> {
-        let bad = |message: String| TrainError::Batch(format!("distillation state: {message}"));
-        let Some(current) = self.distillation.as_mut() else {
-            return Err(bad("this run computes neither ITC nor ITM".into()));
-        };
+        let current = replaceable(self.distillation.as_mut())?;
         let size = |q: &FeatureQueue| q.features.dims();
-        if size(&saved.image_queue) != size(&current.image_queue)
-            || size(&saved.text_queue) != size(&current.text_queue)
-        {
-            return Err(bad(format!(
-                "queues of shape {:?} saved, this run's are {:?}: set queue_size to the \
-                 checkpoint's, or do not keep them",
-                size(&saved.image_queue),
-                size(&current.image_queue)
-            )));
-        }
+        check_queue_shape(size(&saved.image_queue), size(&current.image_queue))?;
+        check_queue_shape(size(&saved.text_queue), size(&current.text_queue))?;
         // Rebuilt from host data: forked values keep a link to the ops that read them,
         // which a later backward would find already consumed.
         let record = DistillationRecord::of(&saved)
@@ -547,8 +536,15 @@ impl Trainer {
     /// any (a checkpoint of a run without ITC and ITM has none).
     pub fn keep_distillation_of(&mut self, dir: &Path) -> Result<bool> {
         let (state, config) = read_state(dir)?;
+        let current = replaceable(self.distillation.as_ref())?;
+        // Compared before reading: the current state is the layout the file is read into.
+        let [dim, queue] = current.image_queue.features.dims();
+        check_queue_shape(
+            [config.blip.image_text_hidden_size, config.queue_size],
+            [dim, queue],
+        )?;
         let plain = self.device.clone().inner();
-        match read_distillation(dir, &state, &config, &plain)? {
+        match read_distillation(dir, &state, current, &plain)? {
             Some(saved) => self.adopt_distillation(saved).map(|()| true),
             None => Ok(false),
         }
@@ -594,12 +590,32 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PretrainConfig)> {
     Ok((state, config))
 }
 
-/// The momentum encoders and queues a checkpoint directory holds, on `device` (a plain one),
-/// or `None` when it has no `momentum.safetensors`.
+/// The trainer's distillation state, which [`Trainer::adopt_distillation`] replaces; an
+/// error for a run without ITC and ITM.
+fn replaceable<T>(distillation: Option<T>) -> Result<T> {
+    distillation.ok_or_else(|| {
+        TrainError::Batch("distillation state: this run computes neither ITC nor ITM".into())
+    })
+}
+
+/// Queues of `saved` shape may replace queues of `current` shape only when they are equal.
+fn check_queue_shape(saved: [usize; 2], current: [usize; 2]) -> Result<()> {
+    if saved == current {
+        return Ok(());
+    }
+    Err(TrainError::Batch(format!(
+        "distillation state: queues of shape {saved:?} saved, this run's are {current:?}: set \
+         queue_size to the checkpoint's, or do not keep them"
+    )))
+}
+
+/// The momentum encoders and queues a checkpoint directory holds, read into the layout of
+/// `template` (the trainer's own, same architecture and queue size) on `device` (a plain
+/// one), or `None` when it has no `momentum.safetensors`.
 fn read_distillation(
     dir: &Path,
     state: &serde_json::Value,
-    config: &PretrainConfig,
+    template: &Distillation,
     device: &Device,
 ) -> Result<Option<Distillation>> {
     let bad = |message: String| TrainError::Checkpoint {
@@ -610,20 +626,21 @@ fn read_distillation(
     if !path.is_file() {
         return Ok(None);
     }
-    // The shapes come from the saved config: a fresh model of it gives the layout to read.
-    let model = config.init(device);
-    let fresh = Distillation::new(&model, config, device);
     let header = SafetensorsHeader::read(&path)?;
-    let record = load_safetensors(DistillationRecord::of(&fresh), &header, &PRETRAIN_KEYS)?;
+    let record = load_safetensors(
+        DistillationRecord::of(template).fork(device),
+        &header,
+        &PRETRAIN_KEYS,
+    )?;
     let ptr = state["queue_ptr"]
         .as_u64()
         .map(|n| n as usize)
-        .filter(|&ptr| ptr < config.queue_size)
+        .filter(|&ptr| ptr < template.image_queue.len())
         .ok_or_else(|| bad("state.json: `queue_ptr` missing or beyond the queue".into()))?;
     let idx_queue = state["idx_queue"]
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_i64()).collect())
-        .filter(|q: &Vec<i64>| q.len() == fresh.idx_queue.len())
+        .filter(|q: &Vec<i64>| q.len() == template.idx_queue.len())
         .ok_or_else(|| bad("state.json: `idx_queue` missing or of the wrong size".into()))?;
     Ok(Some(Distillation {
         momentum: record.momentum,

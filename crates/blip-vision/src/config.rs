@@ -106,23 +106,18 @@ impl VisionConfig {
                 message,
             })
         };
-        for (name, value, max) in [
-            ("hidden_size", self.hidden_size, MAX_WIDTH),
-            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
-            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
-            ("image_size", self.image_size, MAX_IMAGE_SIZE),
-            ("patch_size", self.patch_size, MAX_IMAGE_SIZE),
-        ] {
-            if value == 0 || value > max {
-                return fail(format!("vision {name} {value} is outside 1..={max}"));
-            }
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return fail(format!(
-                "vision layer_norm_eps {} must be a positive number",
-                self.layer_norm_eps
-            ));
-        }
+        check_sizes(
+            "vision",
+            &[
+                ("hidden_size", self.hidden_size, MAX_WIDTH),
+                ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+                ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+                ("image_size", self.image_size, MAX_IMAGE_SIZE),
+                ("patch_size", self.patch_size, MAX_IMAGE_SIZE),
+            ],
+            self.layer_norm_eps,
+            path,
+        )?;
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
@@ -152,6 +147,34 @@ pub const MAX_WIDTH: usize = 1 << 20;
 /// layers the checkpoint holds before building the model.
 pub const MAX_LAYERS: usize = 1024;
 
+/// The bounds every config is held to before anything is built from it: each
+/// `(name, value, max)` of `part` ("vision", "text") in `1..=max`, and a positive
+/// `layer_norm_eps`.
+pub fn check_sizes(
+    part: &str,
+    sizes: &[(&str, usize, usize)],
+    layer_norm_eps: f64,
+    path: &Path,
+) -> Result<()> {
+    let fail = |message: String| {
+        Err(Error::Config {
+            path: path.to_path_buf(),
+            message,
+        })
+    };
+    for &(name, value, max) in sizes {
+        if value == 0 || value > max {
+            return fail(format!("{part} {name} {value} is outside 1..={max}"));
+        }
+    }
+    if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
+        return fail(format!(
+            "{part} layer_norm_eps {layer_norm_eps} must be a positive number"
+        ));
+    }
+    Ok(())
+}
+
 /// Opens `path` for reading if it is a regular file (or a link to one). A FIFO, device or
 /// directory is refused before it is opened: opening a FIFO blocks until a writer comes.
 pub fn open_file(path: &Path) -> Result<std::fs::File> {
@@ -169,16 +192,19 @@ pub fn open_file(path: &Path) -> Result<std::fs::File> {
     std::fs::File::open(path).map_err(io)
 }
 
+/// The whole content of a regular file ([`open_file`]), naming the file in any error.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut open_file(path)?, &mut bytes).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(bytes)
+}
+
 /// Reads and parses a JSON file, naming the file in any error.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut open_file(path)?, &mut text).map_err(|source| {
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
+    serde_json::from_slice(&read_file(path)?).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         message: e.to_string(),
     })

@@ -29,7 +29,10 @@ mod ops;
 mod processor;
 mod vit;
 
-pub use config::{MAX_IMAGE_SIZE, MAX_LAYERS, MAX_WIDTH, VisionConfig, open_file, read_json};
+pub use config::{
+    MAX_IMAGE_SIZE, MAX_LAYERS, MAX_WIDTH, VisionConfig, check_sizes, open_file, read_file,
+    read_json,
+};
 pub use error::{Error, Result};
 pub use interpolate::bicubic_resize;
 pub use ops::{contiguous, dense, matmul_by_transpose, on_thread_pool};

@@ -53,14 +53,7 @@ impl ImageProcessor {
     /// grey) is an error, as it is in PIL. Anything but a regular file is refused unopened.
     pub fn open(path: impl AsRef<Path>) -> Result<RgbImage> {
         let path = path.as_ref();
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut crate::open_file(path)?, &mut bytes).map_err(|source| {
-            Error::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
-        Self::decode(&bytes).map_err(|source| Error::ImageDecode {
+        Self::decode(&crate::read_file(path)?).map_err(|source| Error::ImageDecode {
             path: path.to_path_buf(),
             source,
         })
