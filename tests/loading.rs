@@ -361,11 +361,12 @@ fn save_pretrained_writes_back_the_same_checkpoint() {
 }
 
 /// Rewrites `model.safetensors` with `edit` applied to its JSON header; the data section is
-/// kept as it is. The header is padded to a fixed length so that offsets can be computed
-/// from the data start.
-fn edit_header(scratch: &Scratch, pad_to: usize, edit: impl FnOnce(&mut serde_json::Value, u64)) {
+/// kept as it is. The header is padded to its old length plus 256 bytes, so that `edit` is
+/// told the data start (its second argument) before it writes offsets.
+fn edit_header(scratch: &Scratch, edit: impl FnOnce(&mut serde_json::Value, u64)) {
     let bytes = std::fs::read(scratch.weights()).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let pad_to = header_len + 256;
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
     edit(&mut header, 8 + pad_to as u64);
     let mut json = serde_json::to_vec(&header).unwrap();
@@ -382,10 +383,7 @@ fn offsets_that_wrap_around_2_pow_64_are_refused() {
     // An entry whose start is 2^64 - data_start pointed back into the header bytes: the
     // wrapped sum passed the bounds check, and the captions were garbage with exit 0.
     let scratch = Scratch::copy_of("tiny-captioning", "wrap");
-    let pad_to = std::fs::read(scratch.weights())
-        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()) as usize + 256)
-        .unwrap();
-    edit_header(&scratch, pad_to, |header, data_start| {
+    edit_header(&scratch, |header, data_start| {
         let entry = &mut header[KEY];
         let [start, end] = [0, 1].map(|i| entry["data_offsets"][i].as_u64().unwrap());
         let wrapped = 0u64.wrapping_sub(data_start);
@@ -404,11 +402,8 @@ fn offsets_that_wrap_around_2_pow_64_are_refused() {
 #[test]
 fn overlapping_and_unaddressable_entries_are_refused() {
     let scratch = Scratch::copy_of("tiny-captioning", "overlap");
-    let pad_to = std::fs::read(scratch.weights())
-        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()) as usize + 256)
-        .unwrap();
     // Two entries sharing their bytes.
-    edit_header(&scratch, pad_to, |header, _| {
+    edit_header(&scratch, |header, _| {
         let other = "text_decoder.bert.encoder.layer.1.crossattention.self.value.weight";
         header[other]["data_offsets"] = header[KEY]["data_offsets"].clone();
     });
@@ -417,7 +412,7 @@ fn overlapping_and_unaddressable_entries_are_refused() {
 
     // A shape whose byte size overflows u64.
     let scratch = Scratch::copy_of("tiny-captioning", "hugeshape");
-    edit_header(&scratch, pad_to, |header, _| {
+    edit_header(&scratch, |header, _| {
         header[KEY]["shape"] = serde_json::json!([u64::MAX / 2, 4]);
     });
     let err = vision_error(CaptioningModel::from_pretrained(scratch.path(), &device()));

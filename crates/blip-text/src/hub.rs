@@ -308,22 +308,17 @@ mod download {
             let (Some(commit), Some(etag)) = (commit, etag) else {
                 return Err(failed(format!("{url}: the hub sent no commit or etag")));
             };
-            let refuse = |detail: String| Error::HubResponse {
-                url: url.clone(),
-                detail,
-            };
-            if !is_commit_hash(&commit) {
-                return Err(refuse(format!(
-                    "x-repo-commit {commit:?} is not 40 hexadecimal digits"
-                )));
-            }
-            if !is_etag_hash(&etag) {
-                return Err(refuse(format!(
-                    "etag {etag:?} is not a SHA-1 or SHA-256 hash"
-                )));
-            }
+            // store_file validates the commit and etag before it reads the body; a refusal
+            // names the URL that sent them.
             let mut body = response.into_body().into_reader();
-            let entry = store_file(&repo, &commit, &etag, file, &mut body)?;
+            let entry =
+                store_file(&repo, &commit, &etag, file, &mut body).map_err(|e| match e {
+                    Error::HubResponse { detail, .. } => Error::HubResponse {
+                        url: url.clone(),
+                        detail,
+                    },
+                    other => other,
+                })?;
             snapshot = entry.parent().map(Path::to_path_buf);
         }
         snapshot.ok_or_else(|| failed("nothing downloaded".into()))
