@@ -13,6 +13,10 @@
 //! # pre-train a new model on the clean set plus CapFilt's output (see examples/capfilt.rs)
 //! cargo run --release --features train --example pretrain -- --annotations data/clean.json \
 //!     --annotations cleaned/annotations.json --image-root data --image-root data/web-root
+//! # start as BLIP does: the ViT from DeiT-B, the text transformers from BERT
+//! cargo run --release --features train --example pretrain -- --annotations data/train.json \
+//!     --size base --init-vision deit-base-patch16-224 --init-text bert-base-uncased \
+//!     --tokenizer bert-base-uncased/vocab.txt
 //! # training throughput at base size (random weights), a few steps
 //! cargo run --release --features train --example pretrain -- --annotations data/train.json \
 //!     --size base --batch-size 4 --max-steps 3
@@ -27,7 +31,7 @@ use blip::BlipTokenizer;
 use blip::train::original::OriginalCheckpoint;
 use blip::train::{
     BatchLoader, FitOptions, LoaderConfig, PretrainConfig, TextRecipe, TrainConfig, TrainTransform,
-    Trainer, fit, load_annotations,
+    Trainer, fit, load_annotations, text_config_of, vision_config_of,
 };
 use burn::module::Module;
 use clap::{Parser, ValueEnum};
@@ -87,6 +91,14 @@ struct Args {
     /// `model_base_capfilt_large.pth`).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Start the ViT from an ImageNet checkpoint (a transformers ViT/DeiT or timm ViT
+    /// directory or `.safetensors` file), as BLIP starts from DeiT-B; only without --init.
+    #[arg(long, conflicts_with = "init")]
+    init_vision: Option<PathBuf>,
+    /// Start the text encoder and decoder from a BERT checkpoint (transformers `BertModel`
+    /// or `BertForMaskedLM`, e.g. bert-base-uncased); only without --init.
+    #[arg(long, conflicts_with = "init")]
+    init_text: Option<PathBuf>,
     /// With --init: start the momentum encoders and ITC queues afresh instead of keeping
     /// the checkpoint's (the original keeps them).
     #[arg(long)]
@@ -227,8 +239,29 @@ fn main() {
                 (model, config, None)
             }
             None => {
-                let config = preset(args.size);
-                (config.init(&device), config, None)
+                let mut config = preset(args.size);
+                // Sizes follow the checkpoints the encoders start from.
+                if let Some(dir) = &args.init_text {
+                    config.blip.text = text_config_of(dir, config.blip.text.clone())
+                        .unwrap_or_else(|e| or_fail(e));
+                }
+                if let Some(dir) = &args.init_vision {
+                    config.blip.vision = vision_config_of(dir, config.blip.vision.clone())
+                        .unwrap_or_else(|e| or_fail(e));
+                }
+                config.blip.text.encoder_hidden_size = config.blip.vision.hidden_size;
+                let mut model = config.init(&device);
+                if let Some(dir) = &args.init_vision {
+                    let (m, report) = model.init_vision_from(dir).unwrap_or_else(|e| or_fail(e));
+                    eprintln!("ViT: {report}");
+                    model = m;
+                }
+                if let Some(dir) = &args.init_text {
+                    let (m, report) = model.init_text_from(dir).unwrap_or_else(|e| or_fail(e));
+                    eprintln!("text: {report}");
+                    model = m;
+                }
+                (model, config, None)
             }
         };
         config.weights = match args.task {

@@ -12,8 +12,9 @@ batch | queue]; ITM with one hard negative image per text and one hard negative 
 image, as ONE forward of 3B rows; LM with the decoder (`[DEC]` first, pads -> -100, label
 smoothing 0.1); total = itc + itm + lm; backward; AdamW (3e-4, (0.9, 0.999), 1e-8, wd 0.05);
 enqueue. The decoder shares every parameter with the text encoder except the self-attention
-blocks (`encoder.layer.N.attention.*`). Dropout is 0 (transformers' default), as in our
-trainer.
+blocks (`encoder.layer.N.attention.*`). Text dropout is the original's 0.1 on hidden states
+and attention probabilities (online and momentum encoders, both in train mode), as our
+trainer's presets; ViT-B has no drop-path in pre-training.
 
 One warm-up step (whose losses are reported) precedes the timed steps. Prints one JSON line
 on stdout; peak RSS is in it and also written to stderr.
@@ -88,7 +89,8 @@ class BlipPretrain(nn.Module):
         text_config = BlipTextConfig(
             **size["text"], encoder_hidden_size=vision_config.hidden_size,
             label_smoothing=0.1, pad_token_id=tok["pad"], sep_token_id=tok["sep"],
-            bos_token_id=tok["dec"], is_decoder=True)  # is_decoder: layers get cross-attention
+            bos_token_id=tok["dec"], is_decoder=True,  # is_decoder: layers get cross-attention
+            hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
         self.visual_encoder = BlipVisionModel(vision_config)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(text_config)

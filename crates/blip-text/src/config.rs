@@ -53,6 +53,14 @@ pub struct TextConfig {
     /// LM-loss label smoothing: 0.0 in transformers 5 configs, 0.1 in the original code.
     #[config(default = 0.0)]
     pub label_smoothing: f64,
+    /// Dropout on hidden states in training (see [`blip_vision::dropout`]): 0.1 in the
+    /// original's BERT config, 0.0 in HF configs. Ignored in inference.
+    #[config(default = 0.0)]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities in training: 0.1 in the original, 0.0 in HF
+    /// configs. Ignored in inference.
+    #[config(default = 0.0)]
+    pub attention_probs_dropout_prob: f64,
 }
 
 impl TextConfig {
@@ -118,6 +126,15 @@ impl TextConfig {
                 self.label_smoothing
             ));
         }
+        for (name, rate) in [
+            ("text hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "text attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+        ] {
+            blip_vision::dropout::check_rate(name, rate).or_else(fail)?;
+        }
         Ok(())
     }
 }
@@ -182,6 +199,8 @@ impl BlipConfig {
             sep_token_id: hf.sep_token_id,
             cls_token_id: 101,
             label_smoothing: hf.label_smoothing,
+            hidden_dropout_prob: hf.hidden_dropout_prob,
+            attention_probs_dropout_prob: hf.attention_probs_dropout_prob,
         };
         text.validate(path)?;
         let image_text_hidden_size = match value.get("image_text_hidden_size") {
@@ -224,6 +243,7 @@ impl BlipConfig {
                 "patch_size": v.patch_size,
                 "layer_norm_eps": v.layer_norm_eps,
                 "hidden_act": "gelu",
+                "drop_path_rate": v.drop_path_rate,
             },
             "text_config": {
                 "model_type": "blip_text_model",
@@ -241,6 +261,8 @@ impl BlipConfig {
                 "sep_token_id": t.sep_token_id,
                 "label_smoothing": t.label_smoothing,
                 "hidden_act": "gelu",
+                "hidden_dropout_prob": t.hidden_dropout_prob,
+                "attention_probs_dropout_prob": t.attention_probs_dropout_prob,
             },
         })
     }
@@ -267,6 +289,8 @@ struct HfTextConfig {
     sep_token_id: usize,
     label_smoothing: f64,
     hidden_act: String,
+    hidden_dropout_prob: f64,
+    attention_probs_dropout_prob: f64,
 }
 
 impl Default for HfTextConfig {
@@ -285,6 +309,8 @@ impl Default for HfTextConfig {
             sep_token_id: 102,
             label_smoothing: 0.0,
             hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
         }
     }
 }

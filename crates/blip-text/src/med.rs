@@ -7,6 +7,10 @@
 //! | [`TextModel::encode_multimodal`] | bidirectional | on the image | `[ENC]` (or `[CLS]`, as HF) | ITM, VQA question |
 //! | [`TextModel::decode`] | causal | on the image | `[DEC]` | LM, captioning, VQA answer |
 //!
+//! In training, inside a [`blip_vision::dropout::train`] scope, BERT's dropout applies where
+//! the original's does: after the embeddings' LayerNorm, on attention probabilities, and on
+//! the attention and feed-forward outputs before their residual LayerNorms.
+//!
 //! Field names equal the BERT checkpoint keys except `self` (a Rust keyword) →
 //! `self_attention` and `LayerNorm` → `layer_norm`; see the key maps in [`crate::hf`].
 
@@ -14,12 +18,12 @@ use burn::module::Module;
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor};
 
-use blip_vision::dense;
+use blip_vision::{dense, dropout};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -257,14 +261,25 @@ impl TextSelfAttention {
             let [bb, _, lq, lk] = bias.dims();
             bias.expand([bb, self.num_heads, lq, lk])
         });
-        let context = attention(
-            q,
-            kv.key.clone(),
-            kv.value.clone(),
-            None,
-            bias,
-            AttentionModuleOptions::default(),
-        );
+        let context = if dropout::drops_attention() {
+            // Dropout on the probabilities needs them in hand, which a fused kernel hides.
+            let scale = 1.0 / ((d / self.num_heads) as f64).sqrt();
+            let scores = q.matmul(kv.key.clone().swap_dims(2, 3)) * scale;
+            let scores = match bias {
+                Some(bias) => scores + bias,
+                None => scores,
+            };
+            dropout::attention_probs(softmax(scores, 3)).matmul(kv.value.clone())
+        } else {
+            attention(
+                q,
+                kv.key.clone(),
+                kv.value.clone(),
+                None,
+                bias,
+                AttentionModuleOptions::default(),
+            )
+        };
         context.swap_dims(1, 2).reshape([b, l, d])
     }
 }
@@ -273,9 +288,8 @@ impl TextAttention {
     /// `LayerNorm(x + dense(attend(x, kv)))`.
     pub fn forward(&self, x: Tensor<3>, kv: &KeyValue, bias: Option<Tensor<4>>) -> Tensor<3> {
         let context = self.self_attention.attend(x.clone(), kv, bias);
-        self.output
-            .layer_norm
-            .forward(dense(&self.output.dense, context) + x)
+        let out = dropout::hidden(dense(&self.output.dense, context));
+        self.output.layer_norm.forward(out + x)
     }
 }
 
@@ -307,9 +321,8 @@ impl TextLayer {
             x = block.forward(x, kv, bias);
         }
         let hidden = gelu(dense(&self.intermediate.dense, x.clone()));
-        self.output
-            .layer_norm
-            .forward(dense(&self.output.dense, hidden) + x)
+        let out = dropout::hidden(dense(&self.output.dense, hidden));
+        self.output.layer_norm.forward(out + x)
     }
 }
 
@@ -327,7 +340,7 @@ impl TextEmbeddings {
     pub fn forward_at(&self, input_ids: Tensor<2, Int>, positions: Tensor<2, Int>) -> Tensor<3> {
         let x =
             self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(positions);
-        self.layer_norm.forward(x)
+        dropout::hidden(self.layer_norm.forward(x))
     }
 }
 

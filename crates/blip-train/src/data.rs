@@ -474,14 +474,10 @@ impl LoaderConfig {
 }
 
 /// The output function of SplitMix64: a bijective 64-bit mixer.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use blip_vision::dropout::split_mix64 as mix64;
 
 /// A seed for one random stream, derived from the run's seed and the stream's coordinates.
-fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
+pub(crate) fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
     parts.iter().fold(mix64(seed), |h, &p| {
         mix64(h ^ mix64(p.wrapping_add(0x9E37_79B9_7F4A_7C15)))
     })
@@ -490,6 +486,8 @@ fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
 /// Stream tags, so the shuffle and the augmentations of one epoch never share draws.
 const SHUFFLE_STREAM: u64 = 1;
 const SAMPLE_STREAM: u64 = 2;
+/// The trainer's dropout masks.
+pub(crate) const DROPOUT_STREAM: u64 = 3;
 
 struct Inner {
     annotations: Vec<Annotation>,

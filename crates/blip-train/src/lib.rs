@@ -27,6 +27,7 @@ mod augment;
 mod data;
 mod error;
 pub mod fit;
+pub mod init;
 mod losses;
 pub mod model;
 mod momentum;
@@ -46,6 +47,7 @@ pub use data::{
 };
 pub use error::{Result, TrainError};
 pub use fit::{FitOptions, FitReport, TextRecipe, fit};
+pub use init::{InitReport, InitSource, text_config_of, vision_config_of};
 pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
 };

@@ -52,6 +52,15 @@ pub struct PretrainConfig {
     pub weights: LossWeights,
 }
 
+/// The original's training-time settings on a ViT/MED size: ViT LayerNorm eps 1e-6 and
+/// text dropout 0.1.
+fn original_training(mut blip: BlipConfig) -> BlipConfig {
+    blip.vision.layer_norm_eps = ORIGINAL_VIT_LAYER_NORM_EPS;
+    blip.text.hidden_dropout_prob = ORIGINAL_TEXT_DROPOUT;
+    blip.text.attention_probs_dropout_prob = ORIGINAL_TEXT_DROPOUT;
+    blip
+}
+
 /// Weights of the objectives in the total loss, `L = w_itc·L_itc + w_itm·L_itm + w_lm·L_lm`
 /// (all 1 in the paper). An objective with weight 0 is not computed at all: fine-tuning the
 /// captioner is `itc = itm = 0`, the filter `lm = 0`.
@@ -72,26 +81,56 @@ pub struct LossWeights {
 /// `models/vit.py`); transformers' BLIP configs say 1e-5.
 pub const ORIGINAL_VIT_LAYER_NORM_EPS: f64 = 1e-6;
 
+/// The text dropout of the original (`configs/med_config.json`, BERT's): 0.1 on hidden
+/// states and on attention probabilities, in every task.
+pub const ORIGINAL_TEXT_DROPOUT: f64 = 0.1;
+
+/// The ViT drop-path rate the original uses for ViT-L in every task (`create_vit`'s
+/// `0.1 or drop_path_rate`), and for ViT-B in VQA and NLVR² fine-tuning; ViT-B pre-training,
+/// captioning and retrieval use 0.
+pub const ORIGINAL_DROP_PATH: f64 = 0.1;
+
 impl PretrainConfig {
-    /// BLIP pre-training with ViT-B/16 at 224 px (the paper's pre-training resolution).
+    /// BLIP pre-training with ViT-B/16 at 224 px (the paper's pre-training resolution):
+    /// text dropout 0.1, no drop-path. The same rates hold for captioning and retrieval
+    /// fine-tuning; VQA sets `blip.vision.drop_path_rate` to [`ORIGINAL_DROP_PATH`].
     pub fn base() -> Self {
         let mut blip = BlipConfig::base();
         blip.vision.image_size = 224;
-        blip.vision.layer_norm_eps = ORIGINAL_VIT_LAYER_NORM_EPS;
-        Self::new(blip)
+        Self::new(original_training(blip))
     }
 
-    /// BLIP pre-training with ViT-L/16 at 224 px.
+    /// BLIP pre-training with ViT-L/16 at 224 px: text dropout 0.1 and drop-path 0.1 (the
+    /// original's ViT-L uses it in every task).
     pub fn large() -> Self {
         let mut blip = BlipConfig::large();
         blip.vision.image_size = 224;
-        blip.vision.layer_norm_eps = ORIGINAL_VIT_LAYER_NORM_EPS;
-        Self::new(blip)
+        blip.vision.drop_path_rate = ORIGINAL_DROP_PATH;
+        Self::new(original_training(blip))
+    }
+
+    /// The same config without any dropout or drop-path: for comparisons with references
+    /// that train without them, and for experiments that want none.
+    pub fn without_dropout(mut self) -> Self {
+        self.blip.text.hidden_dropout_prob = 0.0;
+        self.blip.text.attention_probs_dropout_prob = 0.0;
+        self.blip.vision.drop_path_rate = 0.0;
+        self
+    }
+
+    /// The dropout rates of a training step, checked.
+    pub fn dropout_rates(&self) -> Result<blip_vision::dropout::DropoutRates> {
+        let (text, vision) = (&self.blip.text, &self.blip.vision);
+        Ok(blip_vision::dropout::DropoutRates::new(
+            text.hidden_dropout_prob,
+            text.attention_probs_dropout_prob,
+            vision.drop_path_rate,
+        )?)
     }
 
     /// A tiny BLIP (ViT and MED of width 64, 2 layers, 4 heads, 64 px images in 8-px
-    /// patches, 256 queued features) for tests, examples and CPU experiments; `vocab_size`
-    /// from the tokenizer.
+    /// patches, 256 queued features, the original's text dropout 0.1) for tests, examples
+    /// and CPU experiments; `vocab_size` from the tokenizer.
     pub fn tiny(vocab_size: usize) -> Self {
         let vision = VisionConfig::new(64, 128, 2, 4, 64).with_patch_size(8);
         let mut text = TextConfig::base(64);
@@ -101,6 +140,8 @@ impl PretrainConfig {
         text.num_hidden_layers = 2;
         text.num_attention_heads = 4;
         text.max_position_embeddings = 64;
+        text.hidden_dropout_prob = ORIGINAL_TEXT_DROPOUT;
+        text.attention_probs_dropout_prob = ORIGINAL_TEXT_DROPOUT;
         Self::new(BlipConfig::new(vision, text).with_image_text_hidden_size(32))
             .with_queue_size(256)
     }

@@ -22,12 +22,14 @@ use std::path::{Path, PathBuf};
 
 use blip_text::Rng;
 use blip_vision::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
+use blip_vision::dropout;
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use serde_json::json;
 
+use crate::data::{DROPOUT_STREAM, derive_seed};
 use crate::error::{Result, TrainError};
 use crate::losses::alpha_ramp;
 use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
@@ -270,15 +272,18 @@ impl Trainer {
             )));
         }
         let model = clamp_model_temperature(self.model.clone());
-        let losses = compute_losses_with(
-            &model,
-            self.distillation.as_mut(),
-            &self.config,
-            batch,
-            alpha,
-            &mut self.rng,
-            &mut self.objectives,
-        )?;
+        let rates = self.config.dropout_rates()?;
+        let losses = dropout::train(rates, self.dropout_key(), || {
+            compute_losses_with(
+                &model,
+                self.distillation.as_mut(),
+                &self.config,
+                batch,
+                alpha,
+                &mut self.rng,
+                &mut self.objectives,
+            )
+        })?;
         let accumulation = self.train.grad_accumulation.max(1);
         let values = losses.values();
         let total = losses.total.clone().into_scalar::<f32>() as f64;
@@ -309,6 +314,16 @@ impl Trainer {
         }
         self.progress.batch += 1;
         Ok(report)
+    }
+
+    /// The dropout stream of the next batch: a function of the seed and the position in
+    /// training only, so a resumed run draws the masks an uninterrupted one would.
+    fn dropout_key(&self) -> u64 {
+        let Progress { epoch, batch, .. } = self.progress;
+        derive_seed(
+            self.train.seed,
+            &[DROPOUT_STREAM, epoch as u64, batch as u64],
+        )
     }
 
     /// Marks the end of an epoch (the data loader starts the next one from its first batch).

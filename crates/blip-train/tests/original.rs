@@ -3,6 +3,8 @@
 //! the same weights converted as its conversion script did (|Δ| ≤ 1e-4), and the typed
 //! errors of files that do not fit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use blip_text::tokenizer::ids_tensor;
@@ -10,8 +12,8 @@ use blip_text::{BlipConfig, Encoded, TextConfig};
 use blip_train::original::{Family, OriginalCheckpoint, hf_to_original, original_to_hf};
 use blip_train::{PretrainConfig, TrainError};
 use blip_vision::VisionConfig;
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
+use burn::tensor::{DType, Device, Tensor};
+use common::{Fixture, assert_all_close, values};
 
 const TOL: f32 = 1e-4;
 const VOCAB: usize = 40;
@@ -22,7 +24,7 @@ const DEC: u32 = 3;
 const ENC: u32 = 4;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/original")
+    common::fixtures().join("original")
 }
 
 fn open(name: &str) -> OriginalCheckpoint {
@@ -33,58 +35,11 @@ fn device() -> Device {
     Device::flex()
 }
 
-struct Expected(Vec<u8>);
-
-impl Expected {
-    fn open() -> Self {
-        Self(std::fs::read(dir().join("expected.safetensors")).expect("fixture exists"))
-    }
-
-    fn floats(&self, key: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st
-            .tensor(key)
-            .unwrap_or_else(|_| panic!("fixture has {key}"));
-        assert_eq!(t.dtype(), Dtype::F32, "{key}");
-        let values = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        (t.shape().to_vec(), values)
-    }
-
-    fn ids(&self, key: &str) -> Vec<Vec<u32>> {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st
-            .tensor(key)
-            .unwrap_or_else(|_| panic!("fixture has {key}"));
-        assert_eq!(t.dtype(), Dtype::I64, "{key}");
-        let flat: Vec<u32> = t
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-            .collect();
-        flat.chunks(t.shape()[1]).map(<[u32]>::to_vec).collect()
-    }
-
-    fn pixels(&self, key: &str, device: &Device) -> Tensor<4> {
-        let (shape, values) = self.floats(key);
-        Tensor::from_data(TensorData::new(values, shape), device)
-    }
-}
-
 #[track_caller]
-fn assert_close<const D: usize>(what: &str, got: Tensor<D>, expected: &Expected, key: &str) {
+fn assert_close<const D: usize>(what: &str, got: Tensor<D>, expected: &Fixture, key: &str) {
     let (shape, want) = expected.floats(key);
     assert_eq!(got.dims().to_vec(), shape, "{what}: shape");
-    let got = got.into_data().try_into_vec_as::<f32>().unwrap();
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= TOL, "{what}: max |Δ| = {worst:e} vs transformers");
+    assert_all_close(what, &values(got), &want, TOL);
 }
 
 // ---- configs matching the fixtures --------------------------------------------------------
@@ -248,7 +203,7 @@ fn key_renames_round_trip_on_every_fixture_key() {
 #[test]
 fn captioning_file_matches_transformers_with_a_resized_position_table() {
     let device = device();
-    let expected = Expected::open();
+    let expected = Fixture::open("original/expected.safetensors");
     // The file's table is for 16 px (17 rows), the model runs at 24 px (37 rows).
     let config = blip(24);
     let model = open("captioning.pth").captioning(&config, &device).unwrap();
@@ -264,7 +219,7 @@ fn captioning_file_matches_transformers_with_a_resized_position_table() {
     let (ids, mask) = text_rows(DEC);
     let logits = model
         .forward(
-            expected.pixels("captioning.pixel_values", &device),
+            expected.float::<4>("captioning.pixel_values", &device),
             ids_tensor(&ids, &device),
             Some(ids_tensor(&mask, &device)),
         )
@@ -275,9 +230,9 @@ fn captioning_file_matches_transformers_with_a_resized_position_table() {
 #[test]
 fn retrieval_file_matches_transformers() {
     let device = device();
-    let expected = Expected::open();
+    let expected = Fixture::open("original/expected.safetensors");
     let model = open("retrieval.pth").retrieval(&blip(16), &device).unwrap();
-    let px = expected.pixels("retrieval.pixel_values", &device);
+    let px = expected.float::<4>("retrieval.pixel_values", &device);
     let image_embeds = model.vision_model.forward(px).unwrap();
     let (ids, mask) = text_rows(ENC);
     let itm = model
@@ -304,7 +259,7 @@ fn retrieval_file_matches_transformers() {
 #[test]
 fn vqa_file_matches_transformers_with_a_resized_position_table() {
     let device = device();
-    let expected = Expected::open();
+    let expected = Fixture::open("original/expected.safetensors");
     // The file's table is for 24 px (37 rows, as 480 px files), the model runs at 16 px.
     let model = open("vqa.pth").vqa(&vqa_blip(16), &device).unwrap();
     assert_eq!(
@@ -317,14 +272,14 @@ fn vqa_file_matches_transformers_with_a_resized_position_table() {
         [1, 17, 8]
     );
     let (ids, mask) = text_rows(ENC);
-    let answers = expected.ids("vqa.answer_ids");
+    let answers = expected.rows("vqa.answer_ids");
     let answer_mask: Vec<Vec<u32>> = answers
         .iter()
         .map(|r| r.iter().map(|&t| u32::from(t != PAD)).collect())
         .collect();
     let logits = model
         .forward(
-            expected.pixels("vqa.pixel_values", &device),
+            expected.float::<4>("vqa.pixel_values", &device),
             ids_tensor(&ids, &device),
             Some(ids_tensor(&mask, &device)),
             ids_tensor(&answers, &device),
@@ -337,10 +292,10 @@ fn vqa_file_matches_transformers_with_a_resized_position_table() {
 #[test]
 fn pretraining_file_loads_model_and_distillation_state() {
     let device = device();
-    let expected = Expected::open();
+    let expected = Fixture::open("original/expected.safetensors");
     let ckpt = open("pretrain.pth");
     let (model, distillation) = ckpt.pretrain(&pretrain_config(), &device).unwrap();
-    let px = expected.pixels("pretrain.pixel_values", &device);
+    let px = expected.float::<4>("pretrain.pixel_values", &device);
     let image_embeds = model.image_embeds(px.clone()).unwrap();
     let (ids, mask) = text_rows(CLS);
 
@@ -403,9 +358,9 @@ fn task_models_load_from_a_pretraining_file() {
     // What transformers' conversion did with model_base_capfilt_large.pth: momentum, queues,
     // `temp` and the other task's modules are dropped.
     let device = device();
-    let expected = Expected::open();
+    let expected = Fixture::open("original/expected.safetensors");
     let ckpt = open("pretrain.pth");
-    let px = expected.pixels("pretrain.pixel_values", &device);
+    let px = expected.float::<4>("pretrain.pixel_values", &device);
 
     let captioner = ckpt.captioning(&blip(16), &device).unwrap();
     let (ids, mask) = text_rows(DEC);

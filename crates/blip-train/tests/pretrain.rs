@@ -3,7 +3,7 @@
 
 use blip_text::Encoded;
 use blip_train::{
-    BlipPretrain, PretrainConfig, TrainBatch, TrainConfig, Trainer, compute_losses,
+    BlipPretrain, LossWeights, PretrainConfig, TrainBatch, TrainConfig, Trainer, compute_losses,
     pretrain::Distillation,
 };
 use burn::module::{Module, ModuleVisitor, Param};
@@ -236,8 +236,9 @@ fn a_tiny_model_overfits_a_batch() {
     device.seed(3); // the weights and the batch are random: fix them
     // No queue: with one batch seen over and over, a queue would hold copies of the
     // positives as negatives and bound ITC away from 0; likewise soft targets (α) and label
-    // smoothing put floors under ITC and LM.
+    // smoothing put floors under ITC and LM, and dropout under all three.
     let config = config()
+        .without_dropout()
         .with_queue_size(0)
         .with_alpha(0.0)
         .with_label_smoothing(0.0);
@@ -288,7 +289,11 @@ fn resume_settings() -> (PretrainConfig, TrainConfig) {
         .with_grad_accumulation(2)
         .with_clip_grad_norm(Some(1.0))
         .with_seed(9);
-    (config(), train)
+    // Dropout and drop-path on: their masks must resume exactly too.
+    let mut config = config();
+    config.blip.vision.drop_path_rate = 0.5;
+    assert_eq!(config.blip.text.hidden_dropout_prob, 0.1);
+    (config, train)
 }
 
 /// The second half of [`resuming_a_checkpoint_continues_exactly`], run in a fresh process
@@ -481,4 +486,86 @@ fn an_objective_from_outside_the_crate_trains_reports_and_resumes() {
             .is_err()
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The first batch's LM loss of a fresh trainer on `model` (ITC and ITM off: their random
+/// queues would differ between trainers).
+fn first_lm_loss(model: &BlipPretrain, config: &PretrainConfig, seed: u64) -> f64 {
+    let device = Device::flex().autodiff();
+    let train = TrainConfig::new().with_init_lr(1e-3).with_seed(seed);
+    let config = config
+        .clone()
+        .with_weights(LossWeights::new().with_itc(0.0).with_itm(0.0));
+    let mut trainer = Trainer::new(model.clone(), config, train, &device);
+    trainer
+        .train_batch(&fixed_batches(&device)[0], 8)
+        .unwrap()
+        .total
+}
+
+#[test]
+fn dropout_acts_in_training_steps_only_and_is_seeded() {
+    let with = config();
+    let without = config().without_dropout();
+    let mut drop_path = config();
+    drop_path.blip.vision.drop_path_rate = 0.5;
+    // One set of initial weights, materialised (a lazily initialised clone draws its own).
+    let record = without.init(&Device::flex()).into_record();
+    let model = without.init(&Device::flex()).load_record(record);
+
+    let base = first_lm_loss(&model, &without, 1);
+    assert_eq!(
+        base,
+        first_lm_loss(&model, &without, 2),
+        "no dropout, no seed"
+    );
+    let dropped = first_lm_loss(&model, &with, 1);
+    assert_eq!(
+        dropped,
+        first_lm_loss(&model, &with, 1),
+        "same seed, same masks"
+    );
+    assert_ne!(dropped, base, "dropout changed nothing");
+    assert_ne!(first_lm_loss(&model, &with, 2), dropped, "another seed");
+    assert_ne!(first_lm_loss(&model, &drop_path, 1), dropped, "drop-path");
+
+    // Outside a trainer's step (inference, or losses computed by hand) the rates do nothing.
+    let device = Device::flex().autodiff();
+    let model = model.fork(&device);
+    let losses = |config: &PretrainConfig| {
+        let config = config
+            .clone()
+            .with_weights(LossWeights::new().with_itc(0.0).with_itm(0.0));
+        let mut rng = blip_text::Rng(1);
+        compute_losses(
+            &model,
+            None,
+            &config,
+            &fixed_batches(&device)[0],
+            0.4,
+            &mut rng,
+        )
+        .unwrap()
+        .values()
+    };
+    assert_eq!(losses(&drop_path), losses(&without));
+}
+
+#[test]
+fn a_dropout_rate_outside_the_unit_interval_is_refused() {
+    let device = Device::flex().autodiff();
+    for (field, rate) in [("hidden_dropout_prob", 1.0), ("drop_path_rate", -0.1)] {
+        let mut config = config();
+        match field {
+            "hidden_dropout_prob" => config.blip.text.hidden_dropout_prob = rate,
+            _ => config.blip.vision.drop_path_rate = rate,
+        }
+        let model = config.clone().without_dropout().init(&Device::flex());
+        let mut trainer = Trainer::new(model, config, TrainConfig::new(), &device);
+        let err = trainer
+            .train_batch(&batch(&device), 8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outside [0, 1)"), "{field}: {err}");
+    }
 }

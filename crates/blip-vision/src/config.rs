@@ -29,6 +29,12 @@ pub struct VisionConfig {
     /// LayerNorm epsilon: 1e-5 in HF configs, 1e-6 in the original code.
     #[config(default = 1e-5)]
     pub layer_norm_eps: f64,
+    /// Stochastic depth at the last block in training (see [`crate::dropout`]): 0 for ViT-B
+    /// pre-training, captioning and retrieval, 0.1 for ViT-B VQA and NLVR² and for ViT-L
+    /// always, in the original code. Not part of HF configs (transformers does not train
+    /// with it); ignored in inference.
+    #[config(default = 0.0)]
+    pub drop_path_rate: f64,
 }
 
 impl VisionConfig {
@@ -71,6 +77,7 @@ impl VisionConfig {
             image_size: hf.image_size,
             patch_size: hf.patch_size,
             layer_norm_eps: hf.layer_norm_eps,
+            drop_path_rate: hf.drop_path_rate,
         };
         if hf.hidden_act != "gelu" {
             return Err(Error::Config {
@@ -132,7 +139,7 @@ impl VisionConfig {
                 self.image_size, self.patch_size
             ));
         }
-        Ok(())
+        crate::dropout::check_rate("vision drop_path_rate", self.drop_path_rate).or_else(fail)
     }
 }
 
@@ -222,6 +229,7 @@ struct HfVisionConfig {
     patch_size: usize,
     layer_norm_eps: f64,
     hidden_act: String,
+    drop_path_rate: f64,
 }
 
 impl Default for HfVisionConfig {
@@ -235,6 +243,7 @@ impl Default for HfVisionConfig {
             patch_size: 16,
             layer_norm_eps: 1e-5,
             hidden_act: "gelu".into(),
+            drop_path_rate: 0.0,
         }
     }
 }

@@ -43,12 +43,14 @@ pub fn contiguous(x: Tensor<4>) -> Tensor<4> {
 }
 
 /// Runs `f`, on flex inside its thread pool (see [`crate::cpu::on_thread_pool`]). Autodiff
-/// on flex included: this only moves where the work starts.
+/// on flex included: this only moves where the work starts, and a [`crate::dropout`] scope
+/// moves with it.
 pub fn on_thread_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     // An autodiff device compares equal to the device it wraps.
     #[cfg(feature = "flex")]
     if *device == Device::flex() {
-        return crate::cpu::on_thread_pool(f);
+        let scope = crate::dropout::current();
+        return crate::cpu::on_thread_pool(move || crate::dropout::carry(scope, f));
     }
     let _ = device;
     f()

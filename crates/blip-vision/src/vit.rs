@@ -13,6 +13,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::VisionConfig;
+use crate::dropout::drop_path;
 use crate::error::{Error, Result};
 use crate::ops::dense;
 
@@ -214,9 +215,16 @@ pub(crate) fn attention_from_qkv(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
 impl VisionLayer {
     /// One pre-norm block.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        self.forward_at(x, 0, 1)
+    }
+
+    /// One pre-norm block as block `index` of `depth`: its residual branches take that
+    /// block's drop-path rate inside a [`crate::dropout::train`] scope.
+    pub fn forward_at(&self, x: Tensor<3>, index: usize, depth: usize) -> Tensor<3> {
+        let attention = self.self_attn.forward(self.layer_norm1.forward(x.clone()));
+        let x = x + drop_path(attention, index, depth);
         let hidden = gelu_fast(dense(&self.mlp.fc1, self.layer_norm2.forward(x.clone())));
-        x + dense(&self.mlp.fc2, hidden)
+        x + drop_path(dense(&self.mlp.fc2, hidden), index, depth)
     }
 }
 
@@ -255,8 +263,9 @@ impl VisionTransformer {
 
     fn forward_batch(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
         let mut x = self.embeddings.forward(pixel_values)?;
-        for layer in &self.encoder.layers {
-            x = layer.forward(x);
+        let depth = self.encoder.layers.len();
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            x = layer.forward_at(x, i, depth);
         }
         Ok(self.post_layernorm.forward(x))
     }
@@ -265,8 +274,9 @@ impl VisionTransformer {
     pub fn forward_with_hidden_states(&self, pixel_values: Tensor<4>) -> Result<VisionOutput> {
         let mut x = self.embeddings.forward(pixel_values)?;
         let mut hidden_states = vec![x.clone()];
-        for layer in &self.encoder.layers {
-            x = layer.forward(x);
+        let depth = self.encoder.layers.len();
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            x = layer.forward_at(x, i, depth);
             hidden_states.push(x.clone());
         }
         Ok(VisionOutput {
