@@ -51,37 +51,151 @@ pub const BACKENDS: &[&str] = &[
     "cpu",
     #[cfg(feature = "wgpu")]
     "wgpu",
+    #[cfg(feature = "cuda")]
+    "cuda",
     #[cfg(feature = "ndarray")]
     "ndarray",
 ];
 
-/// A backend name that this build does not provide.
+/// Every backend name, with the cargo feature that provides it.
+const FEATURES: &[(&str, &str)] = &[
+    ("cpu", "flex"),
+    ("flex", "flex"),
+    ("wgpu", "wgpu"),
+    ("cuda", "cuda"),
+    ("ndarray", "ndarray"),
+];
+
+/// Why a backend name gives no device.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "unknown or disabled device {name:?}: this build offers {available:?} (cargo features flex, wgpu, ndarray)"
-)]
-pub struct UnknownDevice {
-    /// The name asked for.
-    pub name: String,
-    /// The names this build accepts.
-    pub available: &'static [&'static str],
+pub enum DeviceError {
+    /// No backend has this name.
+    #[error("unknown device {name:?}: this build offers {available:?}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The names this build accepts.
+        available: &'static [&'static str],
+    },
+    /// The backend exists but this build was compiled without it.
+    #[error(
+        "device {name:?} needs the cargo feature `{feature}`, which this build lacks \
+         (it offers {available:?}): rebuild with `--features {feature}`"
+    )]
+    Disabled {
+        /// The name asked for.
+        name: String,
+        /// The feature that provides it.
+        feature: &'static str,
+        /// The names this build accepts.
+        available: &'static [&'static str],
+    },
+    /// The backend is built in, but this machine cannot run it (no GPU, no driver).
+    #[error("device {name:?} cannot run on this machine: {reason}")]
+    Unavailable {
+        /// The name asked for.
+        name: String,
+        /// What the backend reported.
+        reason: String,
+    },
 }
 
-/// The device for a backend name: `cpu` (burn's flex backend), `wgpu` (GPU, or Mesa's software
-/// Vulkan), `ndarray` (burn's deprecated CPU backend). Binaries take it from `--device`; the
-/// library never picks one implicitly.
-pub fn backend_device(name: &str) -> Result<Device, UnknownDevice> {
+/// The name of [`DeviceError`] before it had variants.
+pub type UnknownDevice = DeviceError;
+
+/// The device for a backend name: `cpu` (burn's flex backend), `wgpu` (GPU, or Mesa's
+/// software Vulkan), `cuda` (NVIDIA GPU 0), `ndarray` (burn's deprecated CPU backend).
+/// Binaries take it from `--device`; the library never picks one implicitly.
+///
+/// A GPU backend is tried once with a tiny computation, so that a machine without the GPU or
+/// its driver gets [`DeviceError::Unavailable`] here, naming the cause, instead of a panic
+/// inside the backend at the first real operation.
+///
+/// ```
+/// let err = blip::backend_device("tpu").unwrap_err();
+/// assert!(err.to_string().contains("unknown device"));
+/// ```
+pub fn backend_device(name: &str) -> Result<Device, DeviceError> {
     match name {
         #[cfg(feature = "flex")]
         "cpu" | "flex" => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        "wgpu" => probe(name, Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(feature = "cuda")]
+        "cuda" => probe(name, Device::cuda(0)),
         #[cfg(feature = "ndarray")]
         #[allow(deprecated)] // users ask for it; burn keeps it working in 0.22
         "ndarray" => Ok(Device::ndarray()),
-        _ => Err(UnknownDevice {
-            name: name.to_string(),
-            available: BACKENDS,
+        _ => Err(match FEATURES.iter().find(|(n, _)| *n == name) {
+            Some(&(_, feature)) => DeviceError::Disabled {
+                name: name.to_string(),
+                feature,
+                available: BACKENDS,
+            },
+            None => DeviceError::Unknown {
+                name: name.to_string(),
+                available: BACKENDS,
+            },
         }),
+    }
+}
+
+/// Runs a tiny computation on `device`; a backend that panics (no adapter, no driver) is
+/// reported as [`DeviceError::Unavailable`] with its message.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn probe(name: &str, device: Device) -> Result<Device, DeviceError> {
+    use std::panic::{AssertUnwindSafe, catch_unwind, set_hook, take_hook};
+    let unavailable = |reason: String| DeviceError::Unavailable {
+        name: name.to_string(),
+        reason,
+    };
+    // The backends report a missing driver by panicking; their message becomes the error,
+    // so the default hook's report would only repeat it.
+    let hook = take_hook();
+    set_hook(Box::new(|_| {}));
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let x = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0, 3.0], &device);
+        (x * 2.0).sum().into_scalar::<f32>()
+    }));
+    set_hook(hook);
+    match result {
+        Ok(12.0) => Ok(device),
+        Ok(sum) => Err(unavailable(format!("a test sum gave {sum}, not 12"))),
+        Err(payload) => Err(unavailable(
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the backend panicked".into()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_backend_left_out_of_the_build_names_its_feature() {
+        let err = backend_device("cuda").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DeviceError::Disabled {
+                    feature: "cuda",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_name_lists_what_the_build_offers() {
+        let err = backend_device("tpu").unwrap_err();
+        assert!(matches!(err, DeviceError::Unknown { .. }), "{err:?}");
+        assert!(err.to_string().contains(&format!("{BACKENDS:?}")), "{err}");
     }
 }
