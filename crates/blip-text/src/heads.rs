@@ -4,7 +4,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, log_softmax};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use blip_vision::dense;
 
@@ -12,6 +12,7 @@ use crate::config::TextConfig;
 use crate::error::Result;
 use crate::generate::{Generated, GenerationConfig, SpecialTokens, generate};
 use crate::med::{CrossInput, TextModel, linear};
+use crate::tokenizer::Encoded;
 
 /// Dense + GELU + LayerNorm before the vocabulary projection.
 #[derive(Module, Debug)]
@@ -122,6 +123,35 @@ impl TextLmHeadModel {
 
 /// Label used for positions excluded from the loss (padding, prompt), as in PyTorch.
 pub const IGNORE_INDEX: i64 = -100;
+
+/// LM labels `[B, L]` for decoder inputs: the ids, with padding and the first
+/// `prompt_length` positions (`[DEC]` + prompt) set to [`IGNORE_INDEX`], as the original
+/// masks them before [`lm_loss`].
+///
+/// ```
+/// use blip_text::{Encoded, IGNORE_INDEX, lm_labels};
+/// use burn::tensor::Device;
+/// let text = Encoded { input_ids: vec![vec![30522, 7, 8, 102, 0]], attention_mask: vec![vec![1, 1, 1, 1, 0]] };
+/// let labels = lm_labels(&text, 2, &Device::flex()).into_data().try_into_vec_as::<i64>().unwrap();
+/// assert_eq!(labels, [IGNORE_INDEX, IGNORE_INDEX, 8, 102, IGNORE_INDEX]);
+/// ```
+pub fn lm_labels(text: &Encoded, prompt_length: usize, device: &Device) -> Tensor<2, Int> {
+    let flat: Vec<i64> = text
+        .input_ids
+        .iter()
+        .zip(&text.attention_mask)
+        .flat_map(|(ids, mask)| {
+            ids.iter().zip(mask).enumerate().map(|(i, (&id, &m))| {
+                if m == 0 || i < prompt_length {
+                    IGNORE_INDEX
+                } else {
+                    id as i64
+                }
+            })
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(flat, text.shape()), device)
+}
 
 /// The captioning LM loss: next-token cross-entropy with label smoothing `ε`, averaged over
 /// the positions whose label is not [`IGNORE_INDEX`].

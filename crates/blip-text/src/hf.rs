@@ -234,7 +234,10 @@ fn vqa_stacks(config: &BlipConfig) -> Vec<LayerStack> {
     stacks
 }
 
-const DECODER_TIES: &[(&str, &str)] = &[
+/// The decoder's tied LM-head tensors, `(alias, source)`: files of every BLIP family may store
+/// the alias beside its source, and a loader checks they are equal (the model keeps one
+/// tensor). Keys in the HF and original layouts alike.
+pub const DECODER_TIES: &[(&str, &str)] = &[
     (
         "text_decoder.cls.predictions.decoder.weight",
         "text_decoder.bert.embeddings.word_embeddings.weight",

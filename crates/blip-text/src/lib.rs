@@ -35,7 +35,9 @@ pub mod tokenizer;
 pub use config::{BlipConfig, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{Generated, GenerationConfig, Rng, Sampling, SpecialTokens, generate};
-pub use heads::{IGNORE_INDEX, LmPredictionHead, TextLmHeadModel, lm_loss, lm_loss_per_sequence};
+pub use heads::{
+    IGNORE_INDEX, LmPredictionHead, TextLmHeadModel, lm_labels, lm_loss, lm_loss_per_sequence,
+};
 pub use hf::{ModelDir, Pretrained};
 pub use med::{CrossInput, TextModel};
 pub use models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity, l2_normalize};

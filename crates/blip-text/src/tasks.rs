@@ -10,10 +10,10 @@ use image::RgbImage;
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Generated, GenerationConfig};
-use crate::heads::{IGNORE_INDEX, lm_loss_per_sequence};
+use crate::heads::{lm_labels, lm_loss_per_sequence};
 use crate::med::CrossInput;
 use crate::models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity};
-use crate::tokenizer::{BlipTokenizer, Padding, ids_tensor};
+use crate::tokenizer::{BlipTokenizer, Encoded, Padding, ids_tensor};
 
 fn require_tokenizer(tokenizer: Option<BlipTokenizer>, dir: &Path) -> Result<BlipTokenizer> {
     tokenizer.ok_or_else(|| Error::MissingFile {
@@ -493,14 +493,8 @@ impl QuestionAnswerer {
             .collect();
         let top = top_k(&first_probs, k);
         // Whole-answer scores for the top k.
-        let rows: Vec<Vec<u32>> = top
-            .iter()
-            .map(|&i| {
-                let mut ids = encoded.input_ids[i].clone();
-                ids[0] = dec;
-                ids
-            })
-            .collect();
+        let rows: Vec<Vec<u32>> = top.iter().map(|&i| encoded.input_ids[i].clone()).collect();
+        let rows = crate::tokenizer::with_first_token(&rows, dec);
         let masks: Vec<Vec<u32>> = top
             .iter()
             .map(|&i| encoded.attention_mask[i].clone())
@@ -515,18 +509,11 @@ impl QuestionAnswerer {
             ids_tensor(&rows, &self.device),
             Some(ids_tensor(&masks, &self.device)),
         )?;
-        let labels: Vec<i64> = rows
-            .iter()
-            .zip(&masks)
-            .flat_map(|(r, m)| {
-                r.iter()
-                    .zip(m)
-                    .map(|(&t, &keep)| if keep == 1 { t as i64 } else { IGNORE_INDEX })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let width = rows[0].len();
-        let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [n, width]), &self.device);
+        let answers = Encoded {
+            input_ids: rows,
+            attention_mask: masks,
+        };
+        let labels = lm_labels(&answers, 0, &self.device);
         let losses = host(
             "answer losses",
             lm_loss_per_sequence(logits, labels, label_smoothing),

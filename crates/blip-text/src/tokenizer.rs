@@ -45,6 +45,21 @@ impl Encoded {
         ]
     }
 
+    /// The same rows with the first token of each replaced by `token` (`[CLS]` → `[ENC]`
+    /// for the image-grounded encoder, → `[DEC]` for the decoder); the mask is unchanged.
+    ///
+    /// ```
+    /// use blip_text::Encoded;
+    /// let text = Encoded { input_ids: vec![vec![101, 7, 102]], attention_mask: vec![vec![1, 1, 1]] };
+    /// assert_eq!(text.with_first_token(30523).input_ids, vec![vec![30523, 7, 102]]);
+    /// ```
+    pub fn with_first_token(&self, token: u32) -> Self {
+        Self {
+            input_ids: with_first_token(&self.input_ids, token),
+            attention_mask: self.attention_mask.clone(),
+        }
+    }
+
     /// The ids and mask as `[B, L]` int tensors.
     pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
         (
@@ -52,6 +67,19 @@ impl Encoded {
             ids_tensor(&self.attention_mask, device),
         )
     }
+}
+
+/// `rows` with the first token of each replaced by `token`: see [`Encoded::with_first_token`].
+pub fn with_first_token(rows: &[Vec<u32>], token: u32) -> Vec<Vec<u32>> {
+    rows.iter()
+        .map(|row| {
+            let mut row = row.clone();
+            if let Some(first) = row.first_mut() {
+                *first = token;
+            }
+            row
+        })
+        .collect()
 }
 
 /// `[B, L]` int tensor from equal-length rows.

@@ -40,7 +40,7 @@ mod vqa;
 
 pub use augment::{AutoContrast, CropBox, RandAugOp, TrainTransform, normalize};
 pub use blip_text::Rng;
-pub use blip_text::lm_loss;
+pub use blip_text::{lm_labels, lm_loss};
 pub use data::{
     Annotation, Batch, BatchLoader, Batches, DataError, LoaderConfig, Location, load_annotations,
     pre_caption, pre_question,
@@ -51,9 +51,7 @@ pub use init::{InitReport, InitSource, text_config_of, vision_config_of};
 pub use losses::{
     alpha_ramp, hard_negative_weights, itc_loss, itm_labels, itm_loss, sample_negatives,
 };
-pub use model::{
-    BlipPretrain, LossWeights, MomentumEncoders, PretrainConfig, SharedDecoder, lm_labels,
-};
+pub use model::{BlipPretrain, LossWeights, MomentumEncoders, PretrainConfig, SharedDecoder};
 pub use momentum::{
     FeatureQueue, QueueSizeError, clamp_temperature, momentum_copy, momentum_update,
 };

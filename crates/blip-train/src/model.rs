@@ -13,13 +13,14 @@ use blip_text::heads::LmPredictionHead;
 use blip_text::med::{CrossInput, TextAttention, linear};
 use blip_text::{
     BlipConfig, BlipTokenizer, CaptioningModel, Encoded, RetrievalModel, TextConfig,
-    TextLmHeadModel, TextModel, l2_normalize, tokenizer::ids_tensor,
+    TextLmHeadModel, TextModel, l2_normalize,
+    tokenizer::{ids_tensor, with_first_token},
 };
 use blip_vision::{VisionConfig, VisionTransformer};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use crate::error::{Result, TrainError};
 
@@ -238,39 +239,6 @@ pub struct MomentumEncoders {
     pub text_proj_m: Linear,
 }
 
-/// LM labels: the decoder ids with padding and the first `prompt_length` positions
-/// (`[DEC]` + prompt) set to [`blip_text::IGNORE_INDEX`].
-pub fn lm_labels(text: &Encoded, prompt_length: usize, device: &Device) -> Tensor<2, Int> {
-    let flat: Vec<i64> = text
-        .input_ids
-        .iter()
-        .zip(&text.attention_mask)
-        .flat_map(|(ids, mask)| {
-            ids.iter().zip(mask).enumerate().map(|(i, (&id, &m))| {
-                if m == 0 || i < prompt_length {
-                    blip_text::IGNORE_INDEX
-                } else {
-                    id as i64
-                }
-            })
-        })
-        .collect();
-    Tensor::from_data(burn::tensor::TensorData::new(flat, text.shape()), device)
-}
-
-/// Replaces the first token of every row (`[CLS]` → `[ENC]` or `[DEC]`).
-pub(crate) fn with_first_token(ids: &[Vec<u32>], first: usize) -> Vec<Vec<u32>> {
-    ids.iter()
-        .map(|row| {
-            let mut row = row.clone();
-            if let Some(t) = row.first_mut() {
-                *t = first as u32;
-            }
-            row
-        })
-        .collect()
-}
-
 fn first_token(states: Tensor<3>) -> Tensor<2> {
     let [b, _, d] = states.dims();
     states.narrow(1, 0, 1).reshape([b, d])
@@ -323,7 +291,7 @@ impl BlipPretrain {
         decoder_attention: Option<&[TextAttention]>,
     ) -> Result<Tensor<3>> {
         let device = image_embeds.device();
-        let ids = ids_tensor(&with_first_token(input_ids, first), &device);
+        let ids = ids_tensor(&with_first_token(input_ids, first as u32), &device);
         let mask = ids_tensor(attention_mask, &device);
         let image = CrossInput {
             states: image_embeds,

@@ -59,7 +59,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use blip_text::hf::{CAPTIONING_KEYS, RETRIEVAL_KEYS, VQA_KEYS};
+use blip_text::hf::{CAPTIONING_KEYS, DECODER_TIES, RETRIEVAL_KEYS, VQA_KEYS};
 use blip_text::med::linear;
 use blip_text::{BlipConfig, CaptioningModel, RetrievalModel, VqaModel};
 use blip_vision::checkpoint::{KeyMap, PyTorchLayout, expected_keys};
@@ -115,18 +115,6 @@ const KNOWN_TOP_LEVEL: &[&str] = &[
     "idx_queue",
     "queue_ptr",
     "ptr_queue",
-];
-
-/// The decoder's tied LM-head tensors: `(alias, source)`, checked equal when both present.
-const DECODER_TIES: &[(&str, &str)] = &[
-    (
-        "text_decoder.cls.predictions.decoder.weight",
-        "text_decoder.bert.embeddings.word_embeddings.weight",
-    ),
-    (
-        "text_decoder.cls.predictions.decoder.bias",
-        "text_decoder.cls.predictions.bias",
-    ),
 ];
 
 /// Replaces every whole dot-separated segment sequence `from` in `key` by `to`.

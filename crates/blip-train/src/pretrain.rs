@@ -7,8 +7,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{Result, TrainError};
 use crate::losses::{hard_negative_weights, itc_loss, itm_loss, sample_negatives};
-use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig, lm_labels};
+use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
 use crate::momentum::{FeatureQueue, clamp_temperature, momentum_update};
+use blip_text::lm_labels;
 
 /// What ITC distillation keeps across steps: the momentum encoders and the feature queues
 /// (plus, in retrieval fine-tuning, the image ids of the queued features).

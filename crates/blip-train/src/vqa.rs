@@ -1,11 +1,10 @@
 //! The VQA fine-tuning objective of the original `BLIP_VQA.forward(train=True)`.
 
 use blip_text::med::CrossInput;
-use blip_text::{Encoded, VqaModel, lm_loss_per_sequence};
+use blip_text::{Encoded, VqaModel, lm_labels, lm_loss_per_sequence};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::{Result, TrainError};
-use crate::model::{lm_labels, with_first_token};
 
 /// A VQA training batch: questions as the tokenizer encodes them (`[CLS]` first; the loss
 /// puts `[ENC]` there, as the original encodes them), and for each question its candidate
@@ -58,10 +57,7 @@ pub fn vqa_loss(
     }
     let device = batch.pixel_values.device();
     let image_embeds = model.vision_model.forward(batch.pixel_values.clone())?;
-    let questions = Encoded {
-        input_ids: with_first_token(&batch.questions.input_ids, enc_token_id as usize),
-        attention_mask: batch.questions.attention_mask.clone(),
-    };
+    let questions = batch.questions.with_first_token(enc_token_id);
     let (question_ids, question_mask) = questions.to_tensors(&device);
     let question =
         model.encode_question(image_embeds, question_ids, Some(question_mask.clone()))?;
@@ -77,10 +73,7 @@ pub fn vqa_loss(
         states: question.select(0, index.clone()),
         mask: Some(question_mask.select(0, index)),
     };
-    let answers = Encoded {
-        input_ids: with_first_token(&batch.answers.input_ids, dec_token_id as usize),
-        attention_mask: batch.answers.attention_mask.clone(),
-    };
+    let answers = batch.answers.with_first_token(dec_token_id);
     let (answer_ids, answer_mask) = answers.to_tensors(&device);
     let labels = lm_labels(&answers, 0, &device);
     let logits = model.answer_logits(cross, answer_ids, Some(answer_mask))?;
