@@ -213,6 +213,10 @@ pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunRepo
 }
 
 /// Takes the shard's lock file, so that two runs of one shard cannot interleave commits.
+///
+/// A lock still held after [`LOCK_PATIENCE`] is another run's. The wait covers a transient
+/// holder: a process forked (by any thread of ours) between our open and its exec shares
+/// the lock's open file, and so the lock, until it execs.
 fn lock_shard(path: &Path) -> Result<File, Error> {
     let file = File::options()
         .create(true)
@@ -220,17 +224,30 @@ fn lock_shard(path: &Path) -> Result<File, Error> {
         .write(true)
         .open(path)
         .map_err(Error::io(path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy {
-            path: path.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(source)) => Err(Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_PATIENCE => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Busy {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
     }
 }
+
+/// How long [`lock_shard`] waits for a held lock before reporting [`Error::Busy`].
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// `chunks/00000012.jsonl`.
 pub(crate) fn chunk_path(chunks_dir: &Path, chunk: u64) -> PathBuf {
