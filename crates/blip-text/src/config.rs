@@ -53,7 +53,7 @@ pub struct TextConfig {
     /// LM-loss label smoothing: 0.0 in transformers 5 configs, 0.1 in the original code.
     #[config(default = 0.0)]
     pub label_smoothing: f64,
-    /// Dropout on hidden states in training (see [`blip_vision::dropout`]): 0.1 in the
+    /// Dropout on hidden states in training (see [`blip_core::dropout`]): 0.1 in the
     /// original's BERT config, 0.0 in HF configs. Ignored in inference.
     #[config(default = 0.0)]
     pub hidden_dropout_prob: f64,
@@ -133,7 +133,7 @@ impl TextConfig {
                 self.attention_probs_dropout_prob,
             ),
         ] {
-            blip_vision::dropout::check_rate(name, rate).or_else(fail)?;
+            blip_core::dropout::check_rate(name, rate).or_else(fail)?;
         }
         Ok(())
     }

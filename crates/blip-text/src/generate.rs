@@ -407,7 +407,7 @@ impl Rng {
     /// A uniform draw in `[0, 1)`.
     pub fn next_f64(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        (blip_vision::dropout::split_mix64(self.0) >> 11) as f64 / (1u64 << 53) as f64
+        (blip_core::split_mix64(self.0) >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// An index drawn with probability proportional to `weights` (non-negative, not all 0).

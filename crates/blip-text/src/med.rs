@@ -7,7 +7,7 @@
 //! | [`TextModel::encode_multimodal`] | bidirectional | on the image | `[ENC]` (or `[CLS]`, as HF) | ITM, VQA question |
 //! | [`TextModel::decode`] | causal | on the image | `[DEC]` | LM, captioning, VQA answer |
 //!
-//! In training, inside a [`blip_vision::dropout::train`] scope, BERT's dropout applies where
+//! In training, inside a [`blip_core::dropout::train`] scope, BERT's dropout applies where
 //! the original's does: after the embeddings' LayerNorm, on attention probabilities, and on
 //! the attention and feed-forward outputs before their residual LayerNorms.
 //!
@@ -23,7 +23,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor};
 
-use blip_vision::{dense, dropout};
+use blip_core::dropout;
+use blip_vision::dense;
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};

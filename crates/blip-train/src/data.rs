@@ -474,7 +474,7 @@ impl LoaderConfig {
 }
 
 /// The output function of SplitMix64: a bijective 64-bit mixer.
-use blip_vision::dropout::split_mix64 as mix64;
+use blip_core::split_mix64 as mix64;
 
 /// A seed for one random stream, derived from the run's seed and the stream's coordinates.
 pub(crate) fn derive_seed(seed: u64, parts: &[u64]) -> u64 {

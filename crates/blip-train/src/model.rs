@@ -120,13 +120,20 @@ impl PretrainConfig {
     }
 
     /// The dropout rates of a training step, checked.
-    pub fn dropout_rates(&self) -> Result<blip_vision::dropout::DropoutRates> {
+    pub fn dropout_rates(&self) -> Result<blip_core::dropout::DropoutRates> {
         let (text, vision) = (&self.blip.text, &self.blip.vision);
-        Ok(blip_vision::dropout::DropoutRates::new(
+        blip_core::dropout::DropoutRates::new(
             text.hidden_dropout_prob,
             text.attention_probs_dropout_prob,
             vision.drop_path_rate,
-        )?)
+        )
+        .map_err(|e| {
+            blip_vision::Error::Config {
+                path: "<config>".into(),
+                message: e.to_string(),
+            }
+            .into()
+        })
     }
 
     /// A tiny BLIP (ViT and MED of width 64, 2 layers, 4 heads, 64 px images in 8-px

@@ -139,7 +139,7 @@ impl VisionConfig {
                 self.image_size, self.patch_size
             ));
         }
-        crate::dropout::check_rate("vision drop_path_rate", self.drop_path_rate).or_else(fail)
+        blip_core::dropout::check_rate("vision drop_path_rate", self.drop_path_rate).or_else(fail)
     }
 }
 

@@ -23,7 +23,6 @@ pub mod checkpoint;
 mod config;
 #[cfg(feature = "flex")]
 pub mod cpu;
-pub mod dropout;
 mod error;
 mod interpolate;
 mod ops;

@@ -49,8 +49,8 @@ pub fn on_thread_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) ->
     // An autodiff device compares equal to the device it wraps.
     #[cfg(feature = "flex")]
     if *device == Device::flex() {
-        let scope = crate::dropout::current();
-        return crate::cpu::on_thread_pool(move || crate::dropout::carry(scope, f));
+        let scope = blip_core::dropout::current();
+        return crate::cpu::on_thread_pool(move || blip_core::dropout::carry(scope, f));
     }
     let _ = device;
     f()

@@ -13,9 +13,9 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::VisionConfig;
-use crate::dropout::drop_path;
 use crate::error::{Error, Result};
 use crate::ops::dense;
+use blip_core::dropout::drop_path;
 
 /// Patch embedding, class token and learned absolute position embedding.
 #[derive(Module, Debug)]
@@ -219,7 +219,7 @@ impl VisionLayer {
     }
 
     /// One pre-norm block as block `index` of `depth`: its residual branches take that
-    /// block's drop-path rate inside a [`crate::dropout::train`] scope.
+    /// block's drop-path rate inside a [`blip_core::dropout::train`] scope.
     pub fn forward_at(&self, x: Tensor<3>, index: usize, depth: usize) -> Tensor<3> {
         let attention = self.self_attn.forward(self.layer_norm1.forward(x.clone()));
         let x = x + drop_path(attention, index, depth);

@@ -13,10 +13,10 @@
 //! generator, which neither a checkpoint nor a concurrent thread leaves alone.
 //!
 //! ```
-//! use blip_vision::dropout::{self, DropoutRates};
+//! use blip_core::dropout::{self, DropoutRates};
 //! use burn::tensor::{Device, Tensor};
 //!
-//! # fn main() -> blip_vision::Result<()> {
+//! # fn main() -> Result<(), blip_core::dropout::RateError> {
 //! let device = Device::flex();
 //! let x = Tensor::<2>::ones([4, 1000], &device);
 //! let rates = DropoutRates::new(0.1, 0.1, 0.0)?;
@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::{Tensor, TensorData};
 
-use crate::error::{Error, Result};
+use crate::split_mix64;
 
 /// The dropout rates of a training run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,16 +58,13 @@ impl DropoutRates {
     };
 
     /// Rates, each checked by [`check_rate`].
-    pub fn new(hidden: f64, attention: f64, drop_path: f64) -> Result<Self> {
+    pub fn new(hidden: f64, attention: f64, drop_path: f64) -> Result<Self, RateError> {
         for (name, rate) in [
             ("hidden dropout", hidden),
             ("attention dropout", attention),
             ("drop-path rate", drop_path),
         ] {
-            check_rate(name, rate).map_err(|message| Error::Config {
-                path: "<config>".into(),
-                message,
-            })?;
+            check_rate(name, rate).map_err(RateError)?;
         }
         Ok(Self {
             hidden,
@@ -76,6 +73,11 @@ impl DropoutRates {
         })
     }
 }
+
+/// A dropout rate outside `[0, 1)`, with the message naming it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct RateError(pub String);
 
 /// A rate must lie in `[0, 1)`: at 1 every unit is dropped and the rescaling `1 / (1 − p)`
 /// divides by zero. Returns the message naming `name` otherwise.
@@ -124,7 +126,7 @@ pub fn train<R>(rates: DropoutRates, key: u64, f: impl FnOnce() -> R) -> R {
 }
 
 /// The scope of the calling thread, for work that moves to another thread: `carry` on that
-/// thread continues the same stream ([`crate::on_thread_pool`] does this).
+/// thread continues the same stream (`blip_vision::on_thread_pool` does this).
 #[derive(Debug, Clone, Default)]
 pub struct Scope(Option<Arc<Stream>>);
 
@@ -142,13 +144,6 @@ pub fn carry<R>(scope: Scope, f: impl FnOnce() -> R) -> R {
 /// The active rates, if any.
 pub fn rates() -> Option<DropoutRates> {
     ACTIVE.with(|active| active.borrow().as_ref().map(|s| s.rates))
-}
-
-/// SplitMix64's output function: a bijective mix of a 64-bit counter.
-pub fn split_mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -223,7 +218,7 @@ pub fn drop_path(branch: Tensor<3>, layer: usize, depth: usize) -> Tensor<3> {
     branch * keep
 }
 
-#[cfg(all(test, feature = "flex"))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use burn::tensor::Device;
