@@ -29,7 +29,7 @@ pub struct VisionConfig {
     /// LayerNorm epsilon: 1e-5 in HF configs, 1e-6 in the original code.
     #[config(default = 1e-5)]
     pub layer_norm_eps: f64,
-    /// Stochastic depth at the last block in training (see [`crate::dropout`]): 0 for ViT-B
+    /// Stochastic depth at the last block in training (see [`blip_core::dropout`]): 0 for ViT-B
     /// pre-training, captioning and retrieval, 0.1 for ViT-B VQA and NLVR² and for ViT-L
     /// always, in the original code. Not part of HF configs (transformers does not train
     /// with it); ignored in inference.

@@ -43,7 +43,7 @@ pub fn contiguous(x: Tensor<4>) -> Tensor<4> {
 }
 
 /// Runs `f`, on flex inside its thread pool (see [`crate::cpu::on_thread_pool`]). Autodiff
-/// on flex included: this only moves where the work starts, and a [`crate::dropout`] scope
+/// on flex included: this only moves where the work starts, and a [`blip_core::dropout`] scope
 /// moves with it.
 pub fn on_thread_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     // An autodiff device compares equal to the device it wraps.
