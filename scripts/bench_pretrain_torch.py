@@ -3,7 +3,7 @@
 with blip-train's `compute_losses` + AdamW step (samples/second).
 
     .venv/bin/python scripts/bench_pretrain_torch.py [--size tiny|base] [--batch-size N]
-        [--steps N] [--threads N]
+        [--steps N] [--threads N] [--vocab world|bert]
 
 The step, as in blip-spec.md sections 1.3, 1.4 and 2.1-2.3 (written from the spec, not
 copied from salesforce/BLIP): clamp temp; ViT; online ITC features; momentum update
@@ -64,9 +64,18 @@ parser.add_argument("--steps", type=int, default=None,
                     help="timed steps after 1 warm-up step (default 5 tiny, 2 base)")
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--vocab", choices=["world", "bert"], default=None,
+                    help="text vocabulary: the world's 264 tokens (tiny's default) or BLIP's "
+                         "30524 (bert-base-uncased + [DEC], [ENC]; base's)")
 args = parser.parse_args()
 
 size = SIZES[args.size]
+if args.vocab == "bert":
+    size["text"]["vocab_size"] = 30524
+    size["tokens"] = dict(pad=0, cls=101, sep=102, dec=30522, enc=30523, first_word=1000)
+elif args.vocab == "world":
+    size["text"]["vocab_size"] = 264
+    size["tokens"] = dict(pad=0, cls=1, sep=2, dec=262, enc=263, first_word=5)
 batch_size = args.batch_size or size["batch_size"]
 steps = args.steps if args.steps is not None else size["steps"]
 queue_size = size["queue"]
