@@ -57,7 +57,12 @@ fn or_fail<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
 }
 
 /// The held-out batch: each test image with its first caption, after the captioning prompt.
-fn held_out(world: &Path, tokenizer: &BlipTokenizer, recipe: &TextRecipe) -> TrainBatch {
+fn held_out(
+    world: &Path,
+    tokenizer: &BlipTokenizer,
+    recipe: &TextRecipe,
+    size: usize,
+) -> TrainBatch {
     let records: serde_json::Value = or_fail(serde_json::from_str(&or_fail(
         std::fs::read_to_string(world.join("test.json")),
     )));
@@ -77,7 +82,6 @@ fn held_out(world: &Path, tokenizer: &BlipTokenizer, recipe: &TextRecipe) -> Tra
         })
         .collect();
     let device = blip::Device::flex().autodiff();
-    let size = WorldConfig::default().image_size as usize;
     TrainBatch {
         pixel_values: or_fail(ImageProcessor::new(size).preprocess_paths(&paths, &device)),
         text: or_fail(tokenizer.encode_batch(&texts, Some(recipe.max_length), recipe.padding)),
@@ -124,7 +128,7 @@ fn main() {
             ..LoaderConfig::new(args.batch_size)
         },
     ));
-    let test = held_out(&world, &tokenizer, &recipe);
+    let test = held_out(&world, &tokenizer, &recipe, image_size);
 
     let mut config = PretrainConfig::tiny(tokenizer.vocab_size())
         .with_tokenizer(&tokenizer)

@@ -164,7 +164,13 @@ fn mask(stream: &Stream, n: usize, p: f64) -> Vec<f32> {
         .collect()
 }
 
-fn apply<const D: usize>(x: Tensor<D>, rate: impl Fn(&DropoutRates) -> f64) -> Tensor<D> {
+/// `x` times a keep-mask drawn at `rate` of the active rates: one value per element, or
+/// with `per_sample` one per index of the first dimension (broadcast over the others).
+fn drop<const D: usize>(
+    x: Tensor<D>,
+    rate: impl Fn(&DropoutRates) -> f64,
+    per_sample: bool,
+) -> Tensor<D> {
     let stream = ACTIVE.with(|active| active.borrow().clone());
     let Some(stream) = stream else {
         return x;
@@ -173,21 +179,24 @@ fn apply<const D: usize>(x: Tensor<D>, rate: impl Fn(&DropoutRates) -> f64) -> T
     if p == 0.0 {
         return x;
     }
-    let shape = x.shape();
-    let values = mask(&stream, shape.num_elements(), p);
-    let keep = Tensor::<D>::from_data(TensorData::new(values, shape), &x.device());
+    let mut dims = x.dims();
+    if per_sample {
+        dims[1..].fill(1);
+    }
+    let values = mask(&stream, dims.iter().product(), p);
+    let keep = Tensor::<D>::from_data(TensorData::new(values, dims), &x.device());
     x * keep
 }
 
 /// Dropout on hidden states at the active scope's `hidden` rate; the identity outside
 /// [`train`].
 pub fn hidden<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    apply(x, |r| r.hidden)
+    drop(x, |r| r.hidden, false)
 }
 
 /// Dropout on attention probabilities `[B, H, L_q, L_k]` at the active `attention` rate.
 pub fn attention_probs(x: Tensor<4>) -> Tensor<4> {
-    apply(x, |r| r.attention)
+    drop(x, |r| r.attention, false)
 }
 
 /// Whether attention probabilities are dropped in the current scope: attention must then be
@@ -200,22 +209,11 @@ pub fn drops_attention() -> bool {
 /// sample's branch is zeroed with probability `drop_path · layer / (depth − 1)` and scaled
 /// by `1 / (1 − rate)` otherwise (timm's `DropPath`).
 pub fn drop_path(branch: Tensor<3>, layer: usize, depth: usize) -> Tensor<3> {
-    let stream = ACTIVE.with(|active| active.borrow().clone());
-    let Some(stream) = stream else {
-        return branch;
+    let at_layer = |r: &DropoutRates| match depth {
+        0 | 1 => 0.0,
+        _ => r.drop_path * layer as f64 / (depth - 1) as f64,
     };
-    let p = if depth > 1 {
-        stream.rates.drop_path * layer as f64 / (depth - 1) as f64
-    } else {
-        0.0
-    };
-    if p == 0.0 {
-        return branch;
-    }
-    let [b, _, _] = branch.dims();
-    let values = mask(&stream, b, p);
-    let keep = Tensor::<3>::from_data(TensorData::new(values, [b, 1, 1]), &branch.device());
-    branch * keep
+    drop(branch, at_layer, true)
 }
 
 #[cfg(test)]

@@ -52,11 +52,11 @@ use std::path::{Path, PathBuf};
 use blip_vision::checkpoint::{
     KeyMap, PyTorchLayout, SafetensorsHeader, count_layers, expected_keys,
 };
-use blip_vision::{Error, bicubic_resize, read_json};
+use blip_vision::{Error, read_json, resize_position_table};
 use burn::module::Module;
 use burn::store::burn_pack::Tensor as PackTensor;
 use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, bridge};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 use crate::error::{Result, TrainError};
 use crate::model::BlipPretrain;
@@ -124,69 +124,29 @@ impl fmt::Display for InitReport {
 }
 
 /// A checkpoint's header, with the prefix its keys carry.
-struct Source {
-    header: SafetensorsHeader,
+struct Source<'a> {
+    header: &'a SafetensorsHeader,
     prefix: &'static str,
     source: InitSource,
 }
 
-impl Source {
+impl Source<'_> {
     fn path(&self) -> &Path {
         &self.header.path
     }
 
-    fn has(&self, key: &str) -> bool {
-        self.header
-            .tensors
-            .contains_key(&format!("{}{key}", self.prefix))
+    /// The file's key for `key` below the prefix.
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
 
-    fn missing(&self, key: &str) -> TrainError {
-        Error::MissingTensor {
-            path: self.path().to_path_buf(),
-            key: key.to_string(),
-            expected: vec![],
-        }
-        .into()
+    fn has(&self, key: &str) -> bool {
+        self.header.tensors.contains_key(&self.key(key))
     }
 
     /// One tensor as f32 values and its shape; a NaN or infinity is refused.
     fn read(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let full = format!("{}{key}", self.prefix);
-        let info = self
-            .header
-            .tensors
-            .get(&full)
-            .ok_or_else(|| self.missing(&full))?;
-        let dtype = match info.dtype.as_str() {
-            "F32" => DType::F32,
-            "F16" => DType::F16,
-            "BF16" => DType::BF16,
-            "F64" => DType::F64,
-            other => {
-                return Err(Error::DType {
-                    path: self.path().to_path_buf(),
-                    key: full,
-                    found: other.to_string(),
-                }
-                .into());
-            }
-        };
-        let bytes = self.header.bytes(&full)?;
-        let values = TensorData::from_bytes_vec(bytes, info.shape.clone(), dtype)
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| self.invalid(format!("`{full}`: {e:?}")))?;
-        let bad = values.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
-            return Err(Error::NonFiniteTensor {
-                path: self.path().to_path_buf(),
-                key: full,
-                count: bad as u64,
-            }
-            .into());
-        }
-        Ok((values, info.shape.clone()))
+        Ok(self.header.floats(&self.key(key))?)
     }
 
     fn invalid(&self, message: String) -> TrainError {
@@ -194,6 +154,17 @@ impl Source {
             path: self.path().to_path_buf(),
             message,
         }
+    }
+
+    /// The typed error of a tensor whose shape does not fit, naming the file's key.
+    fn mismatch(&self, key: &str, expected: Vec<usize>, found: Vec<usize>) -> TrainError {
+        Error::ShapeMismatch {
+            path: self.path().to_path_buf(),
+            key: self.key(key),
+            expected,
+            found,
+        }
+        .into()
     }
 }
 
@@ -230,10 +201,10 @@ fn check_activation(file: &Path) -> Result<()> {
 }
 
 /// Tensors planned for one module, by module path in checkpoint layout (`[out, in]` Linear
-/// weights, LayerNorm `weight`/`bias`), each with the source key it came from.
+/// weights, LayerNorm `weight`/`bias`).
 struct Plan {
     expected: BTreeMap<String, Vec<usize>>,
-    tensors: Vec<(String, String, Vec<f32>, Vec<usize>)>,
+    tensors: Vec<(String, Vec<f32>, Vec<usize>)>,
 }
 
 impl Plan {
@@ -248,7 +219,15 @@ impl Plan {
         }
     }
 
-    /// Queues `values` for `target`, after checking its shape against the module.
+    /// The shape the module expects for `target`.
+    fn shape(&self, source: &Source, target: &str) -> Result<Vec<usize>> {
+        self.expected.get(target).cloned().ok_or_else(|| {
+            source.invalid(format!("internal: the model has no parameter `{target}`"))
+        })
+    }
+
+    /// Queues `values` (from the file's `key`) for `target`, after checking its shape
+    /// against the module.
     fn set(
         &mut self,
         source: &Source,
@@ -257,20 +236,11 @@ impl Plan {
         values: Vec<f32>,
         shape: Vec<usize>,
     ) -> Result<()> {
-        let expected = self.expected.get(target).ok_or_else(|| {
-            source.invalid(format!("internal: the model has no parameter `{target}`"))
-        })?;
-        if *expected != shape {
-            return Err(Error::ShapeMismatch {
-                path: source.path().to_path_buf(),
-                key: format!("{}{key}", source.prefix),
-                expected: expected.clone(),
-                found: shape,
-            }
-            .into());
+        let expected = self.shape(source, target)?;
+        if expected != shape {
+            return Err(source.mismatch(key, expected, shape));
         }
-        self.tensors
-            .push((target.into(), key.into(), values, shape));
+        self.tensors.push((target.into(), values, shape));
         Ok(())
     }
 
@@ -278,6 +248,44 @@ impl Plan {
     fn copy(&mut self, source: &Source, target: &str, key: &str) -> Result<()> {
         let (values, shape) = source.read(key)?;
         self.set(source, target, key, values, shape)
+    }
+
+    /// Queues `key` for `target` where the two may differ in their first dimension only:
+    /// with `current` (the parameter's values), the file's rows replace its first rows and
+    /// the others keep their values (BERT's vocabulary in BLIP's larger one); without, the
+    /// file's first rows are taken (a longer position table). Returns the file's row count.
+    fn set_rows(
+        &mut self,
+        source: &Source,
+        target: &str,
+        key: &str,
+        current: Option<Vec<f32>>,
+    ) -> Result<usize> {
+        let expected = self.shape(source, target)?;
+        let (values, shape) = source.read(key)?;
+        let (theirs, ours) = (shape.first().copied(), expected[0]);
+        let fits = shape.len() == expected.len()
+            && shape[1..] == expected[1..]
+            && theirs.is_some_and(|n| {
+                if current.is_some() {
+                    n <= ours
+                } else {
+                    n >= ours
+                }
+            });
+        if !fits {
+            return Err(source.mismatch(key, expected, shape));
+        }
+        let row: usize = expected[1..].iter().product();
+        let values = match current {
+            Some(mut all) => {
+                all[..values.len()].copy_from_slice(&values);
+                all
+            }
+            None => values[..ours * row].to_vec(),
+        };
+        self.set(source, target, key, values, expected)?;
+        Ok(shape[0])
     }
 
     /// Applies the queued tensors to `module`; returns it with the loaded and fresh paths.
@@ -296,7 +304,7 @@ impl Plan {
         let tensors: Vec<PackTensor> = self
             .tensors
             .into_iter()
-            .map(|(target, _, values, shape)| {
+            .map(|(target, values, shape)| {
                 bridge::from_data(TensorData::new(values, shape), target, None)
             })
             .collect();
@@ -313,12 +321,12 @@ impl Plan {
 }
 
 /// The current values of a parameter, to keep the rows a checkpoint does not cover.
-fn values_of<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+fn values_of<const D: usize>(source: &Source, tensor: Tensor<D>) -> Result<Vec<f32>> {
     tensor
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
-        .unwrap_or_default()
+        .map_err(|e| source.invalid(format!("internal: reading a parameter back: {e:?}")))
 }
 
 /// The `config.json` beside a checkpoint (`path` a directory or the weights file).
@@ -358,8 +366,8 @@ fn size_field(value: &serde_json::Value, name: &str, max: usize, config: &Path) 
 
 /// `config` with the text sizes of the BERT checkpoint at `path` (its `config.json`: width,
 /// depth, heads, feed-forward width, position table and LayerNorm epsilon), so that
-/// [`BlipPretrain::init_text_from`] fits; unchanged when there is no such file. Vocabulary, token ids and dropout stay `config`'s:
-/// they follow BLIP's tokenizer and training recipe.
+/// [`BlipPretrain::init_text_from`] fits; unchanged when there is no such file. Vocabulary,
+/// token ids and dropout stay `config`'s: they follow BLIP's tokenizer and training recipe.
 pub fn text_config_of(
     path: impl AsRef<Path>,
     mut config: blip_text::TextConfig,
@@ -435,29 +443,18 @@ pub fn vision_config_of(
 }
 
 /// Which ViT layout `header` holds.
-fn vision_source(header: SafetensorsHeader) -> Result<Source> {
-    let found = |prefix: &'static str, source| Source {
-        header: header.clone(),
-        prefix,
-        source,
-    };
+fn vision_source(header: &SafetensorsHeader) -> Result<Source<'_>> {
     let has = |key: &str| header.tensors.contains_key(key);
-    let source = if has("vit.embeddings.cls_token") {
-        found("vit.", InitSource::HfVit)
+    let (prefix, source) = if has("vit.embeddings.cls_token") {
+        ("vit.", InitSource::HfVit)
     } else if has("deit.embeddings.cls_token") {
-        found("deit.", InitSource::HfDeit)
+        ("deit.", InitSource::HfDeit)
+    } else if has("embeddings.distillation_token") {
+        ("", InitSource::HfDeit)
     } else if has("embeddings.cls_token") {
-        let distilled = has("embeddings.distillation_token");
-        found(
-            "",
-            if distilled {
-                InitSource::HfDeit
-            } else {
-                InitSource::HfVit
-            },
-        )
+        ("", InitSource::HfVit)
     } else if has("cls_token") && has("patch_embed.proj.weight") {
-        found("", InitSource::Timm)
+        ("", InitSource::Timm)
     } else {
         return Err(TrainError::Checkpoint {
             path: header.path.clone(),
@@ -466,11 +463,15 @@ fn vision_source(header: SafetensorsHeader) -> Result<Source> {
                 .into(),
         });
     };
-    Ok(source)
+    Ok(Source {
+        header,
+        prefix,
+        source,
+    })
 }
 
 /// Which BERT layout `header` holds.
-fn text_source(header: SafetensorsHeader) -> Result<Source> {
+fn text_source(header: &SafetensorsHeader) -> Result<Source<'_>> {
     let has = |key: &str| header.tensors.contains_key(key);
     let (prefix, source) = if has("bert.embeddings.word_embeddings.weight") {
         ("bert.", InitSource::BertForMaskedLm)
@@ -523,7 +524,8 @@ impl BlipPretrain {
         let path = path.as_ref();
         let file = checkpoint_file(path);
         check_activation(&file)?;
-        let source = vision_source(SafetensorsHeader::read(&file)?)?;
+        let header = SafetensorsHeader::read(&file)?;
+        let source = vision_source(&header)?;
         let vit = &self.visual_encoder;
         let depth = vit.encoder.layers.len();
         let timm = source.source == InitSource::Timm;
@@ -566,15 +568,7 @@ impl BlipPretrain {
         } else {
             1
         };
-        let mismatch = || -> TrainError {
-            Error::ShapeMismatch {
-                path: source.path().to_path_buf(),
-                key: format!("{}{pos_key}", source.prefix),
-                expected: vec![1, wanted, d],
-                found: shape.clone(),
-            }
-            .into()
-        };
+        let mismatch = || source.mismatch(pos_key, vec![1, wanted, d], shape.clone());
         let &[1, rows, width] = shape.as_slice() else {
             return Err(mismatch());
         };
@@ -584,19 +578,11 @@ impl BlipPretrain {
         if width != d || side * side != patches || side == 0 {
             return Err(mismatch());
         }
+        // The class row and the patch rows, without a distillation token's row.
         let mut rows_out = table[..d].to_vec();
-        let grid = &table[prefix_rows * d..];
-        if side == target_side {
-            rows_out.extend_from_slice(grid);
-        } else {
-            rows_out.extend(bicubic_resize(
-                grid,
-                d,
-                side,
-                side,
-                target_side,
-                target_side,
-            ));
+        rows_out.extend_from_slice(&table[prefix_rows * d..]);
+        if side != target_side {
+            rows_out = resize_position_table(&rows_out, d, side, target_side, target_side);
             notes.push(format!(
                 "position table resized from a {side}×{side} to a {target_side}×{target_side} grid"
             ));
@@ -649,27 +635,22 @@ impl BlipPretrain {
                     )?;
                 }
             }
-            // Separate projections → one fused `qkv`, rows [q; k; v].
+            // Separate projections → one fused `qkv`, rows [q; k; v], each a third of it.
             for leaf in ["weight", "bias"] {
+                let target = format!("{ours}.self_attn.qkv.{leaf}");
+                let fused_shape = plan.shape(&source, &target)?;
+                let mut part_shape = fused_shape.clone();
+                part_shape[0] /= 3;
                 let mut fused = Vec::new();
-                let mut rows = 0;
-                let mut rest = Vec::new();
                 for part in ["query", "key", "value"] {
                     let key = format!("{theirs}.attention.attention.{part}.{leaf}");
                     let (values, shape) = source.read(&key)?;
-                    rows += shape.first().copied().unwrap_or(0);
-                    rest = shape.get(1..).unwrap_or(&[]).to_vec();
+                    if shape != part_shape {
+                        return Err(source.mismatch(&key, part_shape, shape));
+                    }
                     fused.extend(values);
                 }
-                let mut shape = vec![rows];
-                shape.extend(rest);
-                plan.set(
-                    &source,
-                    &format!("{ours}.self_attn.qkv.{leaf}"),
-                    &format!("{theirs}.attention.attention.{{query,key,value}}.{leaf}"),
-                    fused,
-                    shape,
-                )?;
+                plan.set(&source, &target, &target, fused, fused_shape)?;
             }
         }
         let final_norm = if timm { "norm" } else { "layernorm" };
@@ -711,76 +692,41 @@ impl BlipPretrain {
         let path = path.as_ref();
         let file = checkpoint_file(path);
         check_activation(&file)?;
-        let source = text_source(SafetensorsHeader::read(&file)?)?;
+        let header = SafetensorsHeader::read(&file)?;
+        let source = text_source(&header)?;
         let layers = self.text_encoder.encoder.layer.len();
         check_layers(&source, "encoder.layer.", layers)?;
         let mut notes = Vec::new();
 
-        // Encoder: embeddings (vocabulary rows and position rows adapted) and layers.
-        let mut plan = Plan::new(&self.text_encoder);
-        let d = self.text_encoder.hidden_size();
-        for (target, key, ours, grow) in [
-            (
-                "embeddings.word_embeddings.weight",
-                "embeddings.word_embeddings.weight",
-                self.text_encoder.vocab_size(),
-                true,
-            ),
-            (
-                "embeddings.position_embeddings.weight",
-                "embeddings.position_embeddings.weight",
-                self.text_encoder.max_positions(),
-                false,
-            ),
-        ] {
-            let (values, shape) = source.read(key)?;
-            let [theirs, width] = shape[..] else {
-                return Err(Error::ShapeMismatch {
-                    path: source.path().to_path_buf(),
-                    key: format!("{}{key}", source.prefix),
-                    expected: vec![ours, d],
-                    found: shape,
-                }
-                .into());
-            };
-            let fits = width == d && if grow { theirs <= ours } else { theirs >= ours };
-            if !fits {
-                return Err(Error::ShapeMismatch {
-                    path: source.path().to_path_buf(),
-                    key: format!("{}{key}", source.prefix),
-                    expected: vec![ours, d],
-                    found: shape,
-                }
-                .into());
-            }
-            let rows = if grow {
-                let mut all = values_of(if target.starts_with("embeddings.word") {
-                    self.text_encoder.embeddings.word_embeddings.weight.val()
-                } else {
-                    self.text_encoder
-                        .embeddings
-                        .position_embeddings
-                        .weight
-                        .val()
-                });
-                all[..values.len()].copy_from_slice(&values);
-                if theirs < ours {
-                    notes.push(format!(
-                        "{} vocabulary rows added to the checkpoint's {theirs}",
-                        ours - theirs
-                    ));
-                }
-                all
-            } else {
-                if theirs > ours {
-                    notes.push(format!("position table cut from {theirs} to {ours} rows"));
-                }
-                values[..ours * d].to_vec()
-            };
-            plan.set(&source, target, key, rows, vec![ours, d])?;
+        // The encoder, and the decoder's own causal self-attention blocks, which come from
+        // the same BERT blocks (each read once).
+        let mut encoder = Plan::new(&self.text_encoder);
+        let mut decoder = Plan::new(&self.text_decoder);
+        let word = "embeddings.word_embeddings.weight";
+        let current = values_of(
+            &source,
+            self.text_encoder.embeddings.word_embeddings.weight.val(),
+        )?;
+        let (theirs, ours) = (
+            encoder.set_rows(&source, word, word, Some(current))?,
+            self.text_encoder.vocab_size(),
+        );
+        if theirs < ours {
+            notes.push(format!(
+                "{} vocabulary rows added to the checkpoint's {theirs}",
+                ours - theirs
+            ));
+        }
+        let position = "embeddings.position_embeddings.weight";
+        let (theirs, ours) = (
+            encoder.set_rows(&source, position, position, None)?,
+            self.text_encoder.max_positions(),
+        );
+        if theirs > ours {
+            notes.push(format!("position table cut from {theirs} to {ours} rows"));
         }
         for leaf in ["weight", "bias"] {
-            plan.copy(
+            encoder.copy(
                 &source,
                 &format!("embeddings.layer_norm.{leaf}"),
                 &format!("embeddings.LayerNorm.{leaf}"),
@@ -790,38 +736,31 @@ impl BlipPretrain {
             let layer = format!("encoder.layer.{i}");
             for (to, from) in BERT_LAYER {
                 for leaf in ["weight", "bias"] {
-                    plan.copy(
+                    let key = format!("{layer}.{from}.{leaf}");
+                    let (values, shape) = source.read(&key)?;
+                    if let Some(block) = to.strip_prefix("attention.") {
+                        let target = format!("attention.{i}.{block}.{leaf}");
+                        decoder.set(&source, &target, &key, values.clone(), shape.clone())?;
+                    }
+                    encoder.set(
                         &source,
                         &format!("{layer}.{to}.{leaf}"),
-                        &format!("{layer}.{from}.{leaf}"),
+                        &key,
+                        values,
+                        shape,
                     )?;
                 }
             }
         }
-        let (encoder, mut loaded, mut fresh) = plan.apply(self.text_encoder, &source)?;
-        self.text_encoder = encoder;
+        let (text_encoder, mut loaded, mut fresh) = encoder.apply(self.text_encoder, &source)?;
+        self.text_encoder = text_encoder;
         prefix_all(&mut loaded, "text_encoder.");
         prefix_all(&mut fresh, "text_encoder.");
 
-        // Decoder: its own causal self-attention from BERT's, and the LM head.
-        let mut plan = Plan::new(&self.text_decoder);
-        for i in 0..layers {
-            for (to, from) in &BERT_LAYER[..5] {
-                let to = to.strip_prefix("attention.").unwrap_or(to);
-                for leaf in ["weight", "bias"] {
-                    plan.copy(
-                        &source,
-                        &format!("attention.{i}.{to}.{leaf}"),
-                        &format!("encoder.layer.{i}.{from}.{leaf}"),
-                    )?;
-                }
-            }
-        }
-        // The LM head lives outside `bert.`: read it with no prefix.
+        // The LM head, outside `bert.`.
         let head = Source {
-            header: source.header.clone(),
             prefix: "",
-            source: source.source,
+            ..source
         };
         if head.has("cls.predictions.transform.dense.weight") {
             for (to, from) in [
@@ -832,34 +771,17 @@ impl BlipPretrain {
                 ),
             ] {
                 for leaf in ["weight", "bias"] {
-                    plan.copy(&head, &format!("{to}.{leaf}"), &format!("{from}.{leaf}"))?;
+                    decoder.copy(&head, &format!("{to}.{leaf}"), &format!("{from}.{leaf}"))?;
                 }
             }
-            let (values, shape) = head.read("cls.predictions.bias")?;
-            let ours = self.text_decoder.lm_head.bias.dims()[0];
-            if shape.len() != 1 || shape[0] > ours {
-                return Err(Error::ShapeMismatch {
-                    path: head.path().to_path_buf(),
-                    key: "cls.predictions.bias".into(),
-                    expected: vec![ours],
-                    found: shape,
-                }
-                .into());
-            }
-            let mut bias = values_of(self.text_decoder.lm_head.bias.val());
-            bias[..values.len()].copy_from_slice(&values);
-            plan.set(
-                &head,
-                "lm_head.bias",
-                "cls.predictions.bias",
-                bias,
-                vec![ours],
-            )?;
+            let current = values_of(&head, self.text_decoder.lm_head.bias.val())?;
+            decoder.set_rows(&head, "lm_head.bias", "cls.predictions.bias", Some(current))?;
         } else {
             notes.push("no `cls.predictions`: the LM head's transform stays fresh".into());
         }
-        let (decoder, decoder_loaded, decoder_fresh) = plan.apply(self.text_decoder, &source)?;
-        self.text_decoder = decoder;
+        let (text_decoder, decoder_loaded, decoder_fresh) =
+            decoder.apply(self.text_decoder, &source)?;
+        self.text_decoder = text_decoder;
         loaded.extend(
             decoder_loaded
                 .into_iter()
@@ -883,8 +805,8 @@ impl BlipPretrain {
     }
 }
 
-/// A BERT layer's blocks: (module path, checkpoint path) below `encoder.layer.N`, the
-/// self-attention ones first.
+/// A BERT layer's blocks: (module path, checkpoint path) below `encoder.layer.N`. Those
+/// under `attention.` are the self-attention block, which the decoder also takes.
 const BERT_LAYER: [(&str, &str); 8] = [
     ("attention.self_attention.query", "attention.self.query"),
     ("attention.self_attention.key", "attention.self.key"),

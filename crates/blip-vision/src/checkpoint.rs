@@ -221,19 +221,7 @@ impl SafetensorsHeader {
         non_finite: &std::sync::Arc<std::sync::Mutex<Option<(String, u64)>>>,
     ) -> Result<PackTensor> {
         let info = &self.tensors[key];
-        let dtype = match info.dtype.as_str() {
-            "F16" => DType::F16,
-            "BF16" => DType::BF16,
-            "F32" => DType::F32,
-            "F64" => DType::F64,
-            other => {
-                return Err(Error::DType {
-                    path: self.path.clone(),
-                    key: key.to_string(),
-                    found: other.to_string(),
-                });
-            }
-        };
+        let dtype = self.float_dtype(key, info)?;
         let (path, start) = (self.path.clone(), self.data_start + info.data_offsets.0);
         let len = (info.data_offsets.1 - info.data_offsets.0) as usize;
         let (key, non_finite) = (key.to_string(), non_finite.clone());
@@ -267,6 +255,50 @@ impl SafetensorsHeader {
                 Ok(Bytes::from_bytes_vec(buffer))
             },
         ))
+    }
+
+    /// The burn dtype of a floating-point entry; any other is an [`Error::DType`].
+    fn float_dtype(&self, key: &str, info: &TensorInfo) -> Result<DType> {
+        Ok(match info.dtype.as_str() {
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F32" => DType::F32,
+            "F64" => DType::F64,
+            other => {
+                return Err(Error::DType {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    found: other.to_string(),
+                });
+            }
+        })
+    }
+
+    /// One floating-point tensor as f32 values, with its shape. A NaN or infinity is an
+    /// [`Error::NonFiniteTensor`], as in [`load_safetensors`].
+    pub fn floats(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let info = self.tensors.get(key).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            key: key.to_string(),
+            expected: vec![],
+        })?;
+        let dtype = self.float_dtype(key, info)?;
+        let bytes = self.bytes(key)?;
+        if let Some(count) = count_non_finite(&bytes, dtype) {
+            return Err(Error::NonFiniteTensor {
+                path: self.path.clone(),
+                key: key.to_string(),
+                count,
+            });
+        }
+        let values = TensorData::from_bytes_vec(bytes, info.shape.clone(), dtype)
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| Error::InvalidCheckpoint {
+                path: self.path.clone(),
+                message: format!("`{key}`: {e:?}"),
+            })?;
+        Ok((values, info.shape.clone()))
     }
 
     /// Raw little-endian bytes of one tensor.

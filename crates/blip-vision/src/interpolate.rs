@@ -57,6 +57,23 @@ pub fn bicubic_resize(
     out
 }
 
+/// A position table (`1 + side²` rows of width `d`, class row first, flattened) for a
+/// `grid_h × grid_w` patch grid: the class row kept, the patch rows resized by
+/// [`bicubic_resize`] (transformers' `interpolate_pos_encoding`, the original's
+/// `interpolate_pos_embed`).
+pub fn resize_position_table(
+    table: &[f32],
+    d: usize,
+    side: usize,
+    grid_h: usize,
+    grid_w: usize,
+) -> Vec<f32> {
+    let (class_row, grid) = table.split_at(d);
+    let mut out = class_row.to_vec();
+    out.extend(bicubic_resize(grid, d, side, side, grid_h, grid_w));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@ pub use config::{
     read_json,
 };
 pub use error::{Error, Result};
-pub use interpolate::bicubic_resize;
+pub use interpolate::{bicubic_resize, resize_position_table};
 pub use ops::{contiguous, dense, matmul_by_transpose, on_thread_pool};
 pub use processor::{BLIP_MEAN, BLIP_STD, ImageProcessor, resize_bicubic_aa, to_rgb};
 pub use vit::{

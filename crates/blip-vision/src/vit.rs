@@ -171,10 +171,7 @@ impl VisionEmbeddings {
             .into_data()
             .try_into_vec_as::<f32>()
             .expect("position table is f32 after conversion");
-        let (class_row, grid) = values.split_at(d);
-        let resized = crate::interpolate::bicubic_resize(grid, d, side, side, grid_h, grid_w);
-        let mut out = class_row.to_vec();
-        out.extend(resized);
+        let out = crate::interpolate::resize_position_table(&values, d, side, grid_h, grid_w);
         Tensor::from_data(TensorData::new(out, [1, grid_h * grid_w + 1, d]), &device)
     }
 }
