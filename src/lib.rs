@@ -31,6 +31,8 @@
 /// CapFilt, the dataset bootstrapping loop (cargo feature `capfilt`).
 #[cfg(feature = "capfilt")]
 pub use blip_capfilt as capfilt;
+/// What the model crates share: checkpoint IO, errors, atomic writes, the RNG, text cleaning.
+pub use blip_core as core;
 pub use blip_text as text;
 /// The pre-training objectives (cargo feature `train`).
 #[cfg(feature = "train")]

@@ -355,7 +355,18 @@ fn save_pretrained_writes_back_the_same_checkpoint() {
         }
         let reread = blip::BlipConfig::from_hf_json(out.join("config.json")).unwrap();
         assert_eq!(reread, config, "{fixture}: config.json round trip");
-        assert!(!out.join("model.safetensors.partial").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|name| {
+                name.to_string_lossy()
+                    .ends_with(blip::core::fs::TEMP_SUFFIX)
+            })
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "{fixture}: temp files left: {leftovers:?}"
+        );
         std::fs::remove_dir_all(&out).unwrap();
     }
 }

@@ -4,14 +4,14 @@
 //! or different data set.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::write_atomic;
 use crate::records::ChunkHeader;
 use crate::{Error, ProvenanceRecord};
+use blip_core::fs::write_atomic;
 
 /// Lowercase hex of a digest.
 fn hex(bytes: &[u8]) -> String {
@@ -44,11 +44,11 @@ pub(crate) fn write_chunk(
         records: records.len() as u64,
         sha256: hex(&Sha256::digest(&body)),
     };
-    write_atomic(path, |out| {
+    Ok(write_atomic(path, |out| {
         serde_json::to_writer(&mut *out, &header)?;
         out.write_all(b"\n")?;
         out.write_all(&body)
-    })
+    })?)
 }
 
 /// Checks that `path` is chunk `chunk` with as many record lines and the same SHA-256 as

@@ -164,3 +164,12 @@ impl Error {
         move |source| Error::Io { path, source }
     }
 }
+
+impl From<blip_core::fs::WriteError> for Error {
+    fn from(e: blip_core::fs::WriteError) -> Self {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}

@@ -377,8 +377,8 @@ impl Input {
                     (kind, format!("{}: {e}", path.display()))
                 };
                 // Refuses a FIFO unopened: opening one blocks until a writer comes.
-                let file = blip_vision::open_file(path).map_err(|e| match e {
-                    blip_vision::Error::Io { source, .. } => unreadable(source),
+                let file = blip_core::open_file(path).map_err(|e| match e {
+                    blip_core::Error::Io { source, .. } => unreadable(source),
                     other => (SkipKind::Unreadable, other.to_string()),
                 })?;
                 let size = file.metadata().map_err(unreadable)?.len();

@@ -99,7 +99,6 @@
 
 mod chunk;
 mod error;
-mod fsutil;
 mod input;
 mod manifest;
 mod merge;

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::fsutil::write_atomic;
 use crate::input::{Input, InputFile};
 use crate::{Error, RunOptions, Shard};
+use blip_core::fs::write_atomic;
 
 /// Version of the on-disk layout; bumped when chunk or manifest formats change (2: chunk
 /// headers carry the record count and SHA-256).
@@ -73,10 +73,10 @@ impl RunManifest {
     }
 
     pub fn write(&self, path: &Path) -> Result<(), Error> {
-        write_atomic(path, |out| {
+        Ok(write_atomic(path, |out| {
             serde_json::to_writer_pretty(&mut *out, self)?;
-            std::io::Write::write_all(out, b"\n")
-        })
+            out.write_all(b"\n")
+        })?)
     }
 
     /// `name: recorded X, now Y` for every differing field; `ignore_shard_index` for

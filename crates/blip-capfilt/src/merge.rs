@@ -4,11 +4,10 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Lines, Write};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
 
 use crate::chunk::verify_chunk;
-use crate::fsutil::{AtomicFile, write_atomic};
 use crate::manifest::{self, FORMAT_VERSION, RunManifest};
 use crate::records::{DoneMarker, noise_ratio};
 use crate::runner::{chunk_path, list_chunks, parse_shard_dir};
@@ -16,6 +15,7 @@ use crate::{
     ANNOTATIONS_FILE, Annotation, CHUNKS_DIR, DONE_FILE, Error, PROVENANCE_FILE, ProvenanceRecord,
     RUN_FILE, SUMMARY_FILE, Shard, Summary, TextSource,
 };
+use blip_core::fs::{AtomicFile, write_atomic};
 
 /// Merges the shards in `out_dir` into `annotations.json`, `provenance.jsonl` and
 /// `summary.json` (each written atomically), records in input order: the result is the

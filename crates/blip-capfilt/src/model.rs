@@ -11,8 +11,8 @@
 
 use std::path::Path;
 
+use blip_core::pre_caption;
 use blip_text::{Captioner, FirstToken, GenerationConfig, Matcher, Sampling};
-use blip_train::pre_caption;
 use burn::tensor::Device;
 use image::RgbImage;
 

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -12,9 +11,6 @@ use image::RgbImage;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::chunk::{verify_chunk, write_chunk};
-use crate::fsutil::{
-    create_dir_all, remove_stale_temps, sync_dir, write_atomic, write_atomic_no_dir_sync,
-};
 use crate::input::{Flow, Input, Sample, Skip};
 use crate::manifest::{self, RunManifest};
 use crate::records::DoneMarker;
@@ -22,6 +18,7 @@ use crate::{
     CHUNKS_DIR, CapFiltModel, DONE_FILE, Error, LOCK_FILE, ProvenanceRecord, RUN_FILE, RunOptions,
     Shard, SkipKind, SkippedRecord, Summary, TextRecord, TextSource,
 };
+use blip_core::fs::{remove_stale_temps, sync_dir, write_atomic, write_atomic_no_dir_sync};
 
 /// What one [`run`] invocation did.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,7 +89,7 @@ pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunRepo
         replace = true;
     }
     check_siblings(&options.out_dir, &manifest)?;
-    create_dir_all(&chunks_dir)?;
+    std::fs::create_dir_all(&chunks_dir).map_err(Error::io(&chunks_dir))?;
     // Held until this function returns; the OS drops it when the process dies (kill -9
     // included), so it never goes stale.
     let _lock = lock_shard(&shard_dir.join(LOCK_FILE))?;
@@ -743,7 +740,7 @@ fn commit_chunk(
         let dest = out_dir.join(&image);
         let dir = dest.parent().unwrap_or(out_dir).to_path_buf();
         if !dirs.contains(&dir) {
-            create_dir_all(&dir)?;
+            std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
         }
         write_atomic_no_dir_sync(&dest, |out| out.write_all(&bytes))?;
         dirs.insert(dir);

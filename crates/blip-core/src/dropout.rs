@@ -126,7 +126,7 @@ pub fn train<R>(rates: DropoutRates, key: u64, f: impl FnOnce() -> R) -> R {
 }
 
 /// The scope of the calling thread, for work that moves to another thread: `carry` on that
-/// thread continues the same stream (`blip_vision::on_thread_pool` does this).
+/// thread continues the same stream (`blip_core::ops::on_thread_pool` does this).
 #[derive(Debug, Clone, Default)]
 pub struct Scope(Option<Arc<Stream>>);
 

@@ -1,23 +1,43 @@
-//! What BLIP's model crates share and none of them owns: the training-time
-//! [`dropout`] (used by the ViT of `blip-vision` and the MED of `blip-text`) and the
-//! SplitMix64 mixer behind every seeded stream of the workspace ([`split_mix64`]).
+//! What BLIP's model crates share and none of them owns:
 //!
-//! This crate is the bottom of the workspace: `blip-vision` ← `blip-text` ← `blip-train`
-//! all build on it.
+//! - `checkpoint`: checked safetensors loading and saving (key maps, PyTorch layout, header
+//!   checks against the model before anything is allocated);
+//! - [`Error`] and [`Result`], the typed errors of every file a model is built from;
+//! - bounded reading of configs ([`read_json`], [`read_file`]) and the size limits a config
+//!   is held to ([`check_sizes`], [`MAX_WIDTH`], [`MAX_LAYERS`]);
+//! - crash-safe writes ([`fs::write_atomic`]);
+//! - one seedable random generator ([`SplitMix64`]);
+//! - BLIP's text cleaning ([`pre_caption`], [`pre_question`]);
+//! - training-time `dropout` and drop-path.
+//!
+//! The tensor parts (`checkpoint`, `dropout`) need the default feature `burn`; without it
+//! the crate is plain Rust.
+//!
+//! The CPU kernels the ViT and the text decoder share live here too, hidden from the docs:
+//! they are an implementation detail of `blip-vision` and `blip-text`.
+//!
+//! This crate is the bottom of the workspace: `blip-core` ← `blip-vision` ← `blip-text` ←
+//! `blip-train` ← `blip-capfilt`.
 
 #![warn(missing_docs)]
 
+mod caption;
+#[cfg(feature = "burn")]
+pub mod checkpoint;
+#[cfg(feature = "burn")]
 pub mod dropout;
+mod error;
+pub mod fs;
+mod io;
+#[cfg(feature = "flex")]
+#[doc(hidden)]
+pub mod kernels;
+#[cfg(feature = "burn")]
+#[doc(hidden)]
+pub mod ops;
+pub mod rng;
 
-/// SplitMix64's output function (Steele, Lea & Flood 2014): a bijective mix of a 64-bit
-/// counter. The dropout stream, the data loader's seeds and the sampling generator all draw
-/// through it.
-///
-/// ```
-/// assert_ne!(blip_core::split_mix64(1), blip_core::split_mix64(2));
-/// ```
-pub fn split_mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use caption::{pre_caption, pre_question};
+pub use error::{Error, Result};
+pub use io::{MAX_LAYERS, MAX_WIDTH, check_sizes, open_file, read_file, read_json};
+pub use rng::{SplitMix64, split_mix64};

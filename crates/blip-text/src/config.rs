@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use blip_vision::{VisionConfig, read_json};
+use blip_core::read_json;
+use blip_vision::VisionConfig;
 use burn::config::Config;
 use serde::Deserialize;
 
@@ -74,15 +75,15 @@ impl TextConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    fn validate(&self, path: &Path) -> blip_vision::Result<()> {
+    fn validate(&self, path: &Path) -> blip_core::Result<()> {
         let fail = |message: String| {
-            Err(blip_vision::Error::Config {
+            Err(blip_core::Error::Config {
                 path: path.to_path_buf(),
                 message,
             })
         };
-        use blip_vision::{MAX_LAYERS, MAX_WIDTH};
-        blip_vision::check_sizes(
+        use blip_core::{MAX_LAYERS, MAX_WIDTH};
+        blip_core::check_sizes(
             "text",
             &[
                 ("vocab_size", self.vocab_size, MAX_WIDTH),
@@ -167,7 +168,7 @@ impl BlipConfig {
     pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let value = read_json(path)?;
-        let config_error = |message: String| blip_vision::Error::Config {
+        let config_error = |message: String| blip_core::Error::Config {
             path: path.to_path_buf(),
             message,
         };
@@ -207,11 +208,11 @@ impl BlipConfig {
             None => 256,
             Some(v) => v
                 .as_u64()
-                .filter(|&n| n > 0 && n <= blip_vision::MAX_WIDTH as u64)
+                .filter(|&n| n > 0 && n <= blip_core::MAX_WIDTH as u64)
                 .ok_or_else(|| {
                     config_error(format!(
                         "image_text_hidden_size {v} is not an integer in 1..={}",
-                        blip_vision::MAX_WIDTH
+                        blip_core::MAX_WIDTH
                     ))
                 })? as usize,
         };

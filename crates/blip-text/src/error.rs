@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub enum Error {
     /// Image decoding, config or checkpoint error (names the file and key).
     #[error(transparent)]
-    Vision(#[from] blip_vision::Error),
+    Vision(#[from] blip_core::Error),
     /// A tokenizer file could not be read or built.
     #[error("tokenizer {path}: {message}")]
     Tokenizer {

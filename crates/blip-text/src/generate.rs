@@ -14,6 +14,8 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use blip_core::SplitMix64;
+
 use crate::error::{Error, Result};
 use crate::heads::TextLmHeadModel;
 use crate::med::{CrossInput, KeyValue, attention_bias};
@@ -398,38 +400,12 @@ fn argmax(scores: &[f32]) -> usize {
     best
 }
 
-/// SplitMix64: a small, seedable, portable random generator. Decoding draws from it, and so
-/// does training's negative sampling, so that a run is reproducible from its seed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// A uniform draw in `[0, 1)`.
-    pub fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        (blip_core::split_mix64(self.0) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// An index drawn with probability proportional to `weights` (non-negative, not all 0).
-    pub fn weighted_index(&mut self, weights: &[f64]) -> usize {
-        let total: f64 = weights.iter().sum();
-        let mut u = self.next_f64() * total;
-        for (i, w) in weights.iter().enumerate() {
-            u -= w;
-            if u < 0.0 {
-                return i;
-            }
-        }
-        weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
-    }
-}
-
 /// Temperature, top-k, then top-p (transformers' warper order); draws one token.
 ///
 /// The scaling is done in f64: a small temperature (1e-40) turns every f32 logit into ±inf.
 /// Where even f64 overflows, the distribution is the temperature → 0 limit: the most likely
 /// token.
-fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> Result<usize> {
+fn sample(scores: &[f32], s: &Sampling, rng: &mut SplitMix64) -> Result<usize> {
     let scaled: Vec<f64> = scores.iter().map(|&x| x as f64 / s.temperature).collect();
     if scaled.contains(&f64::INFINITY) {
         return Ok(argmax(scores));
@@ -465,7 +441,7 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut Rng) -> Result<usize> {
             }
         }
     }
-    Ok(order[rng.weighted_index(&probs[..keep])])
+    Ok(order[rng.weighted(&probs[..keep])])
 }
 
 /// Generates from right-padded prompts (one per input; each starts with `[DEC]`), attending to
@@ -534,7 +510,7 @@ pub fn generate(
         )));
     }
     let device = cross.states.device();
-    blip_vision::on_thread_pool(&device, || {
+    blip_core::ops::on_thread_pool(&device, || {
         if config.num_beams > 1 {
             beam_search(model, cross, prompts, config, special)
         } else {
@@ -557,12 +533,13 @@ fn greedy_or_sample(
     let mut sequences: Vec<Vec<u32>> = rows.iter().map(|p| p.to_vec()).collect();
     let mut sum_log_probs = vec![0f64; rows.len()];
     let mut done: Vec<bool> = vec![false; rows.len()];
-    let mut rngs: Vec<Rng> = config
+    let mut rngs: Vec<SplitMix64> = config
         .sampling
         .iter()
         .flat_map(|s| {
-            (0..rows.len())
-                .map(move |r| Rng(s.seed ^ (r as u64).wrapping_mul(0xA24B_AED4_963E_E407)))
+            (0..rows.len()).map(move |r| {
+                SplitMix64::new(s.seed ^ (r as u64).wrapping_mul(0xA24B_AED4_963E_E407))
+            })
         })
         .collect();
     loop {
@@ -758,7 +735,7 @@ mod tests {
         let scores = [0.5f32, 2.0, -1.0, 1.9, f32::NEG_INFINITY];
         for temperature in [1e-40, 1e-300, 5e-324] {
             for seed in 0..20 {
-                let mut rng = Rng(seed);
+                let mut rng = SplitMix64::new(seed);
                 assert_eq!(sample(&scores, &nucleus(temperature), &mut rng).unwrap(), 1);
             }
         }
@@ -767,10 +744,10 @@ mod tests {
     #[test]
     fn no_candidate_is_an_error_not_a_panic() {
         let scores = [f32::NEG_INFINITY; 4];
-        let err = sample(&scores, &nucleus(1.0), &mut Rng(1)).unwrap_err();
+        let err = sample(&scores, &nucleus(1.0), &mut SplitMix64::new(1)).unwrap_err();
         assert!(matches!(err, Error::Generation(_)), "{err}");
         let scores = [f32::NAN; 4];
-        assert!(sample(&scores, &nucleus(1.0), &mut Rng(1)).is_err());
+        assert!(sample(&scores, &nucleus(1.0), &mut SplitMix64::new(1)).is_err());
     }
 
     #[test]
@@ -781,7 +758,7 @@ mod tests {
             top_p: 1.0,
             ..nucleus(1.0)
         };
-        let mut rng = Rng(3);
+        let mut rng = SplitMix64::new(3);
         let ones = (0..4000)
             .filter(|_| sample(&scores, &s, &mut rng).unwrap() == 1)
             .count();

@@ -6,7 +6,7 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, log_softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use blip_vision::dense;
+use blip_core::ops::dense;
 
 use crate::config::TextConfig;
 use crate::error::Result;
@@ -80,7 +80,7 @@ impl LmPredictionHead {
             .layer_norm
             .forward(gelu(dense(&self.transform.dense, hidden)));
         let [b, l, d] = h.dims();
-        let logits = blip_vision::matmul_by_transpose(h.reshape([b * l, d]), word_embeddings);
+        let logits = blip_core::ops::matmul_by_transpose(h.reshape([b * l, d]), word_embeddings);
         let vocab = logits.dims()[1];
         (logits + self.bias.val().reshape([1, vocab])).reshape([b, l, vocab])
     }

@@ -22,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blip_vision::checkpoint::{
+use blip_core::checkpoint::{
     KeyMap, SafetensorsHeader, count_layers, load_safetensors, save_safetensors,
 };
 use burn::module::Module;
@@ -158,7 +158,7 @@ impl ModelDir {
             // A stack the file lacks entirely is a file of another family: the key check
             // names the missing tensors (and the config's bound caps what is allocated).
             if held > 0 && claimed > held {
-                return Err(blip_vision::Error::Config {
+                return Err(blip_core::Error::Config {
                     path: self.dir.join("config.json"),
                     message: format!(
                         "{field} is {claimed}, but {} holds {held} layers under `{prefix}*` \
@@ -253,7 +253,7 @@ fn check_tied(header: &SafetensorsHeader, alias: &str, source: &str) -> Result<(
     let (Some(a), Some(s)) = (header.tensors.get(alias), header.tensors.get(source)) else {
         return Ok(());
     };
-    let config_error = |message: String| blip_vision::Error::Config {
+    let config_error = |message: String| blip_core::Error::Config {
         path: header.path.clone(),
         message,
     };
@@ -285,7 +285,7 @@ fn save<M: Module + ModuleSnapshot>(
     keys: &KeyMap,
     dir: &Path,
 ) -> Result<()> {
-    let io = |source| blip_vision::Error::Io {
+    let io = |source| blip_core::Error::Io {
         path: dir.to_path_buf(),
         source,
     };

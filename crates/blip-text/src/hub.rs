@@ -156,7 +156,7 @@ pub fn store_file(
         )));
     }
     let io = |path: &Path, source| {
-        Error::Vision(blip_vision::Error::Io {
+        Error::Vision(blip_core::Error::Io {
             path: path.to_path_buf(),
             source,
         })
@@ -183,15 +183,8 @@ pub fn store_file(
     }
     let blob = blobs.join(etag);
     if !blob.is_file() {
-        let partial = blobs.join(format!("{etag}.incomplete"));
-        let mut out = std::fs::File::create(&partial).map_err(|e| io(&partial, e))?;
-        std::io::copy(content, &mut out)
-            .and_then(|_| out.sync_all())
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&partial);
-                io(&partial, e)
-            })?;
-        std::fs::rename(&partial, &blob).map_err(|e| io(&blob, e))?;
+        blip_core::fs::write_atomic(&blob, |out| std::io::copy(content, out).map(drop))
+            .map_err(|e| io(&e.path, e.source))?;
     }
     let entry = snapshot.join(file);
     let _ = std::fs::remove_file(&entry);
@@ -201,7 +194,8 @@ pub fn store_file(
     #[cfg(not(unix))]
     std::fs::copy(&blob, &entry).map_err(|e| io(&entry, e))?;
     let main = refs.join("main");
-    std::fs::write(&main, commit).map_err(|e| io(&main, e))?;
+    blip_core::fs::write_atomic(&main, |out| out.write_all(commit.as_bytes()))
+        .map_err(|e| io(&e.path, e.source))?;
     Ok(entry)
 }
 

@@ -34,7 +34,7 @@ pub mod tokenizer;
 
 pub use config::{BlipConfig, TextConfig};
 pub use error::{Error, Result};
-pub use generate::{Generated, GenerationConfig, Rng, Sampling, SpecialTokens, generate};
+pub use generate::{Generated, GenerationConfig, Sampling, SpecialTokens, generate};
 pub use heads::{
     IGNORE_INDEX, LmPredictionHead, TextLmHeadModel, lm_labels, lm_loss, lm_loss_per_sequence,
 };

@@ -24,7 +24,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor};
 
 use blip_core::dropout;
-use blip_vision::dense;
+use blip_core::ops::dense;
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -420,8 +420,8 @@ impl TextModel {
                 // contiguous layout on every call. Materialise once, as they are reused by
                 // every decoding step.
                 KeyValue {
-                    key: blip_vision::contiguous(kv.key),
-                    value: blip_vision::contiguous(kv.value),
+                    key: blip_core::ops::contiguous(kv.key),
+                    value: blip_core::ops::contiguous(kv.value),
                 }
             })
             .collect()

@@ -110,7 +110,7 @@ impl BlipTokenizer {
     /// off; `[DEC]`/`[ENC]` are added when absent (HF BLIP repos lack them).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = blip_vision::read_file(path)?;
+        let bytes = blip_core::read_file(path)?;
         // Plain JSON first: the tokenizers crate panics on some malformed files (a file cut
         // inside "decoder") instead of returning an error.
         serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -127,7 +127,7 @@ impl BlipTokenizer {
     pub fn from_vocab(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         // Refuses a FIFO or device before the tokenizers crate opens it and blocks.
-        drop(blip_vision::open_file(path)?);
+        drop(blip_core::open_file(path)?);
         let file = path.to_str().ok_or_else(|| Error::Tokenizer {
             path: path.to_path_buf(),
             message: "path is not UTF-8".into(),
@@ -163,13 +163,13 @@ impl BlipTokenizer {
         if let Some((token, &id)) = inner
             .get_vocab(true)
             .iter()
-            .find(|&(_, &id)| id as usize >= blip_vision::MAX_WIDTH)
+            .find(|&(_, &id)| id as usize >= blip_core::MAX_WIDTH)
         {
             return Err(tokenizer_error(
                 path,
                 format!(
                     "token {token:?} has id {id}, beyond the largest vocabulary ({})",
-                    blip_vision::MAX_WIDTH
+                    blip_core::MAX_WIDTH
                 ),
             ));
         }
@@ -292,25 +292,15 @@ impl BlipTokenizer {
     }
 
     /// Writes the tokenizer as a `tokenizer.json` (with `[DEC]`/`[ENC]`) that
-    /// [`Self::from_file`] and transformers read; atomically (temp file, then rename).
+    /// [`Self::from_file`] and transformers read, atomically ([`blip_core::fs::write_atomic`]).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let tmp = path.with_extension("json.partial");
-        self.inner
-            .save(&tmp, true)
+        let json = self
+            .inner
+            .to_string(true)
             .map_err(|e| tokenizer_error(path, e))?;
-        // On disk before the rename: a crash must not leave an empty file in its place.
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| {
-                let _ = std::fs::remove_file(&tmp);
-                blip_vision::Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                }
-                .into()
-            })
+        blip_core::fs::write_atomic(path, |out| out.write_all(json.as_bytes()))
+            .map_err(|e| blip_core::Error::from(e).into())
     }
 
     /// The underlying `tokenizers` tokenizer.

@@ -3,12 +3,12 @@
 //! `RandomAugment(N=2, M=5)` of `transform/randaugment.py` → normalisation with the CLIP
 //! statistics.
 //!
-//! Every random draw comes from the [`Rng`] handed in, so an augmentation is reproducible
+//! Every random draw comes from the [`SplitMix64`] handed in, so an augmentation is reproducible
 //! from its seed. The geometric RandomAugment operations reproduce OpenCV's `warpAffine`
 //! (fixed-point bilinear, constant border) that the original runs, and AutoContrast /
 //! Equalize its per-channel lookup tables, including their integer quirks.
 
-use blip_text::Rng;
+use blip_core::SplitMix64;
 use blip_vision::{BLIP_MEAN, BLIP_STD, ImageProcessor, resize_bicubic_aa};
 use image::RgbImage;
 
@@ -83,7 +83,7 @@ impl TrainTransform {
     ///
     /// # Panics
     /// If `image` has no pixels or `image_size` is 0.
-    pub fn apply(&self, image: &RgbImage, rng: &mut Rng) -> RgbImage {
+    pub fn apply(&self, image: &RgbImage, rng: &mut SplitMix64) -> RgbImage {
         let (w, h) = (image.width() as usize, image.height() as usize);
         assert!(w > 0 && h > 0, "cannot augment an empty image");
         assert!(self.image_size > 0, "image_size must be positive");
@@ -112,7 +112,7 @@ impl TrainTransform {
     /// uniformly with replacement, then for each a coin (kept with probability 0.5) and, for
     /// the geometric ones, the sign of the magnitude. Returns only the kept operations, in
     /// the order they are applied.
-    pub fn sample_rand_augment(&self, rng: &mut Rng) -> Vec<RandAugOp> {
+    pub fn sample_rand_augment(&self, rng: &mut SplitMix64) -> Vec<RandAugOp> {
         let chosen: [usize; N_OPS] = std::array::from_fn(|_| uniform_index(rng, 10));
         let mut ops = Vec::with_capacity(N_OPS);
         for op in chosen {
@@ -120,7 +120,7 @@ impl TrainTransform {
             if rng.next_f64() > 0.5 {
                 continue;
             }
-            let signed = |rng: &mut Rng, magnitude: f64| {
+            let signed = |rng: &mut SplitMix64, magnitude: f64| {
                 if rng.next_f64() > 0.5 {
                     -magnitude
                 } else {
@@ -153,7 +153,7 @@ impl TrainTransform {
 }
 
 /// `floor(u · n)`: a uniform index in `0..n` (as `torch.randint` / `np.random.choice`).
-fn uniform_index(rng: &mut Rng, n: usize) -> usize {
+fn uniform_index(rng: &mut SplitMix64, n: usize) -> usize {
     ((rng.next_f64() * n as f64) as usize).min(n.saturating_sub(1))
 }
 
@@ -182,7 +182,7 @@ impl CropBox {
         height: usize,
         scale: (f64, f64),
         ratio: (f64, f64),
-        rng: &mut Rng,
+        rng: &mut SplitMix64,
     ) -> Self {
         let area = (width * height) as f64;
         let (log_lo, log_hi) = (ratio.0.ln(), ratio.1.ln());

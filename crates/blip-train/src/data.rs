@@ -1,9 +1,9 @@
-//! Training data: annotation files, BLIP's text cleaning (`pre_caption`, `pre_question`) and a
+//! Training data: annotation files, captions cleaned by [`pre_caption`], and a
 //! [`BatchLoader`] that decodes and augments the next batches on background threads while
 //! the caller runs the model step.
 //!
 //! Reproducibility: an epoch's order is a Fisher–Yates shuffle seeded from `(seed, epoch)`
-//! and each sample's augmentation draws from an [`Rng`] seeded from `(seed, epoch, index)`,
+//! and each sample's augmentation draws from an [`SplitMix64`] seeded from `(seed, epoch, index)`,
 //! so batch `s` of epoch `e` is the same whether it is reached by iterating or by resuming
 //! with `skip = s`, and whatever the number of decode workers.
 
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 
-use blip_text::Rng;
+use blip_core::{SplitMix64, pre_caption};
 use blip_vision::ImageProcessor;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::de::{self, Deserializer as _, SeqAccess, Visitor};
@@ -100,7 +100,7 @@ pub enum DataError {
         path: PathBuf,
         /// What went wrong.
         #[source]
-        source: blip_vision::Error,
+        source: blip_core::Error,
     },
     /// A training image decoded to zero pixels.
     #[error("training image {path} has no pixels")]
@@ -338,73 +338,6 @@ fn push_record(value: Value, root: &Path, out: &mut Vec<Annotation>) -> Result<(
     Ok(())
 }
 
-/// The characters BLIP's text cleaning removes: `. ! " ( ) * # : ; ~`.
-fn is_punct(c: char) -> bool {
-    matches!(c, '.' | '!' | '"' | '(' | ')' | '*' | '#' | ':' | ';' | '~')
-}
-
-/// Python's `\s` on `str`: Rust's whitespace plus the separators U+001C–U+001F.
-fn is_py_space(c: char) -> bool {
-    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
-}
-
-/// Python's `' '.join(text.split(' ')[:max_words])` when there are more words: words are
-/// separated by single spaces only (a tab is inside a word).
-fn truncate_words(text: String, max_words: usize) -> String {
-    if text.split(' ').count() > max_words {
-        text.split(' ')
-            .take(max_words)
-            .collect::<Vec<_>>()
-            .join(" ")
-    } else {
-        text
-    }
-}
-
-/// BLIP's `pre_caption`: lowercase; each of `. ! " ( ) * # : ; ~` becomes a space; runs of two
-/// or more whitespace characters become one space; trailing newlines, then surrounding
-/// spaces, are stripped; the first `max_words` space-separated words are kept.
-///
-/// Lowercasing follows Unicode as Python's `str.lower` (final sigma included); characters
-/// newer than the Python's Unicode tables may differ.
-pub fn pre_caption(text: &str, max_words: usize) -> String {
-    let lowered: String = text
-        .to_lowercase()
-        .chars()
-        .map(|c| if is_punct(c) { ' ' } else { c })
-        .collect();
-    // re.sub(r"\s{2,}", " ", ...): a single whitespace character (a tab) is kept as is.
-    let mut collapsed = String::with_capacity(lowered.len());
-    let mut chars = lowered.chars().peekable();
-    while let Some(c) = chars.next() {
-        if is_py_space(c) && chars.peek().is_some_and(|&n| is_py_space(n)) {
-            while chars.peek().is_some_and(|&n| is_py_space(n)) {
-                chars.next();
-            }
-            collapsed.push(' ');
-        } else {
-            collapsed.push(c);
-        }
-    }
-    let stripped = collapsed
-        .trim_end_matches('\n')
-        .trim_matches(' ')
-        .to_string();
-    truncate_words(stripped, max_words)
-}
-
-/// BLIP's `pre_question`: lowercase; `. ! " ( ) * # : ; ~` are deleted; trailing spaces are
-/// stripped; the first `max_words` space-separated words are kept (50 in BLIP's VQA). Inner
-/// runs of spaces are kept and count as empty words, as in the original.
-pub fn pre_question(text: &str, max_words: usize) -> String {
-    let cleaned: String = text
-        .to_lowercase()
-        .chars()
-        .filter(|&c| !is_punct(c))
-        .collect();
-    truncate_words(cleaned.trim_end_matches(' ').to_string(), max_words)
-}
-
 /// A batch of augmented images and cleaned captions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
@@ -471,16 +404,6 @@ impl LoaderConfig {
             prefetch: 2,
         }
     }
-}
-
-/// The output function of SplitMix64: a bijective 64-bit mixer.
-use blip_core::split_mix64 as mix64;
-
-/// A seed for one random stream, derived from the run's seed and the stream's coordinates.
-pub(crate) fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
-    parts.iter().fold(mix64(seed), |h, &p| {
-        mix64(h ^ mix64(p.wrapping_add(0x9E37_79B9_7F4A_7C15)))
-    })
 }
 
 /// Stream tags, so the shuffle and the augmentations of one epoch never share draws.
@@ -570,10 +493,7 @@ impl BatchLoader {
     /// The sample order of `epoch`: a Fisher–Yates shuffle seeded from `(seed, epoch)`.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.inner.annotations.len()).collect();
-        let mut rng = Rng(derive_seed(
-            self.inner.config.seed,
-            &[SHUFFLE_STREAM, epoch as u64],
-        ));
+        let mut rng = SplitMix64::derive(self.inner.config.seed, &[SHUFFLE_STREAM, epoch as u64]);
         for i in (1..order.len()).rev() {
             let j = ((rng.next_f64() * (i + 1) as f64) as usize).min(i);
             order.swap(i, j);
@@ -582,11 +502,11 @@ impl BatchLoader {
     }
 
     /// The generator that augments annotation `index` in `epoch`.
-    pub fn sample_rng(&self, epoch: usize, index: usize) -> Rng {
-        Rng(derive_seed(
+    pub fn sample_rng(&self, epoch: usize, index: usize) -> SplitMix64 {
+        SplitMix64::derive(
             self.inner.config.seed,
             &[SAMPLE_STREAM, epoch as u64, index as u64],
-        ))
+        )
     }
 
     /// Decodes, augments and normalises the given annotations of `epoch` into a batch, now,

@@ -214,7 +214,7 @@ pub fn fit(
             let batch = batch?;
             let train_batch = to_train_batch(&batch, tokenizer, &options.text, &device)?;
             let start = Instant::now();
-            let step = blip_vision::on_thread_pool(&device, || {
+            let step = blip_core::ops::on_thread_pool(&device, || {
                 trainer.train_batch(&train_batch, per_epoch)
             })?;
             let seconds = start.elapsed().as_secs_f64();

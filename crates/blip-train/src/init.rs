@@ -49,10 +49,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use blip_vision::checkpoint::{
+use blip_core::checkpoint::{
     KeyMap, PyTorchLayout, SafetensorsHeader, count_layers, expected_keys,
 };
-use blip_vision::{Error, read_json, resize_position_table};
+use blip_core::{Error, read_json};
+use blip_vision::resize_position_table;
 use burn::module::Module;
 use burn::store::burn_pack::Tensor as PackTensor;
 use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, bridge};
@@ -385,7 +386,7 @@ pub fn text_config_of(
     config.max_position_embeddings = size_field(
         &value,
         "max_position_embeddings",
-        blip_vision::MAX_WIDTH,
+        blip_core::MAX_WIDTH,
         &file,
     )?;
     if let Some(eps) = value
@@ -400,7 +401,7 @@ pub fn text_config_of(
 /// Width, depth, heads and feed-forward width of a transformers config, bounded, the heads
 /// dividing the width.
 fn transformer_sizes(value: &serde_json::Value, file: &Path) -> Result<[usize; 4]> {
-    use blip_vision::{MAX_LAYERS, MAX_WIDTH};
+    use blip_core::{MAX_LAYERS, MAX_WIDTH};
     let width = size_field(value, "hidden_size", MAX_WIDTH, file)?;
     let heads = size_field(value, "num_attention_heads", MAX_WIDTH, file)?;
     if !width.is_multiple_of(heads) {

@@ -39,11 +39,10 @@ pub mod trainer;
 mod vqa;
 
 pub use augment::{AutoContrast, CropBox, RandAugOp, TrainTransform, normalize};
-pub use blip_text::Rng;
+pub use blip_core::{SplitMix64, pre_caption, pre_question};
 pub use blip_text::{lm_labels, lm_loss};
 pub use data::{
     Annotation, Batch, BatchLoader, Batches, DataError, LoaderConfig, Location, load_annotations,
-    pre_caption, pre_question,
 };
 pub use error::{Result, TrainError};
 pub use fit::{FitOptions, FitReport, TextRecipe, fit};

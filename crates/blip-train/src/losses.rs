@@ -1,6 +1,6 @@
 //! ITC and ITM, exactly as the original `BLIP_Pretrain.forward` computes them.
 
-use blip_text::Rng;
+use blip_core::SplitMix64;
 
 use crate::error::{Result, TrainError};
 use burn::tensor::activation::{log_softmax, softmax};
@@ -81,7 +81,7 @@ pub fn hard_negative_weights(sim: Tensor<2>) -> Tensor<2> {
 /// fine-tuning, a batch whose every sample shows the row's image. That row is a
 /// [`TrainError::Batch`] naming it, as torch's multinomial raises there; drawing anyway
 /// would pick index 0, which may be the positive pair itself. So is a NaN or negative weight.
-pub fn sample_negatives(weights: Tensor<2>, rng: &mut Rng) -> Result<Vec<usize>> {
+pub fn sample_negatives(weights: Tensor<2>, rng: &mut SplitMix64) -> Result<Vec<usize>> {
     let [b, cols] = weights.dims();
     let values = weights
         .into_data()
@@ -100,7 +100,7 @@ pub fn sample_negatives(weights: Tensor<2>, rng: &mut Rng) -> Result<Vec<usize>>
                      sample of the batch is a positive for it; use a larger or shuffled batch"
                 )));
             }
-            Ok(rng.weighted_index(row))
+            Ok(rng.weighted(row))
         })
         .collect()
 }

@@ -128,7 +128,7 @@ impl PretrainConfig {
             vision.drop_path_rate,
         )
         .map_err(|e| {
-            blip_vision::Error::Config {
+            blip_core::Error::Config {
                 path: "<config>".into(),
                 message: e.to_string(),
             }

@@ -59,11 +59,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use blip_core::Error;
+use blip_core::checkpoint::{KeyMap, PyTorchLayout, expected_keys};
 use blip_text::hf::{CAPTIONING_KEYS, DECODER_TIES, RETRIEVAL_KEYS, VQA_KEYS};
 use blip_text::med::linear;
 use blip_text::{BlipConfig, CaptioningModel, RetrievalModel, VqaModel};
-use blip_vision::checkpoint::{KeyMap, PyTorchLayout, expected_keys};
-use blip_vision::{Error, VisionConfig};
+use blip_vision::VisionConfig;
 use burn::module::Module;
 use burn::store::burn_pack::{Bytes, Error as PackError, Tensor as PackTensor};
 use burn::store::pytorch_reader::{self, PytorchError, PytorchReader};

@@ -1,7 +1,8 @@
 //! One forward pass of BLIP's objectives on a batch (the original `BLIP_Pretrain.forward`,
 //! and with image ids `BLIP_Retrieval.forward`), combined by [`crate::LossWeights`].
 
-use blip_text::{Encoded, Rng, lm_loss};
+use blip_core::SplitMix64;
+use blip_text::{Encoded, lm_loss};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -204,7 +205,7 @@ pub fn compute_losses(
     config: &PretrainConfig,
     batch: &TrainBatch,
     alpha: f64,
-    rng: &mut Rng,
+    rng: &mut SplitMix64,
 ) -> Result<Losses> {
     compute_losses_with(model, distillation, config, batch, alpha, rng, &mut [])
 }
@@ -216,7 +217,7 @@ pub fn compute_losses_with(
     config: &PretrainConfig,
     batch: &TrainBatch,
     alpha: f64,
-    rng: &mut Rng,
+    rng: &mut SplitMix64,
     objectives: &mut [Box<dyn Objective>],
 ) -> Result<Losses> {
     let [b, _, _, _] = batch.pixel_values.dims();

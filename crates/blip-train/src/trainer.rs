@@ -20,16 +20,16 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use blip_core::SplitMix64;
+use blip_core::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
 use blip_core::dropout;
-use blip_text::Rng;
-use blip_vision::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use serde_json::json;
 
-use crate::data::{DROPOUT_STREAM, derive_seed};
+use crate::data::DROPOUT_STREAM;
 use crate::error::{Result, TrainError};
 use crate::losses::alpha_ramp;
 use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
@@ -39,6 +39,7 @@ use crate::pretrain::{
     Distillation, Objective, TrainBatch, clamp_model_temperature, compute_losses_with,
 };
 use crate::schedule::{cosine_lr, step_decay_lr, warmup_lr};
+use blip_core::rng::derive_seed;
 
 /// How the learning rate moves.
 #[derive(Config, Debug, PartialEq, Copy)]
@@ -156,7 +157,7 @@ pub struct Trainer {
     /// Position in training.
     pub progress: Progress,
     /// Negative-sampling generator.
-    pub rng: Rng,
+    pub rng: SplitMix64,
     optimizer: ModuleOptimizer,
     accumulator: GradientsAccumulator<BlipPretrain>,
     pending: usize,
@@ -191,7 +192,7 @@ impl Trainer {
         let model = model.fork(device).map(&mut Trainable).train();
         let contrastive = config.weights.itc != 0.0 || config.weights.itm != 0.0;
         let distillation = contrastive.then(|| Distillation::new(&model, &config, device));
-        let rng = Rng(train.seed);
+        let rng = SplitMix64::new(train.seed);
         Self {
             model,
             distillation,
@@ -380,7 +381,7 @@ impl Trainer {
             })?;
         let state = json!({
             "progress": {"epoch": self.progress.epoch, "batch": self.progress.batch, "step": self.progress.step},
-            "rng": self.rng.0.to_string(),
+            "rng": self.rng.state().to_string(),
             "queue_ptr": self.distillation.as_ref().map(|d| d.image_queue.ptr),
             "idx_queue": self.distillation.as_ref().map(|d| d.idx_queue.clone()),
             "param_ids": param_ids(&self.model).iter().map(|id| id.val().to_string()).collect::<Vec<_>>(),
@@ -404,9 +405,7 @@ impl Trainer {
         }
         std::fs::rename(&partial, &final_dir).map_err(io(&final_dir))?;
         let latest = root.join("latest");
-        let tmp = root.join("latest.partial");
-        write_synced(&tmp, name.as_bytes())?;
-        std::fs::rename(&tmp, &latest).map_err(io(&latest))?;
+        write_synced(&latest, name.as_bytes())?;
         Ok(final_dir)
     }
 
@@ -456,7 +455,7 @@ impl Trainer {
         let rng = state["rng"]
             .as_str()
             .and_then(|s| s.parse().ok())
-            .map(Rng)
+            .map(SplitMix64::new)
             .ok_or_else(|| bad("state.json: `rng` missing".into()))?;
         let ids: Vec<ParamId> = state["param_ids"]
             .as_array()
@@ -689,15 +688,12 @@ impl DistillationRecord {
     }
 }
 
+/// Writes `path` atomically and durably ([`blip_core::fs::write_atomic`]).
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::create(path).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)
+    blip_core::fs::write_atomic(path, |out| out.write_all(bytes)).map_err(|e| TrainError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Float parameter ids in visiting order.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blip_train::{
     Annotation, AutoContrast, BatchLoader, CropBox, DataError, LoaderConfig, Location, RandAugOp,
-    Rng, TrainTransform, load_annotations, normalize, pre_caption, pre_question,
+    SplitMix64, TrainTransform, load_annotations, normalize, pre_caption, pre_question,
 };
 use blip_vision::{BLIP_MEAN, BLIP_STD};
 use burn::tensor::Device;
@@ -379,7 +379,7 @@ fn crop_params_match_torchvision_on_known_cases() {
         (11, 20, 500, 0.9, [(236, 0, 27, 20); 4]),
     ];
     for &(seed, w, h, min_scale, expected) in cases {
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix64::new(seed);
         for (top, left, height, width) in expected {
             let got = CropBox::sample(w, h, (min_scale, 1.0), (3.0 / 4.0, 4.0 / 3.0), &mut rng);
             assert_eq!(
@@ -398,7 +398,7 @@ fn crop_params_match_torchvision_on_known_cases() {
 
 #[test]
 fn crop_params_stay_in_bounds_and_cover_the_scale_range() {
-    let mut rng = Rng(3);
+    let mut rng = SplitMix64::new(3);
     let (w, h) = (300usize, 200usize);
     let mut small = 0;
     let (mut min_top, mut max_top) = (usize::MAX, 0);
@@ -442,7 +442,7 @@ fn flip_mirrors_and_happens_about_half_the_time() {
     };
     let mut flips = 0;
     for seed in 0..200 {
-        let out = transform.apply(&image, &mut Rng(seed));
+        let out = transform.apply(&image, &mut SplitMix64::new(seed));
         if out == mirrored {
             flips += 1;
         } else {
@@ -454,17 +454,17 @@ fn flip_mirrors_and_happens_about_half_the_time() {
         hflip: false,
         ..transform
     };
-    assert!((0..50).all(|seed| no_flip.apply(&image, &mut Rng(seed)) == image));
+    assert!((0..50).all(|seed| no_flip.apply(&image, &mut SplitMix64::new(seed)) == image));
 }
 
 #[test]
 fn transform_output_has_the_requested_size_and_is_reproducible() {
     let image = pattern(57, 31);
     let t = TrainTransform::pretrain(24);
-    let a = t.apply(&image, &mut Rng(5));
+    let a = t.apply(&image, &mut SplitMix64::new(5));
     assert_eq!(a.dimensions(), (24, 24));
-    assert_eq!(a, t.apply(&image, &mut Rng(5)));
-    assert!((6..30).any(|s| t.apply(&image, &mut Rng(s)) != a));
+    assert_eq!(a, t.apply(&image, &mut SplitMix64::new(5)));
+    assert!((6..30).any(|s| t.apply(&image, &mut SplitMix64::new(s)) != a));
     assert_eq!(TrainTransform::finetune(384).min_scale, 0.5);
     assert_eq!(TrainTransform::pretrain(224).min_scale, 0.2);
 }
@@ -639,7 +639,7 @@ fn brightness_sharpness_identity_are_no_ops_at_m5() {
 #[test]
 fn rand_augment_draws_two_ops_with_replacement_each_kept_half_the_time() {
     let t = TrainTransform::pretrain(8);
-    let mut rng = Rng(11);
+    let mut rng = SplitMix64::new(11);
     let mut counts = std::collections::HashMap::<String, usize>::new();
     let mut kept = 0;
     let trials = 5000;

@@ -26,11 +26,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use blip_core::checkpoint::SafetensorsHeader;
 use blip_text::{BlipConfig, BlipTokenizer, CaptioningModel, Padding, TextConfig};
 use blip_train::PretrainConfig;
 use blip_train::original::{Family, OriginalCheckpoint};
 use blip_vision::VisionConfig;
-use blip_vision::checkpoint::SafetensorsHeader;
 use burn::tensor::Device;
 use proptest::collection::vec;
 use proptest::prelude::*;

@@ -183,7 +183,7 @@ mod state {
 }
 
 mod sampling {
-    use blip_train::{Rng, alpha_ramp, sample_negatives};
+    use blip_train::{SplitMix64, alpha_ramp, sample_negatives};
     use burn::tensor::{Device, Tensor};
 
     #[test]
@@ -192,7 +192,7 @@ mod sampling {
         let weights = || {
             Tensor::<2>::from_floats([[0.0, 0.9, 0.1], [0.5, 0.0, 0.5], [0.0, 1.0, 0.0]], &device)
         };
-        let mut rng = Rng(42);
+        let mut rng = SplitMix64::new(42);
         let mut counts = [[0usize; 3]; 3];
         for _ in 0..2000 {
             for (i, j) in sample_negatives(weights(), &mut rng)
@@ -217,7 +217,7 @@ mod sampling {
             (share - 0.5).abs() < 0.04,
             "row 1 drew index 0 {share} of the time"
         );
-        let draw = |seed| sample_negatives(weights(), &mut Rng(seed)).unwrap();
+        let draw = |seed| sample_negatives(weights(), &mut SplitMix64::new(seed)).unwrap();
         assert_eq!(draw(7), draw(7));
     }
 
@@ -227,12 +227,12 @@ mod sampling {
         // silent fallback drew index 0, the pair itself for row 0 of a batch of one.
         let device = Device::flex();
         let weights = Tensor::<2>::from_floats([[0.0, 1.0], [0.0, 0.0]], &device);
-        let err = sample_negatives(weights, &mut Rng(1)).unwrap_err();
+        let err = sample_negatives(weights, &mut SplitMix64::new(1)).unwrap_err();
         assert!(err.to_string().contains("row 1 has no candidate"), "{err}");
         let one = Tensor::<2>::from_floats([[0.0]], &device);
-        assert!(sample_negatives(one, &mut Rng(1)).is_err());
+        assert!(sample_negatives(one, &mut SplitMix64::new(1)).is_err());
         let nan = Tensor::<2>::from_floats([[0.0, f32::NAN], [1.0, 0.0]], &device);
-        assert!(sample_negatives(nan, &mut Rng(1)).is_err());
+        assert!(sample_negatives(nan, &mut SplitMix64::new(1)).is_err());
     }
 
     #[test]

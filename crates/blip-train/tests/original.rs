@@ -393,10 +393,10 @@ fn task_models_load_from_a_pretraining_file() {
 
 // ---- errors -------------------------------------------------------------------------------
 
-fn vision_error(result: Result<impl std::fmt::Debug, TrainError>) -> blip_vision::Error {
+fn vision_error(result: Result<impl std::fmt::Debug, TrainError>) -> blip_core::Error {
     match result {
         Err(TrainError::Vision(e)) => e,
-        other => panic!("expected a blip_vision::Error, got {other:?}"),
+        other => panic!("expected a blip_core::Error, got {other:?}"),
     }
 }
 
@@ -416,7 +416,7 @@ fn missing_tensor_names_the_original_key() {
     let path = dir().join("retrieval.pth");
     let error = vision_error(open("retrieval.pth").retrieval(&config, &device));
     match &error {
-        blip_vision::Error::MissingTensor {
+        blip_core::Error::MissingTensor {
             path: p,
             key,
             expected,
@@ -433,7 +433,7 @@ fn missing_tensor_names_the_original_key() {
     let mut config = pretrain_config();
     config.blip.text.num_hidden_layers = 3;
     match vision_error(open("pretrain.pth").pretrain(&config, &device)) {
-        blip_vision::Error::MissingTensor { key, .. } => {
+        blip_core::Error::MissingTensor { key, .. } => {
             assert!(
                 key.starts_with("text_decoder.bert.encoder.layer.2.attention."),
                 "{key}"
@@ -449,7 +449,7 @@ fn shape_mismatch_reports_both_shapes() {
     let mut config = blip(16);
     config.text.vocab_size = VOCAB + 1;
     match vision_error(open("captioning.pth").captioning(&config, &device)) {
-        blip_vision::Error::ShapeMismatch {
+        blip_core::Error::ShapeMismatch {
             key,
             expected,
             found,
@@ -464,7 +464,7 @@ fn shape_mismatch_reports_both_shapes() {
     // A queue of another length than the config's.
     let config = pretrain_config().with_queue_size(32);
     match vision_error(open("pretrain.pth").pretrain(&config, &device)) {
-        blip_vision::Error::ShapeMismatch {
+        blip_core::Error::ShapeMismatch {
             key,
             expected,
             found,
@@ -483,7 +483,7 @@ fn unused_tensor_is_reported() {
     let mut config = blip(16);
     config.text.num_hidden_layers = 1;
     match vision_error(open("captioning.pth").captioning(&config, &device())) {
-        blip_vision::Error::UnexpectedTensor { key, .. } => {
+        blip_core::Error::UnexpectedTensor { key, .. } => {
             assert!(
                 key.starts_with("text_decoder.bert.encoder.layer.1."),
                 "{key}"

@@ -97,7 +97,7 @@ fn gradients_of(objective: &str) -> Vec<String> {
         &config,
         &batch(&device),
         0.4,
-        &mut blip_text::Rng(1),
+        &mut blip_core::SplitMix64::new(1),
     )
     .unwrap();
     assert_eq!(losses.terms.len(), 1, "only {objective} is computed");
@@ -182,7 +182,7 @@ fn queues_take_the_momentum_features_after_the_loss() {
         &config,
         &batch,
         0.4,
-        &mut blip_text::Rng(1),
+        &mut blip_core::SplitMix64::new(1),
     )
     .unwrap();
     assert_eq!(distillation.image_queue.ptr, 4);
@@ -223,7 +223,7 @@ fn queues_take_the_momentum_features_after_the_loss() {
         &config,
         &odd,
         0.4,
-        &mut blip_text::Rng(1),
+        &mut blip_core::SplitMix64::new(1),
     )
     .unwrap_err();
     assert!(err.to_string().contains("8 entries"), "{err}");
@@ -536,7 +536,7 @@ fn dropout_acts_in_training_steps_only_and_is_seeded() {
         let config = config
             .clone()
             .with_weights(LossWeights::new().with_itc(0.0).with_itm(0.0));
-        let mut rng = blip_text::Rng(1);
+        let mut rng = blip_core::SplitMix64::new(1);
         compute_losses(
             &model,
             None,

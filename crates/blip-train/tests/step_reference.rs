@@ -18,12 +18,12 @@ use std::collections::BTreeMap;
 
 use common::Fixture;
 
+use blip_core::checkpoint::PyTorchLayout;
 use blip_text::{BlipConfig, Encoded, TextConfig};
 use blip_train::original::{OriginalCheckpoint, hf_to_original};
 use blip_train::trainer::PRETRAIN_KEYS;
 use blip_train::{PretrainConfig, Progress, TrainBatch, TrainConfig, Trainer};
 use blip_vision::VisionConfig;
-use blip_vision::checkpoint::PyTorchLayout;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot};
 use burn::tensor::{Device, Tensor, TensorData};
 

@@ -1,11 +1,12 @@
 //! [`VisionConfig`]: the ViT hyper-parameters, with BLIP's published presets.
 
+use blip_core::{MAX_LAYERS, MAX_WIDTH, check_sizes, read_json};
 use std::path::Path;
 
 use burn::config::Config;
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use blip_core::{Error, Result};
 
 /// Hyper-parameters of BLIP's ViT image encoder.
 ///
@@ -146,76 +147,6 @@ impl VisionConfig {
 /// The largest `image_size` a config may declare (ViT inputs are 224–480 px in practice): it
 /// bounds the image processor's output and the position table before any weight is read.
 pub const MAX_IMAGE_SIZE: usize = 16_384;
-
-/// The largest width (hidden or feed-forward size, vocabulary) a config may declare.
-pub const MAX_WIDTH: usize = 1 << 20;
-
-/// The largest number of layers a config may declare; loaders also compare it with the
-/// layers the checkpoint holds before building the model.
-pub const MAX_LAYERS: usize = 1024;
-
-/// The bounds every config is held to before anything is built from it: each
-/// `(name, value, max)` of `part` ("vision", "text") in `1..=max`, and a positive
-/// `layer_norm_eps`.
-pub fn check_sizes(
-    part: &str,
-    sizes: &[(&str, usize, usize)],
-    layer_norm_eps: f64,
-    path: &Path,
-) -> Result<()> {
-    let fail = |message: String| {
-        Err(Error::Config {
-            path: path.to_path_buf(),
-            message,
-        })
-    };
-    for &(name, value, max) in sizes {
-        if value == 0 || value > max {
-            return fail(format!("{part} {name} {value} is outside 1..={max}"));
-        }
-    }
-    if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
-        return fail(format!(
-            "{part} layer_norm_eps {layer_norm_eps} must be a positive number"
-        ));
-    }
-    Ok(())
-}
-
-/// Opens `path` for reading if it is a regular file (or a link to one). A FIFO, device or
-/// directory is refused before it is opened: opening a FIFO blocks until a writer comes.
-pub fn open_file(path: &Path) -> Result<std::fs::File> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let metadata = std::fs::metadata(path).map_err(io)?;
-    if !metadata.is_file() {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
-    }
-    std::fs::File::open(path).map_err(io)
-}
-
-/// The whole content of a regular file ([`open_file`]), naming the file in any error.
-pub fn read_file(path: &Path) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut open_file(path)?, &mut bytes).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(bytes)
-}
-
-/// Reads and parses a JSON file, naming the file in any error.
-pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    serde_json::from_slice(&read_file(path)?).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
 
 /// transformers' `BlipVisionConfig`, missing fields taking its class defaults (5.x).
 #[derive(Deserialize)]

@@ -9,7 +9,7 @@
 //! use blip_vision::{ImageProcessor, VisionConfig};
 //! use burn::tensor::Device;
 //!
-//! # fn main() -> blip_vision::Result<()> {
+//! # fn main() -> blip_core::Result<()> {
 //! let device = Device::flex();
 //! let vit = VisionConfig::base().init(&device);
 //! let pixels = ImageProcessor::new(384).preprocess_paths(&["cat.jpg"], &device)?;
@@ -19,23 +19,14 @@
 
 #![warn(missing_docs)]
 
-pub mod checkpoint;
 mod config;
-#[cfg(feature = "flex")]
-pub mod cpu;
-mod error;
 mod interpolate;
-mod ops;
 mod processor;
 mod vit;
 
-pub use config::{
-    MAX_IMAGE_SIZE, MAX_LAYERS, MAX_WIDTH, VisionConfig, check_sizes, open_file, read_file,
-    read_json,
-};
-pub use error::{Error, Result};
+pub use blip_core::{Error, Result};
+pub use config::{MAX_IMAGE_SIZE, VisionConfig};
 pub use interpolate::{bicubic_resize, resize_position_table};
-pub use ops::{contiguous, dense, matmul_by_transpose, on_thread_pool};
 pub use processor::{BLIP_MEAN, BLIP_STD, ImageProcessor, resize_bicubic_aa, to_rgb};
 pub use vit::{
     VisionAttention, VisionEmbeddings, VisionEncoder, VisionLayer, VisionMlp, VisionOutput,

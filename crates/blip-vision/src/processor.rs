@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor, TensorData};
 use image::{DynamicImage, ImageReader, RgbImage};
 
-use crate::error::{Error, Result};
+use blip_core::{Error, Result};
 
 /// CLIP's image mean, used by every BLIP checkpoint (digits as published).
 #[allow(clippy::excessive_precision)]
@@ -53,7 +53,7 @@ impl ImageProcessor {
     /// grey) is an error, as it is in PIL. Anything but a regular file is refused unopened.
     pub fn open(path: impl AsRef<Path>) -> Result<RgbImage> {
         let path = path.as_ref();
-        Self::decode(&crate::read_file(path)?).map_err(|source| Error::ImageDecode {
+        Self::decode(&blip_core::read_file(path)?).map_err(|source| Error::ImageDecode {
             path: path.to_path_buf(),
             source,
         })

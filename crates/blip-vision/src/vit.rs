@@ -13,9 +13,9 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::VisionConfig;
-use crate::error::{Error, Result};
-use crate::ops::dense;
 use blip_core::dropout::drop_path;
+use blip_core::ops::dense;
+use blip_core::{Error, Result};
 
 /// Patch embedding, class token and learned absolute position embedding.
 #[derive(Module, Debug)]
@@ -181,7 +181,7 @@ impl VisionAttention {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let qkv = dense(&self.qkv, x);
         #[cfg(feature = "flex")]
-        let qkv = match crate::cpu::self_attention(qkv, self.num_heads) {
+        let qkv = match blip_core::kernels::self_attention(qkv, self.num_heads) {
             Ok(context) => return dense(&self.projection, context),
             Err(qkv) => qkv,
         };
@@ -190,7 +190,7 @@ impl VisionAttention {
 }
 
 /// Unmasked multi-head attention with burn's ops, from a fused projection `[B, T, 3·D]`
-/// (columns `[q | k | v]`, heads inner) to `[B, T, D]`: what [`crate::cpu::self_attention`]
+/// (columns `[q | k | v]`, heads inner) to `[B, T, D]`: what [`blip_core::kernels::self_attention`]
 /// computes on flex.
 pub(crate) fn attention_from_qkv(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
     let [b, t, d3] = qkv.dims();
@@ -225,10 +225,10 @@ impl VisionLayer {
     }
 }
 
-/// Exact GELU: [`crate::cpu::gelu`] on flex, burn's elsewhere.
+/// Exact GELU: [`blip_core::kernels::gelu`] on flex, burn's elsewhere.
 fn gelu_fast(x: Tensor<3>) -> Tensor<3> {
     #[cfg(feature = "flex")]
-    let x = match crate::cpu::gelu(x) {
+    let x = match blip_core::kernels::gelu(x) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -244,9 +244,9 @@ impl VisionTransformer {
         // batch 8 slower per image than batch 1. Batching gains flex nothing here (each
         // image's products already have 577 rows); the result is the same.
         let device = pixel_values.device();
-        crate::ops::on_thread_pool(&device, || {
+        blip_core::ops::on_thread_pool(&device, || {
             #[cfg(feature = "flex")]
-            if pixel_values.dims()[0] > 1 && crate::cpu::is_plain_flex(&device) {
+            if pixel_values.dims()[0] > 1 && blip_core::kernels::is_plain_flex(&device) {
                 let images = pixel_values
                     .split(1, 0)
                     .into_iter()
@@ -295,5 +295,22 @@ impl VisionTransformer {
         let table = self.embeddings.position_embedding_for(grid, grid);
         self.embeddings.position_embedding = Param::from_tensor(table);
         self
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    #[test]
+    fn flex_self_attention_equals_burns_attention() {
+        let device = Device::flex();
+        let (b, t, heads, hd) = (2, 37, 3, 8);
+        let d = heads * hd;
+        let qkv = Tensor::<3>::random([b, t, 3 * d], Distribution::Normal(0.0, 2.0), &device);
+        let want = super::attention_from_qkv(qkv.clone(), heads);
+        let got = blip_core::kernels::self_attention(qkv, heads).expect("applies on flex");
+        let diff: f32 = (got - want).abs().max().into_scalar();
+        assert!(diff < 1e-5, "max |Δ| {diff}");
     }
 }

@@ -3,9 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::parse::caption_mentions;
-use crate::rng::SplitMix64;
 use crate::scene::SceneAttributes;
 use crate::vocab::{Background, Colour, Position, Relation, Shape, Size, Texture, count_word};
+use blip_core::SplitMix64;
 
 /// An attribute a caption can get wrong (the kinds a `wrong_attribute` web text swaps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -550,7 +550,7 @@ mod tests {
         let mut all = std::collections::BTreeSet::new();
         for index in 0..300 {
             let s = scene(3, index, 64);
-            let mut rng = SplitMix64::derive(3, &[99, index]);
+            let mut rng = crate::stream(3, &[99, index]);
             let captions = s.captions(&mut rng);
             assert_eq!(captions.len(), 5, "{captions:?}");
             for c in &captions {
@@ -568,7 +568,7 @@ mod tests {
         let mut kinds = std::collections::BTreeMap::new();
         for index in 0..300 {
             let s = scene(4, index, 64);
-            let mut rng = SplitMix64::derive(4, &[7, index]);
+            let mut rng = crate::stream(4, &[7, index]);
             let (text, kind) = wrong_attribute(s.attributes(), &mut rng).expect("a swap");
             let m = caption_mentions(&s, &text);
             assert_eq!(m.wrong(), 1, "{text:?}");

@@ -31,18 +31,26 @@
 mod caption;
 mod cider;
 mod parse;
-mod rng;
 mod scene;
 mod vocab;
 mod world;
 
+pub use blip_core::SplitMix64;
 pub use caption::AttributeKind;
 pub use cider::{cider, cider_scores, cider_tokenize};
 pub use parse::{AttributeMatch, Tally, caption_mentions};
-pub use rng::SplitMix64;
 pub use scene::{ObjectAttributes, RelationFact, Scene, SceneAttributes, scene};
 pub use vocab::{Background, Colour, Position, Relation, Shape, Size, Texture};
 pub use world::{
     Annotation, NoiseKind, NoiseMix, TestAnnotation, TestRecord, WebLabel, WorldConfig, WorldError,
     WorldSummary, generate, image_index, image_path,
 };
+
+/// Salt of the world's streams, so that a world and a training run given the same seed never
+/// share draws.
+const WORLD_SALT: u64 = 0x6A09_E667_F3BC_C908;
+
+/// The world's random stream `tags` of `seed` (see [`SplitMix64::derive`]).
+pub(crate) fn stream(seed: u64, tags: &[u64]) -> SplitMix64 {
+    SplitMix64::derive(seed ^ WORLD_SALT, tags)
+}

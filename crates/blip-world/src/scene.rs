@@ -3,8 +3,8 @@
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use crate::rng::{SplitMix64, mix64};
 use crate::vocab::{Background, Colour, Position, Relation, Shape, Size, Texture};
+use blip_core::{SplitMix64, split_mix64 as mix64};
 
 /// Stream tag of the scene layout draws (see [`SplitMix64::derive`]).
 pub(crate) const STREAM_SCENE: u64 = 1;
@@ -96,7 +96,7 @@ impl AsRef<SceneAttributes> for Scene {
 /// If `image_size < 8`.
 pub fn scene(seed: u64, index: u64, image_size: u32) -> Scene {
     assert!(image_size >= 8, "image_size {image_size} is below 8 pixels");
-    let mut rng = SplitMix64::derive(seed, &[STREAM_SCENE, index]);
+    let mut rng = crate::stream(seed, &[STREAM_SCENE, index]);
     let count = rng.weighted(&[0.35, 0.40, 0.25]) + 1;
     let mut positions = Position::ALL;
     rng.shuffle(&mut positions);

@@ -1,9 +1,23 @@
-//! A tiny deterministic random number generator (SplitMix64) and stream derivation.
+//! One seedable, portable random generator for the whole workspace (SplitMix64), and the
+//! derivation of independent streams from a run's seed.
+//!
+//! Decoding's nucleus sampling, the data loader's shuffles and augmentations, training's
+//! negative sampling, the dropout masks and the generated world all draw from it, so that a
+//! run is reproducible from its seed on every platform.
 
 /// SplitMix64 (Steele, Lea & Flood 2014): a 64-bit state, one add and a mix per draw.
 ///
 /// Not cryptographic; chosen because it is tiny, fast, has no dependencies and gives the
-/// same sequence on every platform, which is what makes the world reproducible.
+/// same sequence on every platform.
+///
+/// ```
+/// use blip_core::SplitMix64;
+///
+/// let mut a = SplitMix64::derive(42, &[1, 7]);
+/// let mut b = SplitMix64::derive(42, &[1, 7]);
+/// assert_eq!(a.next_u64(), b.next_u64());
+/// assert!((0.0..1.0).contains(&a.next_f64()));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SplitMix64 {
     state: u64,
@@ -11,11 +25,32 @@ pub struct SplitMix64 {
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// The SplitMix64 output function (a strong 64-bit mixer).
-pub(crate) fn mix64(mut z: u64) -> u64 {
+/// SplitMix64's output function: a bijective mix of a 64-bit counter. The dropout masks are
+/// a direct function of it.
+///
+/// ```
+/// assert_ne!(blip_core::split_mix64(1), blip_core::split_mix64(2));
+/// ```
+pub fn split_mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// A seed for one random stream, derived from a run's `seed` and the stream's coordinates
+/// (`tags`: a stream kind, an epoch, an index...). The same tags always give the same seed,
+/// different tags unrelated ones.
+///
+/// ```
+/// use blip_core::rng::derive_seed;
+///
+/// assert_eq!(derive_seed(42, &[1, 2]), derive_seed(42, &[1, 2]));
+/// assert_ne!(derive_seed(42, &[1, 2]), derive_seed(42, &[2, 1]));
+/// ```
+pub fn derive_seed(seed: u64, tags: &[u64]) -> u64 {
+    tags.iter().fold(split_mix64(seed), |h, &tag| {
+        split_mix64(h ^ split_mix64(tag.wrapping_add(GOLDEN)))
+    })
 }
 
 impl SplitMix64 {
@@ -24,20 +59,21 @@ impl SplitMix64 {
         Self { state: seed }
     }
 
-    /// An independent stream for `(seed, tags...)`: the same tags always give the same
-    /// stream, different tags give unrelated ones.
+    /// The generator of the stream [`derive_seed`]`(seed, tags)`.
     pub fn derive(seed: u64, tags: &[u64]) -> Self {
-        let mut state = mix64(seed ^ 0x6A09_E667_F3BC_C908);
-        for &tag in tags {
-            state = mix64(state ^ mix64(tag.wrapping_add(GOLDEN)));
-        }
-        Self { state }
+        Self::new(derive_seed(seed, tags))
+    }
+
+    /// The current state: [`Self::new`] of it continues the sequence exactly (checkpoints
+    /// save it).
+    pub fn state(&self) -> u64 {
+        self.state
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(GOLDEN);
-        mix64(self.state)
+        split_mix64(self.state)
     }
 
     /// A uniform `f64` in `[0, 1)` (53 random bits).

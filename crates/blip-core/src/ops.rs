@@ -1,5 +1,5 @@
 //! Operations the models share, each on burn's ops with a fast path on plain flex
-//! ([`crate::cpu`]); the results agree to float rounding.
+//! ([`crate::kernels`]); the results agree to float rounding.
 
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
@@ -11,7 +11,7 @@ pub fn dense(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, l, d] = x.dims();
     let x = x.reshape([b * l, d]);
     #[cfg(feature = "flex")]
-    let y = crate::cpu::linear_few_rows(linear, x).unwrap_or_else(|x| linear.forward(x));
+    let y = crate::kernels::linear_few_rows(linear, x).unwrap_or_else(|x| linear.forward(x));
     #[cfg(not(feature = "flex"))]
     let y = linear.forward(x);
     let out = y.dims()[1];
@@ -21,7 +21,7 @@ pub fn dense(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
 /// `x · wᵀ` (`x: [N, D]`, `w: [M, D]`), as a tied LM head multiplies by its embedding table.
 pub fn matmul_by_transpose(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     #[cfg(feature = "flex")]
-    let x = match crate::cpu::matmul_by_transpose_few_rows(x, &w) {
+    let x = match crate::kernels::matmul_by_transpose_few_rows(x, &w) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -34,7 +34,7 @@ pub fn matmul_by_transpose(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// values): kernels would otherwise copy it on every call.
 pub fn contiguous(x: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "flex")]
-    let x = match crate::cpu::contiguous(x) {
+    let x = match crate::kernels::contiguous(x) {
         Ok(copy) => return copy,
         Err(x) => x,
     };
@@ -42,15 +42,15 @@ pub fn contiguous(x: Tensor<4>) -> Tensor<4> {
     x.mul_scalar(1.0)
 }
 
-/// Runs `f`, on flex inside its thread pool (see [`crate::cpu::on_thread_pool`]). Autodiff
-/// on flex included: this only moves where the work starts, and a [`blip_core::dropout`] scope
+/// Runs `f`, on flex inside its thread pool (see [`crate::kernels::on_thread_pool`]). Autodiff
+/// on flex included: this only moves where the work starts, and a [`crate::dropout`] scope
 /// moves with it.
 pub fn on_thread_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     // An autodiff device compares equal to the device it wraps.
     #[cfg(feature = "flex")]
     if *device == Device::flex() {
-        let scope = blip_core::dropout::current();
-        return crate::cpu::on_thread_pool(move || blip_core::dropout::carry(scope, f));
+        let scope = crate::dropout::current();
+        return crate::kernels::on_thread_pool(move || crate::dropout::carry(scope, f));
     }
     let _ = device;
     f()

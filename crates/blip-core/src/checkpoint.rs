@@ -23,6 +23,9 @@ use burn::store::{
 };
 use burn::tensor::{Bool, DType, Int, Shape, Tensor, TensorData};
 
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
+
 use crate::error::{Error, Result};
 
 /// How one checkpoint family's keys relate to the module's parameter paths.
@@ -126,84 +129,39 @@ impl SafetensorsHeader {
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(io)?;
-        let json: serde_json::Value = serde_json::from_slice(&header)
-            .map_err(|e| invalid(format!("header is not JSON: {e}")))?;
-        let object = json
-            .as_object()
-            .ok_or_else(|| invalid("header is not a JSON object".into()))?;
-        let mut tensors = BTreeMap::new();
-        for (key, value) in object {
-            if key == "__metadata__" {
-                continue;
-            }
-            let info: RawInfo = serde_json::from_value(value.clone())
-                .map_err(|e| invalid(format!("entry `{key}`: {e}")))?;
-            tensors.insert(
-                key.clone(),
-                TensorInfo {
-                    dtype: info.dtype,
-                    shape: info.shape,
-                    data_offsets: (info.data_offsets[0], info.data_offsets[1]),
-                },
-            );
-        }
-        // Every offset and size is checked arithmetic: offsets near 2^64 used to wrap past
-        // the bounds check and read the tensor from the header bytes.
+        // The safetensors crate parses and validates the header: JSON, known dtypes, shapes
+        // whose byte size does not overflow and matches its range, and ranges that tile the
+        // data section from 0 without gaps or overlaps (checked arithmetic throughout).
+        let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| {
+            let message = e.to_string();
+            invalid(if message.contains("offset") {
+                format!("entries overlap or leave gaps in the data section: {message}")
+            } else {
+                format!("bad header: {message}")
+            })
+        })?;
+        let tensors: BTreeMap<String, TensorInfo> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(key, info)| {
+                let info = TensorInfo {
+                    dtype: info.dtype.to_string(),
+                    shape: info.shape.clone(),
+                    data_offsets: (info.data_offsets.0 as u64, info.data_offsets.1 as u64),
+                };
+                (key, info)
+            })
+            .collect();
         let data_start = 8 + header_len;
-        let data_end = tensors
-            .values()
-            .map(|t| t.data_offsets.1)
-            .max()
-            .unwrap_or(0);
-        match data_start.checked_add(data_end) {
-            None => {
-                return Err(invalid(format!(
-                    "data offsets up to {data_end} lie beyond any file"
-                )));
-            }
-            Some(expected) if expected > file_len => {
-                return Err(Error::Truncated {
-                    path: path.to_path_buf(),
-                    expected,
-                    found: file_len,
-                });
-            }
-            Some(_) => {}
-        }
-        let mut ranges = Vec::with_capacity(tensors.len());
-        for (key, t) in &tensors {
-            let width = dtype_width(&t.dtype)
-                .ok_or_else(|| invalid(format!("entry `{key}` has unknown dtype {}", t.dtype)))?;
-            let bytes = t
-                .shape
-                .iter()
-                .try_fold(width as u64, |n, &d| n.checked_mul(d as u64))
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "entry `{key}` has a shape {:?} too large to address",
-                        t.shape
-                    ))
-                })?;
-            let (start, end) = t.data_offsets;
-            if end < start || end - start != bytes {
-                return Err(invalid(format!(
-                    "entry `{key}` ({} {:?}, {bytes} bytes) has a byte range of {} bytes",
-                    t.dtype,
-                    t.shape,
-                    end.saturating_sub(start)
-                )));
-            }
-            ranges.push((start, end, key));
-        }
-        // The ranges must not overlap (safetensors tiles the data section with them).
-        ranges.sort();
-        for pair in ranges.windows(2) {
-            let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
-            if start < end {
-                return Err(invalid(format!(
-                    "entries `{a}` and `{b}` overlap in the data section"
-                )));
-            }
+        let expected = data_start
+            .checked_add(metadata.data_len() as u64)
+            .ok_or_else(|| invalid("the data section lies beyond any file".into()))?;
+        if expected > file_len {
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                expected,
+                found: file_len,
+            });
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -338,13 +296,6 @@ pub fn count_layers<'a>(keys: impl IntoIterator<Item = &'a str>, prefix: &str) -
     seen.len()
 }
 
-#[derive(serde::Deserialize)]
-struct RawInfo {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [u64; 2],
-}
-
 /// How many values of a little-endian float buffer are NaN or ±inf (all exponent bits
 /// set); `None` when there are none. Written on the bits so that it vectorises: it runs over
 /// every weight of every load.
@@ -366,16 +317,6 @@ fn count_non_finite(bytes: &[u8], dtype: DType) -> Option<u64> {
         _ => 0,
     };
     (n > 0).then_some(n)
-}
-
-fn dtype_width(dtype: &str) -> Option<usize> {
-    Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
-        "F16" | "BF16" | "I16" | "U16" => 2,
-        "F32" | "I32" | "U32" => 4,
-        "F64" | "I64" | "U64" => 8,
-        _ => return None,
-    })
 }
 
 fn is_float(dtype: &str) -> bool {
@@ -633,16 +574,14 @@ pub fn load_safetensors<M: Module + ModuleSnapshot>(
 /// Writes `module` as a safetensors file in checkpoint layout (`[out, in]` Linear weights,
 /// LayerNorm `weight`/`bias`, keys through `map`), the inverse of [`load_safetensors`].
 ///
-/// Tensors are produced and written one at a time. The file appears atomically: it is
-/// written beside `path` and renamed over it only when complete, so a failure leaves no
-/// half-written checkpoint.
+/// Tensors are produced and written one at a time. The file appears atomically
+/// ([`crate::fs::AtomicFile`]): a failure leaves no half-written checkpoint.
 pub fn save_safetensors<M: Module + ModuleSnapshot>(
     module: &M,
     path: &Path,
     map: &KeyMap,
 ) -> Result<()> {
     use burn::store::BurnToPyTorchAdapter;
-    use std::io::Write;
 
     let mut tensors = module.collect(
         None,
@@ -653,58 +592,60 @@ pub fn save_safetensors<M: Module + ModuleSnapshot>(
         t.name = map.to_checkpoint(&t.name);
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut header = serde_json::Map::new();
+    let invalid = |message: String| Error::InvalidCheckpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    // The header is the safetensors crate's (it checks that the ranges tile the data
+    // section); the data is written here, one tensor at a time, so that saving never holds a
+    // second copy of the model (`safetensors::serialize_to_file` wants every tensor's bytes
+    // up front).
+    let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for t in &tensors {
         let dtype = match t.dtype {
-            DType::F32 => "F32",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-            DType::F64 => "F64",
-            DType::I64 => "I64",
-            DType::I32 => "I32",
+            DType::F32 => Dtype::F32,
+            DType::F16 => Dtype::F16,
+            DType::BF16 => Dtype::BF16,
+            DType::F64 => Dtype::F64,
+            DType::I64 => Dtype::I64,
+            DType::I32 => Dtype::I32,
             other => {
-                return Err(Error::InvalidCheckpoint {
-                    path: path.to_path_buf(),
-                    message: format!("cannot write `{}` of dtype {other:?}", t.name),
-                });
+                return Err(invalid(format!(
+                    "cannot write `{}` of dtype {other:?}",
+                    t.name
+                )));
             }
         };
         let len = t.byte_len();
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": dtype, "shape": t.shape.to_vec(), "data_offsets": [offset, offset + len]}),
-        );
+        let info = safetensors::tensor::TensorInfo {
+            dtype,
+            shape: t.shape.to_vec(),
+            data_offsets: (offset, offset + len),
+        };
+        infos.push((t.name.clone(), info));
         offset += len;
     }
-    let mut json = serde_json::to_vec(&header).expect("a JSON map serialises");
+    let metadata = Metadata::new(None, infos).map_err(|e| invalid(e.to_string()))?;
+    let mut json = serde_json::to_vec(&metadata).map_err(|e| invalid(e.to_string()))?;
     json.resize(json.len().div_ceil(8) * 8, b' '); // keep the data section aligned
-    let tmp = path.with_extension("safetensors.partial");
+    let mut file = crate::fs::AtomicFile::create(path)?;
     let io = |source| Error::Io {
-        path: tmp.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    let write = || -> Result<()> {
-        let mut file = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
-        file.write_all(&(json.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        file.write_all(&json).map_err(io)?;
-        for t in &tensors {
-            let bytes = t.to_bytes().map_err(|e| Error::Store {
-                path: path.to_path_buf(),
-                message: format!("`{}`: {e}", t.name),
-            })?;
-            file.write_all(&bytes).map_err(io)?;
-        }
-        file.into_inner()
-            .map_err(|e| io(e.into_error()))?
-            .sync_all()
-            .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    let out = file.writer();
+    out.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&json).map_err(io)?;
+    for t in &tensors {
+        let bytes = t.to_bytes().map_err(|e| Error::Store {
+            path: path.to_path_buf(),
+            message: format!("`{}`: {e}", t.name),
+        })?;
+        file.writer().write_all(&bytes).map_err(io)?;
+    }
+    Ok(file.commit()?)
 }
 
 #[cfg(test)]
