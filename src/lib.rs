@@ -5,14 +5,17 @@
 //!
 //! This facade re-exports the workspace crates:
 //!
-//! | crate | what |
-//! |---|---|
-//! | [`vision`] (`blip-vision`) | ViT encoder, image processor, checked safetensors loading |
-//! | [`text`] (`blip-text`) | MED text transformer, LM head and loss, tokenizer, task models, HF loaders |
-//! | `train` (`blip-train`, feature `train`) | ITC, ITM and LM pre-training losses |
+//! | module | crate | what |
+//! |---|---|---|
+//! | [`core`] | `blip-core` | checked safetensors IO, errors, atomic writes, the RNG, text cleaning, dropout |
+//! | [`vision`] | `blip-vision` | ViT encoder, image processor |
+//! | [`text`] | `blip-text` | MED text transformer, LM head and loss, tokenizer, generation, task models, HF loaders |
+//! | `train` | `blip-train` (feature `train`) | ITC, ITM and LM objectives, pre-training model, trainer, data, `.pth` loading |
+//! | `capfilt` | `blip-capfilt` (feature `capfilt`) | CapFilt: captioner + filter over a data set, resumable |
 //!
-//! Dependency direction: `blip-vision` ← `blip-text` ← (`blip-train` ← `blip-capfilt`), and
-//! this facade on top. Inference users depend on `blip` alone and compile no training code.
+//! Dependency direction: `blip-core` ← `blip-vision` ← `blip-text` ← `blip-train` ←
+//! `blip-capfilt`, and this facade on top. Inference users depend on `blip` alone and
+//! compile no training code.
 //!
 //! ```no_run
 //! use blip::{CaptioningModel, ImageProcessor, backend_device};

@@ -3,7 +3,6 @@
 
 mod common;
 
-use blip::text::tasks::replace_first;
 use blip::text::{Captioner, FirstToken, GenerationConfig, Matcher, QuestionAnswerer};
 use common::{Expected, ScratchDir, device, fixtures};
 
@@ -157,20 +156,6 @@ fn vqa_rank_mode_matches_the_original_scoring() {
     for (r, want) in ranked.iter().zip(want_scores) {
         assert!((r.score - want).abs() < 1e-3, "{} vs {want}", r.score);
     }
-}
-
-#[test]
-fn replace_first_swaps_only_column_zero() {
-    let device = device();
-    let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_ints(
-        [[101, 5, 6], [101, 7, 0]],
-        &device,
-    );
-    let out = replace_first(ids, 119)
-        .into_data()
-        .try_into_vec_as::<i64>()
-        .unwrap();
-    assert_eq!(out, vec![119, 5, 6, 119, 7, 0]);
 }
 
 /// A copy of a fixture directory whose output layers (the LM head's LayerNorm scale, the ITM

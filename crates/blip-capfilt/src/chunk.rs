@@ -3,9 +3,10 @@
 //! a merge reads it, so a truncated or edited chunk is an error, never a silently smaller
 //! or different data set.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -121,4 +122,28 @@ pub(crate) fn verify_chunk(path: &Path, chunk: u64, recovery: &str) -> Result<Ch
             problems.join("; ")
         )))
     }
+}
+
+/// `chunks/00000012.jsonl`.
+pub(crate) fn chunk_path(chunks_dir: &Path, chunk: u64) -> PathBuf {
+    chunks_dir.join(format!("{chunk:08}.jsonl"))
+}
+
+/// Ids of the committed chunk files in `chunks_dir`.
+pub(crate) fn list_chunks(chunks_dir: &Path) -> Result<BTreeSet<u64>, Error> {
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(chunks_dir).map_err(Error::io(chunks_dir))? {
+        let entry = entry.map_err(Error::io(chunks_dir))?;
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        out.insert(id);
+    }
+    Ok(out)
 }

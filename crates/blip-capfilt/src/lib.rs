@@ -218,6 +218,13 @@ impl Shard {
         ordinal % self.count as u64 == self.index as u64
     }
 
+    /// The shard a run directory's name (`shard-00001-of-00003`) names, if any.
+    pub(crate) fn from_dir_name(name: &str) -> Option<Shard> {
+        let rest = name.strip_prefix("shard-")?;
+        let (i, n) = rest.split_once("-of-")?;
+        Shard::new(i.parse().ok()?, n.parse().ok()?).ok()
+    }
+
     /// The shard's run directory in `out_dir`: `shard-00001-of-00003`.
     pub fn dir(&self, out_dir: &Path) -> PathBuf {
         out_dir.join(format!("shard-{:05}-of-{:05}", self.index, self.count))

@@ -8,9 +8,9 @@ use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
 
 use crate::chunk::verify_chunk;
+use crate::chunk::{chunk_path, list_chunks};
 use crate::manifest::{self, FORMAT_VERSION, RunManifest};
 use crate::records::{DoneMarker, noise_ratio};
-use crate::runner::{chunk_path, list_chunks, parse_shard_dir};
 use crate::{
     ANNOTATIONS_FILE, Annotation, CHUNKS_DIR, DONE_FILE, Error, PROVENANCE_FILE, ProvenanceRecord,
     RUN_FILE, SUMMARY_FILE, Shard, Summary, TextSource,
@@ -25,7 +25,7 @@ pub fn merge(out_dir: &Path) -> Result<Summary, Error> {
     let mut found: BTreeMap<Shard, PathBuf> = BTreeMap::new();
     for entry in std::fs::read_dir(out_dir).map_err(Error::io(out_dir))? {
         let entry = entry.map_err(Error::io(out_dir))?;
-        if let Some(shard) = entry.file_name().to_str().and_then(parse_shard_dir) {
+        if let Some(shard) = entry.file_name().to_str().and_then(Shard::from_dir_name) {
             found.insert(shard, entry.path());
         }
     }

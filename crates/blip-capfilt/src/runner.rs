@@ -10,7 +10,7 @@ use blip_vision::ImageProcessor;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::chunk::{verify_chunk, write_chunk};
+use crate::chunk::{chunk_path, list_chunks, verify_chunk, write_chunk};
 use crate::input::{Flow, Input, Sample, Skip};
 use crate::manifest::{self, RunManifest};
 use crate::records::DoneMarker;
@@ -246,37 +246,6 @@ fn lock_shard(path: &Path) -> Result<File, Error> {
 /// How long [`lock_shard`] waits for a held lock before reporting [`Error::Busy`].
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// `chunks/00000012.jsonl`.
-pub(crate) fn chunk_path(chunks_dir: &Path, chunk: u64) -> PathBuf {
-    chunks_dir.join(format!("{chunk:08}.jsonl"))
-}
-
-/// Ids of the committed chunk files in `chunks_dir`.
-pub(crate) fn list_chunks(chunks_dir: &Path) -> Result<BTreeSet<u64>, Error> {
-    let mut out = BTreeSet::new();
-    for entry in std::fs::read_dir(chunks_dir).map_err(Error::io(chunks_dir))? {
-        let entry = entry.map_err(Error::io(chunks_dir))?;
-        let name = entry.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".jsonl"))
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|n| n.parse().ok())
-        else {
-            continue;
-        };
-        out.insert(id);
-    }
-    Ok(out)
-}
-
-/// Parses `shard-00001-of-00003`.
-pub(crate) fn parse_shard_dir(name: &str) -> Option<Shard> {
-    let rest = name.strip_prefix("shard-")?;
-    let (i, n) = rest.split_once("-of-")?;
-    Shard::new(i.parse().ok()?, n.parse().ok()?).ok()
-}
-
 /// Sibling shards (same output directory) must have been started with the same options.
 fn check_siblings(out_dir: &Path, manifest: &RunManifest) -> Result<(), Error> {
     let entries = match std::fs::read_dir(out_dir) {
@@ -291,7 +260,7 @@ fn check_siblings(out_dir: &Path, manifest: &RunManifest) -> Result<(), Error> {
     };
     for entry in entries {
         let entry = entry.map_err(Error::io(out_dir))?;
-        let Some(other) = entry.file_name().to_str().and_then(parse_shard_dir) else {
+        let Some(other) = entry.file_name().to_str().and_then(Shard::from_dir_name) else {
             continue;
         };
         if other == manifest.shard {

@@ -1,4 +1,5 @@
-//! The typed errors of image decoding, preprocessing and checkpoint loading.
+//! The typed errors of reading the files a model is built from: images, configs,
+//! tokenizers and checkpoints.
 
 use std::path::PathBuf;
 

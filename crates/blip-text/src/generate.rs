@@ -17,8 +17,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use blip_core::SplitMix64;
 
 use crate::error::{Error, Result};
-use crate::heads::TextLmHeadModel;
-use crate::med::{CrossInput, KeyValue, attention_bias};
+use crate::med::{CrossInput, KeyValue, TextAttention, TextModel, attention_bias};
 
 /// Nucleus / top-k sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,9 +179,30 @@ pub struct SpecialTokens {
     pub pad: u32,
 }
 
+/// A causal text decoder with cross-attention, as [`generate`] drives it: the
+/// [`TextModel`] whose embeddings and layers it runs, optionally with its own self-attention
+/// blocks in place of the layers' (BLIP's pre-training decoder shares every other weight
+/// with the encoder), and an LM head.
+///
+/// The captioning model's decoder ([`crate::TextLmHeadModel`]) implements it, and so does
+/// `blip_train::BlipPretrain`, which captions with its shared weights as they are.
+pub trait Decoder: Sync {
+    /// The text transformer: embeddings, layers (feed-forward and cross-attention).
+    fn text_model(&self) -> &TextModel;
+    /// One self-attention block per layer, used in place of the layers' own; `None` (the
+    /// default) runs the layers as they are.
+    fn self_attention(&self) -> Option<&[TextAttention]> {
+        None
+    }
+    /// LM-head logits `[B, L, vocab]` for decoder states `[B, L, D]`.
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3>;
+    /// `[SEP]` (ends a sequence) and `[PAD]` (fills finished rows).
+    fn special_tokens(&self) -> SpecialTokens;
+}
+
 /// Decoder state: the self-attention cache and the per-row bookkeeping.
 struct State<'a> {
-    model: &'a TextLmHeadModel,
+    model: &'a dyn Decoder,
     cache: Vec<KeyValue>,
     /// `[N, T]`: which cached keys a row may attend to (prompt padding is 0).
     key_mask: Tensor<2, Int>,
@@ -237,7 +257,7 @@ pub(crate) fn check_finite(what: &'static str, row: usize, values: &[f32]) -> Re
 impl<'a> State<'a> {
     /// Runs the (right-padded) prompts; returns each row's next-token logits.
     fn prefill(
-        model: &'a TextLmHeadModel,
+        model: &'a dyn Decoder,
         prompts: &[&[u32]],
         cross: CrossInput,
         row_source: &[usize],
@@ -266,7 +286,7 @@ impl<'a> State<'a> {
             ),
             &device,
         );
-        let kvs = model.bert.cross_key_values(cross.states);
+        let kvs = model.text_model().cross_key_values(cross.states);
         let cross_kv = if row_source.iter().copied().eq(0..images) {
             kvs
         } else {
@@ -295,7 +315,7 @@ impl<'a> State<'a> {
             positions: prompts.iter().map(|p| p.len()).collect(),
         };
         let bias = attention_bias(Some(key_mask), n, width, width, true, &device);
-        let x = model.bert.embeddings.forward_at(ids, positions);
+        let x = model.text_model().embeddings.forward_at(ids, positions);
         let hidden = state.run(x, bias, width);
         // Each row's last prompt token.
         let d = hidden.dims()[2];
@@ -310,11 +330,12 @@ impl<'a> State<'a> {
             let [n, h, _, lk] = b.dims();
             b.expand([n, h, queries, lk])
         });
-        self.model.bert.layers_cached(
+        self.model.text_model().layers_with(
             x,
             self_bias,
             &mut self.cache,
             Some((self.cross.as_slice(), cross_bias)),
+            self.model.self_attention(),
         )
     }
 
@@ -340,7 +361,11 @@ impl<'a> State<'a> {
         );
         let keys = self.key_mask.dims()[1];
         let bias = attention_bias(Some(self.key_mask.clone()), n, 1, keys, false, &device);
-        let x = self.model.bert.embeddings.forward_at(ids, positions);
+        let x = self
+            .model
+            .text_model()
+            .embeddings
+            .forward_at(ids, positions);
         let hidden = self.run(x, bias, 1);
         host_rows(self.model.logits(hidden), n)
     }
@@ -448,13 +473,14 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut SplitMix64) -> Result<usize> {
 /// `cross` (`[B, L, D]`: image tokens, or question states for VQA). Returns
 /// `num_return_sequences` sequences per input, best first for beam search.
 pub fn generate(
-    model: &TextLmHeadModel,
+    model: &dyn Decoder,
     cross: CrossInput,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
-    special: SpecialTokens,
 ) -> Result<Vec<Vec<Generated>>> {
     config.validate()?;
+    let special = model.special_tokens();
+    let text = model.text_model();
     let batch = cross.states.dims()[0];
     if prompts.len() != batch {
         return Err(Error::InputShape {
@@ -463,7 +489,7 @@ pub fn generate(
             found: vec![prompts.len()],
         });
     }
-    let vocab = model.bert.vocab_size();
+    let vocab = text.vocab_size();
     for (row, p) in prompts.iter().enumerate() {
         if p.is_empty() || p.len() >= config.max_length {
             return Err(Error::Generation(format!(
@@ -472,11 +498,11 @@ pub fn generate(
                 config.max_length
             )));
         }
-        if config.max_length > model.bert.max_positions() {
+        if config.max_length > text.max_positions() {
             return Err(Error::TooLong {
                 what: "max_length",
                 length: config.max_length,
-                max: model.bert.max_positions(),
+                max: text.max_positions(),
             });
         }
         if let Some((column, &id)) = p.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
@@ -493,8 +519,8 @@ pub fn generate(
     let estimate = config.memory_estimate(
         batch,
         vocab,
-        model.bert.encoder.layer.len(),
-        model.bert.hidden_size(),
+        text.encoder.layer.len(),
+        text.hidden_size(),
         cross_len,
     );
     if estimate > config.max_memory_bytes {
@@ -520,7 +546,7 @@ pub fn generate(
 }
 
 fn greedy_or_sample(
-    model: &TextLmHeadModel,
+    model: &dyn Decoder,
     cross: CrossInput,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
@@ -600,7 +626,7 @@ struct Beam {
 /// Σ log p / (new tokens)^length_penalty, continue the best `beams` unfinished ones, stop
 /// when no running beam can beat the worst of `beams` finished ones (`early_stopping=False`).
 fn beam_search(
-    model: &TextLmHeadModel,
+    model: &dyn Decoder,
     cross: CrossInput,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,

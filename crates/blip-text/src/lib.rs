@@ -1,12 +1,17 @@
 //! BLIP's text side: the MED text transformer ([`TextModel`]) in its three modes, the LM head
-//! and loss, the tokenizer, and the three HF task models with their loaders.
+//! ([`TextLmHeadModel`]) and its loss ([`lm_loss`]), the tokenizer ([`BlipTokenizer`]),
+//! generation over any [`Decoder`] ([`generate`]: greedy, beam, nucleus), the three HF task
+//! models ([`CaptioningModel`], [`RetrievalModel`], [`VqaModel`]) with their loaders
+//! ([`hf`], [`hub`]), and the task APIs ([`Captioner`], [`Matcher`], [`QuestionAnswerer`]).
 //!
-//! Image → caption, in files: `blip_vision::processor` (pixels) → `blip_vision::vit` (image
-//! tokens) → [`med`] (decoder layers cross-attending to them) → [`heads`] (vocabulary
-//! logits) → [`tokenizer`] (text). [`hf`] loads the published checkpoints into [`models`].
+//! Image → caption: [`Captioner`] holds a [`CaptioningModel`] (loaded by `from_pretrained`
+//! from a directory or a hub id), the tokenizer and the image processor; the ViT turns
+//! pixels into image tokens, the decoder layers cross-attend to them, the LM head gives
+//! vocabulary logits, and [`generate`] decodes them. The repository README lists the files
+//! in that order.
 //!
 //! ```no_run
-//! use blip_text::{CaptioningModel, tokenizer::ids_tensor};
+//! use blip_text::{CaptioningModel, ids_tensor};
 //! use blip_vision::ImageProcessor;
 //! use burn::tensor::Device;
 //!
@@ -23,23 +28,28 @@
 
 mod config;
 mod error;
-pub mod generate;
-pub mod heads;
+mod generate;
+mod heads;
 pub mod hf;
 pub mod hub;
-pub mod med;
-pub mod models;
-pub mod tasks;
-pub mod tokenizer;
+mod loss;
+mod med;
+mod models;
+mod tasks;
+mod tokenizer;
 
 pub use config::{BlipConfig, TextConfig};
 pub use error::{Error, Result};
-pub use generate::{Generated, GenerationConfig, Sampling, SpecialTokens, generate};
-pub use heads::{
-    IGNORE_INDEX, LmPredictionHead, TextLmHeadModel, lm_labels, lm_loss, lm_loss_per_sequence,
+pub use generate::{
+    DEFAULT_MEMORY_LIMIT, Decoder, Generated, GenerationConfig, Sampling, SpecialTokens, generate,
 };
+pub use heads::{LmPredictionHead, PredictionHeadTransform, TextLmHeadModel};
 pub use hf::{ModelDir, Pretrained};
-pub use med::{CrossInput, TextModel};
+pub use loss::{IGNORE_INDEX, lm_labels, lm_loss, lm_loss_per_sequence};
+pub use med::{
+    CrossInput, KeyValue, TextAttention, TextAttentionOutput, TextEmbeddings, TextEncoder,
+    TextIntermediate, TextLayer, TextModel, TextOutput, TextSelfAttention, linear,
+};
 pub use models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity, l2_normalize};
 pub use tasks::{Caption, Captioner, FirstToken, Matcher, QuestionAnswerer, Ranked, RankedAnswer};
-pub use tokenizer::{BlipTokenizer, Encoded, Padding};
+pub use tokenizer::{BlipTokenizer, Encoded, Padding, ids_tensor, with_first_token};

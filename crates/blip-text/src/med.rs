@@ -211,7 +211,7 @@ impl TextConfig {
 /// Additive attention bias `[B, 1, L_q, L_k]` from a `[B, L_k]` keep-mask, optionally causal
 /// (query `i` sees keys `0..=past + i`). Masked entries get `f32::MIN`, as transformers does:
 /// a row with nothing visible then softmaxes to uniform instead of NaN.
-pub fn attention_bias(
+pub(crate) fn attention_bias(
     mask: Option<Tensor<2, Int>>,
     batch: usize,
     queries: usize,

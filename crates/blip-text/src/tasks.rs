@@ -10,7 +10,7 @@ use image::RgbImage;
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Generated, GenerationConfig};
-use crate::heads::{lm_labels, lm_loss_per_sequence};
+use crate::loss::{lm_labels, lm_loss_per_sequence};
 use crate::med::CrossInput;
 use crate::models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity};
 use crate::tokenizer::{BlipTokenizer, Encoded, Padding, ids_tensor};
@@ -324,7 +324,7 @@ fn host<const D: usize>(what: &'static str, t: Tensor<D>) -> Result<Vec<f32>> {
 }
 
 /// `ids` with column 0 replaced by `token` (`[ENC]` or `[DEC]` over `[CLS]`).
-pub fn replace_first(ids: Tensor<2, Int>, token: usize) -> Tensor<2, Int> {
+pub(crate) fn replace_first(ids: Tensor<2, Int>, token: usize) -> Tensor<2, Int> {
     let [b, l] = ids.dims();
     let device = ids.device();
     let first = Tensor::<2, Int>::full([b, 1], token as i64, &device);
@@ -528,5 +528,20 @@ impl QuestionAnswerer {
             .collect();
         ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
         Ok(ranked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Int, Tensor};
+
+    #[test]
+    fn replace_first_swaps_only_column_zero() {
+        let ids = Tensor::<2, Int>::from_ints([[101, 5, 6], [101, 7, 0]], &Device::flex());
+        let out = super::replace_first(ids, 119)
+            .into_data()
+            .try_into_vec_as::<i64>()
+            .unwrap();
+        assert_eq!(out, vec![119, 5, 6, 119, 7, 0]);
     }
 }

@@ -19,7 +19,8 @@
 //! exactly resumable checkpoints ([`trainer`]), and the data pipeline (annotations,
 //! `pre_caption`, the original augmentation, batches prepared in parallel).
 //!
-//! This crate builds on the inference crates (`blip-vision` ← `blip-text` ← `blip-train`).
+//! This crate builds on the inference crates (`blip-core` ← `blip-vision` ← `blip-text` ←
+//! `blip-train`).
 
 #![warn(missing_docs)]
 

@@ -9,12 +9,11 @@
 //! tensor once per step, with the sum of the encoder's and decoder's gradients — what the
 //! original's tied `nn.Parameter`s receive.
 
-use blip_text::heads::LmPredictionHead;
-use blip_text::med::{CrossInput, TextAttention, linear};
+use blip_core::checkpoint::KeyMap;
 use blip_text::{
-    BlipConfig, BlipTokenizer, CaptioningModel, Encoded, RetrievalModel, TextConfig,
-    TextLmHeadModel, TextModel, l2_normalize,
-    tokenizer::{ids_tensor, with_first_token},
+    BlipConfig, BlipTokenizer, CaptioningModel, CrossInput, Decoder, Encoded, LmPredictionHead,
+    RetrievalModel, SpecialTokens, TextAttention, TextConfig, TextLmHeadModel, TextModel,
+    ids_tensor, l2_normalize, linear, with_first_token,
 };
 use blip_vision::{VisionConfig, VisionTransformer};
 use burn::config::Config;
@@ -196,6 +195,18 @@ impl PretrainConfig {
     }
 }
 
+/// Key names of the pre-training checkpoint (the trainer's `model.safetensors`, the
+/// original `model_base.pth` through `blip_train::original`): the original's (`self`, `LayerNorm`,
+/// `cls.predictions`) where Rust field names differ.
+pub const PRETRAIN_KEYS: KeyMap = KeyMap {
+    renames: &[
+        ("cls.predictions", "lm_head"),
+        ("self", "self_attention"),
+        ("LayerNorm", "layer_norm"),
+    ],
+    ignored: &[],
+};
+
 /// What the pre-training decoder owns alone; everything else it reads from the encoder.
 #[derive(Module, Debug)]
 pub struct SharedDecoder {
@@ -231,6 +242,48 @@ pub struct BlipPretrain {
     pub pad_token_id: usize,
     /// `[SEP]`: end of caption.
     pub sep_token_id: usize,
+}
+
+/// The pre-training decoder as `generate` drives it: the encoder's layers with the decoder's
+/// own self-attention blocks and LM head, read in place.
+///
+/// ```
+/// use blip_text::{CrossInput, GenerationConfig, generate};
+/// use blip_train::PretrainConfig;
+/// use burn::tensor::Device;
+///
+/// let device = Device::flex();
+/// let config = PretrainConfig::tiny(30524); // BERT ids: [DEC] is 30522
+/// let model = config.init(&device);
+/// let pixels = burn::tensor::Tensor::zeros([1, 3, config.blip.vision.image_size, config.blip.vision.image_size], &device);
+/// let image = CrossInput { states: model.image_embeds(pixels).unwrap(), mask: None };
+/// let prompt = vec![vec![model.dec_token_id as u32]];
+/// let config = GenerationConfig { max_length: 5, ..GenerationConfig::default() };
+/// let captions = generate(&model, image, &prompt, &config).unwrap();
+/// assert!(captions[0][0].token_ids.len() <= 5);
+/// ```
+impl Decoder for BlipPretrain {
+    fn text_model(&self) -> &TextModel {
+        &self.text_encoder
+    }
+
+    fn self_attention(&self) -> Option<&[TextAttention]> {
+        Some(&self.text_decoder.attention)
+    }
+
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.text_decoder.lm_head.forward(
+            hidden,
+            self.text_encoder.embeddings.word_embeddings.weight.val(),
+        )
+    }
+
+    fn special_tokens(&self) -> SpecialTokens {
+        SpecialTokens {
+            eos: self.sep_token_id as u32,
+            pad: self.pad_token_id as u32,
+        }
+    }
 }
 
 /// The EMA copies ITC distils from (`*_m` in the original), never trained by gradients.
@@ -355,6 +408,9 @@ impl BlipPretrain {
 
     /// The captioning model of the HF layout: this ViT and the decoder (shared weights
     /// copied, decoder self-attention swapped in). Loadable by `blip-text` and transformers.
+    ///
+    /// Only for saving: to caption with this model, pass it to [`blip_text::generate`] as it
+    /// is (it is a [`Decoder`]), which copies nothing.
     pub fn to_captioning(&self) -> CaptioningModel {
         let mut bert = self.text_encoder.clone();
         for (layer, attention) in bert

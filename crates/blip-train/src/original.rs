@@ -62,7 +62,7 @@ use std::path::{Path, PathBuf};
 use blip_core::Error;
 use blip_core::checkpoint::{KeyMap, PyTorchLayout, expected_keys};
 use blip_text::hf::{CAPTIONING_KEYS, DECODER_TIES, RETRIEVAL_KEYS, VQA_KEYS};
-use blip_text::med::linear;
+use blip_text::linear;
 use blip_text::{BlipConfig, CaptioningModel, RetrievalModel, VqaModel};
 use blip_vision::VisionConfig;
 use burn::module::Module;
@@ -72,10 +72,10 @@ use burn::store::{FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurn
 use burn::tensor::{BoolStore, DType, Device, Tensor, TensorData};
 
 use crate::error::{Result, TrainError};
+use crate::model::PRETRAIN_KEYS;
 use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
 use crate::momentum::FeatureQueue;
 use crate::pretrain::Distillation;
-use crate::trainer::PRETRAIN_KEYS;
 
 /// Original ViT (timm) names → HF / module names, as whole dot-separated segment sequences,
 /// applied in this order to the part of a key below its ViT prefix (transformers'

@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use blip_core::SplitMix64;
-use blip_core::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
+use blip_core::checkpoint::{SafetensorsHeader, load_safetensors, save_safetensors};
+
+use crate::model::PRETRAIN_KEYS;
 use blip_core::dropout;
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -574,17 +576,6 @@ impl Trainer {
         &self.device
     }
 }
-
-/// Key names of the pre-training checkpoint: the original's (`self`, `LayerNorm`,
-/// `cls.predictions`) where Rust field names differ.
-pub const PRETRAIN_KEYS: KeyMap = KeyMap {
-    renames: &[
-        ("cls.predictions", "lm_head"),
-        ("self", "self_attention"),
-        ("LayerNorm", "layer_norm"),
-    ],
-    ignored: &[],
-};
 
 /// A checkpoint's `state.json` and the model config it records.
 fn read_state(dir: &Path) -> Result<(serde_json::Value, PretrainConfig)> {

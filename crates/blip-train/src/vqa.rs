@@ -1,6 +1,6 @@
 //! The VQA fine-tuning objective of the original `BLIP_VQA.forward(train=True)`.
 
-use blip_text::med::CrossInput;
+use blip_text::CrossInput;
 use blip_text::{Encoded, VqaModel, lm_labels, lm_loss_per_sequence};
 use burn::tensor::{Int, Tensor, TensorData};
 

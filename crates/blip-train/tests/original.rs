@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use blip_text::tokenizer::ids_tensor;
+use blip_text::ids_tensor;
 use blip_text::{BlipConfig, Encoded, TextConfig};
 use blip_train::original::{Family, OriginalCheckpoint, hf_to_original, original_to_hf};
 use blip_train::{PretrainConfig, TrainError};

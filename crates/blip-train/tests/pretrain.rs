@@ -169,6 +169,40 @@ fn one_tensor_per_shared_weight() {
 }
 
 #[test]
+fn the_pretraining_model_captions_in_place_as_its_exported_captioner_does() {
+    use blip_text::{CrossInput, GenerationConfig, generate};
+    let device = Device::flex();
+    let model = config().init(&device);
+    let exported = model.to_captioning();
+    let pixels = batch(&device).pixel_values;
+    let image = model.image_embeds(pixels).unwrap();
+    let cross = || CrossInput {
+        states: image.clone(),
+        mask: None,
+    };
+    let prompts = vec![vec![model.dec_token_id as u32]; image.dims()[0]];
+    for config in [
+        GenerationConfig {
+            max_length: 8,
+            ..GenerationConfig::default()
+        },
+        GenerationConfig {
+            max_length: 8,
+            num_beams: 3,
+            ..GenerationConfig::default()
+        },
+    ] {
+        let in_place = generate(&model, cross(), &prompts, &config).unwrap();
+        let copied = generate(&exported.text_decoder, cross(), &prompts, &config).unwrap();
+        let ids = |g: &Vec<Vec<blip_text::Generated>>| -> Vec<Vec<u32>> {
+            g.iter().map(|row| row[0].token_ids.clone()).collect()
+        };
+        assert_eq!(ids(&in_place), ids(&copied), "beams {}", config.num_beams);
+        assert!(ids(&in_place).iter().all(|t| t.len() > 1));
+    }
+}
+
+#[test]
 fn queues_take_the_momentum_features_after_the_loss() {
     let device = Device::flex().autodiff();
     let config = config();

@@ -20,8 +20,8 @@ use common::Fixture;
 
 use blip_core::checkpoint::PyTorchLayout;
 use blip_text::{BlipConfig, Encoded, TextConfig};
+use blip_train::model::PRETRAIN_KEYS;
 use blip_train::original::{OriginalCheckpoint, hf_to_original};
-use blip_train::trainer::PRETRAIN_KEYS;
 use blip_train::{PretrainConfig, Progress, TrainBatch, TrainConfig, Trainer};
 use blip_vision::VisionConfig;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot};

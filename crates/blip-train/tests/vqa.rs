@@ -1,7 +1,7 @@
 //! The VQA answer-LM objective: equal to each answer decoded alone and weighted, and a few
 //! AdamW steps on it fit a batch.
 
-use blip_text::{Encoded, VqaModel, lm_loss_per_sequence, med::CrossInput};
+use blip_text::{CrossInput, Encoded, VqaModel, lm_loss_per_sequence};
 use blip_train::{PretrainConfig, VqaBatch, blip_adamw, vqa_loss};
 use burn::module::Module;
 use burn::optim::GradientsParams;

@@ -1,9 +1,10 @@
 //! BLIP's image side: the ViT encoder ([`VisionTransformer`]), its config
-//! ([`VisionConfig`]), the image processor ([`ImageProcessor`]), and the checked safetensors
-//! loading every BLIP checkpoint family uses ([`checkpoint`]).
+//! ([`VisionConfig`], with the published `base()` and `large()`), the image processor
+//! ([`ImageProcessor`]) and the interpolation of the position table to other resolutions
+//! ([`resize_position_table`]).
 //!
-//! This crate is the bottom of the workspace: `blip-text` builds on it, training and CapFilt
-//! build on both, and none of them is needed to run the ViT alone.
+//! Built on `blip-core` (checkpoint IO, errors, kernels); `blip-text` builds on it, and
+//! nothing else is needed to run the ViT alone.
 //!
 //! ```no_run
 //! use blip_vision::{ImageProcessor, VisionConfig};
