@@ -157,7 +157,7 @@ fn main() {
     options.threshold = args.threshold;
     options.generation = settings.to_json();
     options.max_chunks = args.max_chunks;
-    options.progress = !args.quiet;
+    options.progress = (!args.quiet).then(|| common::progress_sink("images"));
     let report = run(&options, &mut model).unwrap_or_else(|e| fail(&e.to_string()));
     eprintln!(
         "shard {}: {} chunks committed now, {} before; {} images processed, {} skipped",

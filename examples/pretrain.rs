@@ -349,7 +349,7 @@ fn main() {
     options.checkpoint_dir = args.checkpoint_dir.clone();
     options.checkpoint_every = args.checkpoint_every;
     options.metrics = args.metrics.clone();
-    options.progress = true;
+    options.progress = Some(common::progress_sink("batches"));
     options.max_steps = args.max_steps;
     eprintln!(
         "{} parameters, {} pairs, {} batches per epoch, {} epochs",

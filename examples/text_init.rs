@@ -92,7 +92,7 @@ fn held_out(
 
 fn held_out_loss(trainer: &Trainer, batch: &TrainBatch) -> f64 {
     // Outside a training step: no dropout.
-    let mut rng = blip::train::Rng(0);
+    let mut rng = blip::core::SplitMix64::new(0);
     let losses = or_fail(compute_losses(
         &trainer.model,
         None,

@@ -218,7 +218,7 @@ impl Experiment {
         options.checkpoint_dir = Some(checkpoints);
         options.checkpoint_every = 200;
         options.metrics = Some(dir.join("metrics.jsonl"));
-        options.progress = true;
+        options.progress = Some(common::progress_sink("batches"));
         eprintln!(
             "== {name}: {task}, {} pairs, {epochs} epochs",
             loader.annotations().len()
@@ -257,7 +257,7 @@ impl Experiment {
         options.generation = settings.to_json();
         options.batch_size = 16;
         options.chunk_size = 256;
-        options.progress = true;
+        options.progress = Some(common::progress_sink("images"));
         eprintln!("== {name}");
         let report = or_fail(run(&options, &mut model));
         report

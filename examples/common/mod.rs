@@ -107,3 +107,23 @@ pub fn progress(total: usize, show: bool) -> indicatif::ProgressBar {
     );
     bar
 }
+
+/// A progress bar on stderr drawn from a library call's [`blip::core::progress`] reports
+/// (CapFilt runs, training): `unit` names what is counted.
+#[allow(dead_code)] // not every example runs a long library call
+pub fn progress_sink(unit: &'static str) -> blip::core::progress::ProgressSink {
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{{elapsed_precise}} {{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}  eta {{eta}}"
+    )) {
+        bar.set_style(style);
+    }
+    blip::core::progress::ProgressSink::new(move |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(p.message.to_string());
+        if p.finished {
+            bar.finish_and_clear();
+        }
+    })
+}

@@ -287,15 +287,16 @@ pub struct RunOptions {
     /// Stop after committing this many chunks in this invocation (the rest is left for a
     /// restart); `None` runs to the end.
     pub max_chunks: Option<usize>,
-    /// Show a progress bar (images/s, ETA) on stderr.
-    pub progress: bool,
+    /// Where this invocation reports its images (done of total, `shard i/n`); the library
+    /// draws nothing itself. `None` (the default) skips the counting pass too.
+    pub progress: Option<blip_core::progress::ProgressSink>,
     /// Threads decoding images while the model runs (at least 1).
     pub decode_threads: usize,
 }
 
 impl RunOptions {
     /// Defaults: whole input, chunks of 1000, batches of 32, threshold 0.5, no progress
-    /// bar, up to 4 decoding threads.
+    /// reports, up to 4 decoding threads.
     pub fn new(input: impl Into<String>, out_dir: impl Into<PathBuf>) -> RunOptions {
         RunOptions {
             input: input.into(),
@@ -307,7 +308,7 @@ impl RunOptions {
             threshold: 0.5,
             generation: serde_json::Value::Null,
             max_chunks: None,
-            progress: false,
+            progress: None,
             decode_threads: std::thread::available_parallelism()
                 .map(|n| n.get().min(4))
                 .unwrap_or(1),

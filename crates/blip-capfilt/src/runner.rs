@@ -6,9 +6,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, sync_channel};
 
+use blip_core::progress::Progress;
 use blip_vision::ImageProcessor;
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::chunk::{chunk_path, list_chunks, verify_chunk, write_chunk};
 use crate::input::{Flow, Input, Sample, Skip};
@@ -124,7 +124,7 @@ pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunRepo
         committed: &committed,
         max_chunks: options.max_chunks,
     };
-    let bar = progress_bar(options, &input, &plan)?;
+    let mut reporter = Reporter::new(options, &input, &plan)?;
     let ctx = Context {
         options,
         captioner,
@@ -159,7 +159,7 @@ pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunRepo
                         process_batch(&ctx, model, chunk, items, &mut buffer)?;
                     report.images_processed += processed;
                     report.images_skipped += skipped;
-                    bar.inc(n);
+                    reporter.advance(n);
                 }
                 Event::ChunkEnd { chunk, samples } => {
                     commit_chunk(&ctx, chunk, samples, &mut buffer)?;
@@ -178,7 +178,7 @@ pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunRepo
             reason: "input enumeration ended without a result".into(),
         })
     });
-    bar.finish_and_clear();
+    reporter.report(true);
     let end = end?;
     if !end.complete {
         return Ok(report);
@@ -360,27 +360,51 @@ fn walk(
     })
 }
 
-/// The bar counts this invocation's images; its length needs a first (cheap, no image
-/// reads) pass over the input, done only when the bar is shown.
-fn progress_bar(options: &RunOptions, input: &Input, plan: &Plan) -> Result<ProgressBar, Error> {
-    if !options.progress {
-        return Ok(ProgressBar::hidden());
-    }
-    let mut pending = 0u64;
-    walk(input, plan, &mut |w| {
-        if let Walk::Sample { .. } = w {
-            pending += 1;
+/// Reports this invocation's images to [`RunOptions::progress`]. The total needs a first
+/// (cheap, no image reads) pass over the input, done only when someone listens.
+struct Reporter<'a> {
+    options: &'a RunOptions,
+    message: String,
+    done: u64,
+    total: u64,
+}
+
+impl<'a> Reporter<'a> {
+    fn new(options: &'a RunOptions, input: &Input, plan: &Plan) -> Result<Self, Error> {
+        let mut total = 0u64;
+        if options.progress.is_some() {
+            walk(input, plan, &mut |w| {
+                if let Walk::Sample { .. } = w {
+                    total += 1;
+                }
+                Ok(Flow::Continue)
+            })?;
         }
-        Ok(Flow::Continue)
-    })?;
-    let bar = ProgressBar::with_draw_target(Some(pending), ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} images  {per_sec}  eta {eta}")
-    {
-        bar.set_style(style);
+        let reporter = Reporter {
+            options,
+            message: format!("shard {}", plan.shard),
+            done: 0,
+            total,
+        };
+        reporter.report(false);
+        Ok(reporter)
     }
-    bar.set_message(format!("shard {}", plan.shard));
-    Ok(bar)
+
+    fn advance(&mut self, images: u64) {
+        self.done += images;
+        self.report(false);
+    }
+
+    fn report(&self, finished: bool) {
+        if let Some(sink) = &self.options.progress {
+            sink.report(Progress {
+                done: self.done,
+                total: self.total,
+                message: &self.message,
+                finished,
+            });
+        }
+    }
 }
 
 /// Producer → model thread.

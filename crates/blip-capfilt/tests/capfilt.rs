@@ -680,12 +680,26 @@ fn interrupted_runs_resume_to_the_same_output() {
     }
 
     opts.max_chunks = None;
-    opts.progress = true;
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = reports.clone();
+    opts.progress = Some(blip_core::progress::ProgressSink::new(move |p| {
+        log.lock()
+            .unwrap()
+            .push((p.done, p.total, p.finished, p.message.to_string()))
+    }));
     let mut model = FakeModel::default();
     let report = run(&opts, &mut model).unwrap();
     assert!(report.complete);
     assert_eq!(report.chunks_already_done, 2);
     assert_eq!(report.chunks_committed, 5);
+    // Progress counts this invocation's samples (the committed chunks are not redone), in
+    // order, and ends with a finished report at the total.
+    let reports = reports.lock().unwrap().clone();
+    let (done, total, finished, message) = reports.last().unwrap().clone();
+    assert!(finished && done == total && total > 0, "{reports:?}");
+    assert_eq!(message, "shard 0/1");
+    assert!(reports.windows(2).all(|w| w[0].0 <= w[1].0), "{reports:?}");
+    assert_eq!(reports.iter().filter(|r| r.2).count(), 1);
     // Samples 0..6 hold one missing image (3): five decodable images were not redone.
     assert_eq!(model.seen, reference_model.seen - 5);
     assert!(!shard_dir.join("chunks/.00000002.jsonl.tmp").exists());
@@ -778,7 +792,7 @@ fn changed_options_are_rejected() {
     // Batch size and progress are not part of the output's identity.
     let mut opts = base.clone();
     opts.batch_size = 5;
-    opts.progress = true;
+    opts.progress = Some(blip_core::progress::ProgressSink::new(|_| {}));
     run(&opts, &mut FakeModel::default()).unwrap();
     // A changed input file.
     let text = read(&json);

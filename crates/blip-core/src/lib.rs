@@ -7,6 +7,7 @@
 //!   is held to ([`check_sizes`], [`MAX_WIDTH`], [`MAX_LAYERS`]);
 //! - crash-safe writes ([`fs::write_atomic`]);
 //! - one seedable random generator ([`SplitMix64`]);
+//! - progress reports of long calls to the application's callback ([`progress`]);
 //! - BLIP's text cleaning ([`pre_caption`], [`pre_question`]);
 //! - training-time `dropout` and drop-path.
 //!
@@ -35,6 +36,7 @@ pub mod kernels;
 #[cfg(feature = "burn")]
 #[doc(hidden)]
 pub mod ops;
+pub mod progress;
 pub mod rng;
 
 pub use caption::{pre_caption, pre_question};

@@ -58,6 +58,7 @@ pub(crate) fn is_commit_hash(commit: &str) -> bool {
 
 /// An etag the cache may name a blob after: a git SHA-1 (40 hex digits, small files) or a
 /// SHA-256 (64, LFS files).
+#[cfg(any(feature = "download", test))]
 pub(crate) fn is_etag_hash(etag: &str) -> bool {
     is_hash(etag, &[40, 64])
 }
@@ -125,6 +126,7 @@ pub fn resolve_model(spec: &str, cache: &Path) -> Result<PathBuf> {
 /// `commit` and `etag` come from a server: they must be hashes ([`is_commit_hash`],
 /// [`is_etag_hash`]) and `file` a plain file name, and every directory written to must
 /// resolve inside `repo`, or nothing is written (an [`Error::HubResponse`]).
+#[cfg(any(feature = "download", test))]
 pub(crate) fn store_file(
     repo: &Path,
     commit: &str,

@@ -1,12 +1,12 @@
 //! [`fit`]: the epoch loop around [`Trainer`] — batches from a [`BatchLoader`] (prepared in
-//! parallel), tokenization per the task, checkpoints, a progress bar and JSON-lines metrics.
+//! parallel), tokenization per the task, checkpoints, progress reports and JSON-lines metrics.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use blip_core::progress::{Progress, ProgressSink};
 use blip_text::{BlipTokenizer, Padding};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::data::{Batch, BatchLoader};
@@ -72,21 +72,22 @@ pub struct FitOptions {
     pub checkpoint_every: usize,
     /// JSON-lines file the metrics of every optimiser step are appended to.
     pub metrics: Option<PathBuf>,
-    /// Show a progress bar with the loss and throughput on stderr.
-    pub progress: bool,
+    /// Where each step is reported (batches done of the whole run, the losses and
+    /// throughput as the message); the library draws nothing itself.
+    pub progress: Option<ProgressSink>,
     /// Stop after this many optimiser steps in total (for smoke runs and benchmarks).
     pub max_steps: Option<usize>,
 }
 
 impl FitOptions {
-    /// No checkpoints, no metrics, no progress bar.
+    /// No checkpoints, no metrics, no progress reports.
     pub fn new(text: TextRecipe) -> Self {
         Self {
             text,
             checkpoint_dir: None,
             checkpoint_every: 1000,
             metrics: None,
-            progress: false,
+            progress: None,
             max_steps: None,
         }
     }
@@ -177,20 +178,17 @@ pub fn fit(
         None => None,
     };
     let total = (trainer.train.epochs * per_epoch) as u64;
-    let bar = if options.progress {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} batches {msg} (eta {eta})",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_position((trainer.progress.epoch * per_epoch + trainer.progress.batch) as u64);
-        bar
-    } else {
-        ProgressBar::hidden()
+    let report_progress = |trainer: &Trainer, message: &str, finished: bool| {
+        if let Some(sink) = &options.progress {
+            sink.report(Progress {
+                done: (trainer.progress.epoch * per_epoch + trainer.progress.batch) as u64,
+                total,
+                message,
+                finished,
+            });
+        }
     };
+    report_progress(trainer, "", false);
     let mut report = FitReport::default();
     let device = trainer.device().clone();
     let checkpoint = |trainer: &Trainer| -> Result<()> {
@@ -228,11 +226,8 @@ pub fn fit(
                 .map(|(n, v)| format!("{n} {v:.3}"))
                 .collect::<Vec<_>>()
                 .join(" ");
-            bar.set_message(format!(
-                "{losses} | {:.1} samples/s",
-                report.samples_per_second()
-            ));
-            bar.inc(1);
+            let message = format!("{losses} | {:.1} samples/s", report.samples_per_second());
+            report_progress(trainer, &message, false);
             if let (Some(file), Some(lr)) = (metrics.as_mut(), step.lr) {
                 let mut line = json!({
                     "epoch": epoch,
@@ -272,6 +267,6 @@ pub fn fit(
         trainer.end_epoch();
         checkpoint(trainer)?;
     }
-    bar.finish_and_clear();
+    report_progress(trainer, "", true);
     Ok(report)
 }
