@@ -153,6 +153,15 @@ fn max_length_padding_pads_every_row_to_the_limit() {
         "truncation keeps [SEP]"
     );
     assert_eq!(encoded.attention_mask[1], [1; 6]);
+    // [CLS] and [SEP] alone fill a limit of 2; a limit of 1 cannot hold them.
+    let two = tokenizer
+        .encode_batch(&["a dog"], Some(2), Padding::MaxLength)
+        .unwrap();
+    assert_eq!(two.input_ids, [[101, 102]]);
+    let err = tokenizer
+        .encode_batch(&["a dog"], Some(1), Padding::MaxLength)
+        .unwrap_err();
+    assert!(err.to_string().contains("max_length 1"), "{err}");
 }
 
 #[test]

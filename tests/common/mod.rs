@@ -101,7 +101,8 @@ pub fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
     (shape, data)
 }
 
-/// Asserts equal shapes and max |Δ| ≤ tol; returns the max |Δ| seen.
+/// Asserts equal shapes and every element within `tol` (`approx::abs_diff_eq!`, which a NaN
+/// never passes); returns the max |Δ| seen.
 #[track_caller]
 pub fn assert_close<const D: usize>(
     what: &str,
@@ -122,10 +123,11 @@ pub fn assert_close<const D: usize>(
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         eprintln!("{what}: max |Δ| {worst:.2e} (values up to {scale:.1})");
     }
-    assert!(
-        worst <= tol && got.iter().all(|v| v.is_finite()),
-        "{what}: max |Δ| = {worst:e} > {tol:e}"
-    );
+    let close = got
+        .iter()
+        .zip(&want)
+        .all(|(g, w)| approx::abs_diff_eq!(*g, *w, epsilon = tol));
+    assert!(close, "{what}: max |Δ| = {worst:e} > {tol:e}");
     worst
 }
 

@@ -228,39 +228,90 @@ impl BlipTokenizer {
     }
 
     /// Encodes a batch: each row truncated to `max_length` (keeping the final `[SEP]`, as
-    /// transformers' truncation does) and right-padded per `padding`.
+    /// transformers' truncation does) and right-padded per `padding`, by the tokenizers
+    /// crate's own truncation and padding. A `max_length` below 2 cannot hold `[CLS]` and
+    /// `[SEP]` and is an error.
+    ///
+    /// ```no_run
+    /// use blip_text::{BlipTokenizer, Padding};
+    /// # fn main() -> blip_text::Result<()> {
+    /// let tokenizer = BlipTokenizer::from_file("tokenizer.json")?;
+    /// let text = tokenizer.encode_batch(&["a dog", "a cat on a mat"], Some(35), Padding::MaxLength)?;
+    /// assert_eq!(text.shape(), [2, 35]);
+    /// # Ok(()) }
+    /// ```
     pub fn encode_batch<S: AsRef<str>>(
         &self,
         texts: &[S],
         max_length: Option<usize>,
         padding: Padding,
     ) -> Result<Encoded> {
-        let mut rows = texts
-            .iter()
-            .map(|t| self.encode(t.as_ref()))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(max) = max_length {
-            for row in &mut rows {
-                if row.len() > max {
-                    row.truncate(max.saturating_sub(1));
-                    row.push(self.sep_token_id);
-                }
-            }
-        }
-        let width = match (padding, max_length) {
-            (Padding::MaxLength, Some(max)) => max,
-            _ => rows.iter().map(Vec::len).max().unwrap_or(0),
+        use tokenizers::utils::padding::{
+            PaddingDirection, PaddingParams, PaddingStrategy, pad_encodings,
         };
-        let attention_mask = rows
+        use tokenizers::utils::truncation::{TruncationParams, truncate_encodings};
+
+        // The post-processor adds `[CLS]` and `[SEP]` after truncation, so the text keeps
+        // `max_length` less those.
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+        let truncation = match max_length {
+            Some(max) if max < added => {
+                return Err(Error::Encode {
+                    text: format!("max_length {max}"),
+                    message: format!("a row needs room for the {added} special tokens"),
+                });
+            }
+            Some(max) => Some(TruncationParams {
+                max_length: max - added,
+                ..TruncationParams::default()
+            }),
+            None => None,
+        };
+        let mut encodings = texts
             .iter()
-            .map(|r| (0..width).map(|i| u32::from(i < r.len())).collect())
-            .collect();
-        for row in &mut rows {
-            row.resize(width, self.pad_token_id);
-        }
+            .map(|text| {
+                let text = text.as_ref();
+                let failed = |message: String| Error::Encode {
+                    text: text.to_string(),
+                    message,
+                };
+                caught(|| -> tokenizers::Result<tokenizers::Encoding> {
+                    let encoding = self.inner.encode(text, false)?;
+                    let encoding = match &truncation {
+                        Some(params) => truncate_encodings(encoding, None, params)?.0,
+                        None => encoding,
+                    };
+                    self.inner.post_process(encoding, None, true)
+                })
+                .map_err(failed)?
+                .map_err(|e| failed(e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let strategy = match (padding, max_length) {
+            (Padding::MaxLength, Some(max)) => PaddingStrategy::Fixed(max),
+            _ => PaddingStrategy::BatchLongest,
+        };
+        let params = PaddingParams {
+            strategy,
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id: self.pad_token_id,
+            pad_type_id: 0,
+            pad_token: "[PAD]".into(),
+        };
+        pad_encodings(&mut encodings, &params).map_err(|e| Error::Encode {
+            text: format!("{} texts", texts.len()),
+            message: e.to_string(),
+        })?;
         Ok(Encoded {
-            input_ids: rows,
-            attention_mask,
+            input_ids: encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
+            attention_mask: encodings
+                .iter()
+                .map(|e| e.get_attention_mask().to_vec())
+                .collect(),
         })
     }
 

@@ -8,7 +8,7 @@ fn s(v: &[&str]) -> Vec<String> {
 }
 
 fn close(a: f64, b: f64) {
-    assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
+    approx::assert_relative_eq!(a, b, epsilon = 1e-9, max_relative = 1e-9);
 }
 
 fn check(cands: &[&str], refs: &[&[&str]], corpus: f64, per_image: &[f64]) {
