@@ -68,10 +68,7 @@ pub fn write_atomic_no_dir_sync(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), WriteError> {
-    let mut file = AtomicFile::create(path)?;
-    let temp = file.temp().to_path_buf();
-    write(file.writer()).map_err(fail(&temp))?;
-    file.persist(true)
+    write_file(path, write, true)
 }
 
 /// Atomic but not durable: as [`write_atomic`] without any fsync, so after a power loss the
@@ -81,10 +78,19 @@ pub fn write_atomic_unsynced(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), WriteError> {
+    write_file(path, write, false)
+}
+
+/// Writes `path` through an [`AtomicFile`], fsyncing the file when `sync`.
+fn write_file(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    sync: bool,
+) -> Result<(), WriteError> {
     let mut file = AtomicFile::create(path)?;
     let temp = file.temp().to_path_buf();
     write(file.writer()).map_err(fail(&temp))?;
-    file.persist(false)
+    file.persist(sync)
 }
 
 /// A file written under a temp name beside `path` and renamed into place by

@@ -10,16 +10,24 @@ use image::RgbImage;
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Generated, GenerationConfig};
+use crate::hf::Pretrained;
 use crate::loss::{lm_labels, lm_loss_per_sequence};
 use crate::med::CrossInput;
 use crate::models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity};
 use crate::tokenizer::{BlipTokenizer, Encoded, Padding, ids_tensor};
 
-fn require_tokenizer(tokenizer: Option<BlipTokenizer>, dir: &Path) -> Result<BlipTokenizer> {
-    tokenizer.ok_or_else(|| Error::MissingFile {
+/// What every task holds around its model, from a loaded directory: the model, its
+/// tokenizer (required), an image processor at the config's size, and the config.
+fn task_parts<M>(
+    loaded: Pretrained<M>,
+    dir: &Path,
+) -> Result<(M, BlipTokenizer, ImageProcessor, BlipConfig)> {
+    let tokenizer = loaded.tokenizer.ok_or_else(|| Error::MissingFile {
         dir: dir.to_path_buf(),
         file: "tokenizer.json",
-    })
+    })?;
+    let processor = ImageProcessor::new(loaded.config.vision.image_size);
+    Ok((loaded.model, tokenizer, processor, loaded.config))
 }
 
 /// A generated caption or answer.
@@ -82,12 +90,13 @@ impl Captioner {
     /// Loads a HF captioning directory (it must hold a tokenizer).
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let loaded = CaptioningModel::from_pretrained(dir, device)?;
+        let (model, tokenizer, processor, config) =
+            task_parts(CaptioningModel::from_pretrained(dir, device)?, dir)?;
         Ok(Self {
-            processor: ImageProcessor::new(loaded.config.vision.image_size),
-            tokenizer: require_tokenizer(loaded.tokenizer, dir)?,
-            model: loaded.model,
-            config: loaded.config,
+            model,
+            tokenizer,
+            processor,
+            config,
             device: device.clone(),
         })
     }
@@ -183,12 +192,13 @@ impl Matcher {
     /// Loads a HF retrieval directory; the ITM input starts with `[CLS]` as transformers'.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let loaded = RetrievalModel::from_pretrained(dir, device)?;
+        let (model, tokenizer, processor, config) =
+            task_parts(RetrievalModel::from_pretrained(dir, device)?, dir)?;
         Ok(Self {
-            processor: ImageProcessor::new(loaded.config.vision.image_size),
-            tokenizer: require_tokenizer(loaded.tokenizer, dir)?,
-            model: loaded.model,
-            config: loaded.config,
+            model,
+            tokenizer,
+            processor,
+            config,
             first_token: FirstToken::Cls,
             max_length: 35,
             device: device.clone(),
@@ -363,12 +373,13 @@ impl QuestionAnswerer {
     /// Loads a HF VQA directory.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let loaded = VqaModel::from_pretrained(dir, device)?;
+        let (model, tokenizer, processor, config) =
+            task_parts(VqaModel::from_pretrained(dir, device)?, dir)?;
         Ok(Self {
-            processor: ImageProcessor::new(loaded.config.vision.image_size),
-            tokenizer: require_tokenizer(loaded.tokenizer, dir)?,
-            model: loaded.model,
-            config: loaded.config,
+            model,
+            tokenizer,
+            processor,
+            config,
             first_token: FirstToken::Cls,
             device: device.clone(),
         })
