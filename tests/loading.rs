@@ -84,7 +84,7 @@ impl Drop for Scratch {
 
 fn vision_error(result: Result<impl std::fmt::Debug, Error>) -> VisionError {
     match result {
-        Err(Error::Vision(e)) => e,
+        Err(Error::Core(e)) => e,
         other => panic!("expected a checkpoint error, got {other:?}"),
     }
 }

@@ -330,22 +330,22 @@ fn bad_inputs_are_typed_errors() {
     let bad_mask = Tensor::<2, Int>::ones([1, 4], &device);
     assert!(matches!(
         model.forward(pixels.clone().narrow(0, 0, 1), ids.clone(), Some(bad_mask)),
-        Err(Error::InputShape {
+        Err(Error::Core(blip::core::Error::InputShape {
             what: "attention_mask",
             ..
-        })
+        }))
     ));
     assert!(
         matches!(
             model.forward(pixels.clone(), ids.clone(), None),
-            Err(Error::InputShape { .. })
+            Err(Error::Core(blip::core::Error::InputShape { .. }))
         ),
         "two images for one text row"
     );
     let odd = Tensor::<4>::zeros([1, 3, 30, 32], &device);
     assert!(matches!(
         model.forward(odd, ids.clone(), None),
-        Err(Error::Vision(blip::vision::Error::InputShape {
+        Err(Error::Core(blip::core::Error::InputShape {
             what: "pixel_values",
             ..
         }))

@@ -2,13 +2,14 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong in `blip-text`: image/checkpoint errors from `blip-vision`,
+/// Everything that can go wrong in `blip-text`: file, image, shape and checkpoint errors
+/// ([`blip_core::Error`]),
 /// plus tokenizer and text-input errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Image decoding, config or checkpoint error (names the file and key).
+    /// A file, image, config, checkpoint or input-shape error (names the file, key or input).
     #[error(transparent)]
-    Vision(#[from] blip_core::Error),
+    Core(#[from] blip_core::Error),
     /// A tokenizer file could not be read or built.
     #[error("tokenizer {path}: {message}")]
     Tokenizer {
@@ -50,16 +51,6 @@ pub enum Error {
         length: usize,
         /// The model's limit.
         max: usize,
-    },
-    /// Two inputs disagree in shape.
-    #[error("{what}: expected shape {expected}, got {found:?}")]
-    InputShape {
-        /// Which input.
-        what: &'static str,
-        /// The expected shape, as text.
-        expected: String,
-        /// The shape received.
-        found: Vec<usize>,
     },
     /// Generation settings that cannot be honoured.
     #[error("generation: {0}")]

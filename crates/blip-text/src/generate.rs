@@ -483,11 +483,12 @@ pub fn generate(
     let text = model.text_model();
     let batch = cross.states.dims()[0];
     if prompts.len() != batch {
-        return Err(Error::InputShape {
+        return Err(blip_core::Error::InputShape {
             what: "prompts",
             expected: format!("one prompt per input ({batch})"),
             found: vec![prompts.len()],
-        });
+        }
+        .into());
     }
     let vocab = text.vocab_size();
     for (row, p) in prompts.iter().enumerate() {

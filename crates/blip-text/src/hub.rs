@@ -4,6 +4,13 @@
 //! `models--{org}--{name}/refs/main` names a snapshot, `snapshots/{rev}/` holds the files
 //! (links into `blobs/`). With the `download` feature, [`find_or_download`] fetches an
 //! uncached model into that layout, so Python tools and this crate share one cache.
+//!
+//! Why not the `hf-hub` crate: its 0.4 cache joins the server's `etag` header and commit
+//! hash, and the contents of `refs/main`, into paths unchecked, so a hostile endpoint or a
+//! planted cache entry writes or reads outside the cache. Here every such name must be a
+//! hash and every directory written to must resolve inside the repo's cache entry, or
+//! nothing is written (see `store_file`); the writes go through
+//! [`blip_core::fs::write_atomic`].
 
 use std::path::{Path, PathBuf};
 
@@ -158,7 +165,7 @@ pub(crate) fn store_file(
         )));
     }
     let io = |path: &Path, source| {
-        Error::Vision(blip_core::Error::Io {
+        Error::Core(blip_core::Error::Io {
             path: path.to_path_buf(),
             source,
         })

@@ -379,11 +379,12 @@ impl TextModel {
         if let Some(mask) = attention_mask
             && mask.dims() != [b, l]
         {
-            return Err(Error::InputShape {
+            return Err(blip_core::Error::InputShape {
                 what: "attention_mask",
                 expected: format!("[{b}, {l}] like {what}"),
                 found: mask.dims().to_vec(),
-            });
+            }
+            .into());
         }
         let ids = input_ids
             .clone()
@@ -459,11 +460,12 @@ impl TextModel {
             Some(cross) => {
                 let [cb, lk, _] = cross.states.dims();
                 if cb != b {
-                    return Err(Error::InputShape {
+                    return Err(blip_core::Error::InputShape {
                         what: "cross-attention states",
                         expected: format!("[{b}, L, D] (one per text row)"),
                         found: cross.states.dims().to_vec(),
-                    });
+                    }
+                    .into());
                 }
                 let bias = attention_bias(cross.mask.clone(), b, l, lk, false, &device);
                 Some((self.cross_key_values(cross.states), bias))

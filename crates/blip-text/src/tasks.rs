@@ -110,11 +110,12 @@ impl Captioner {
         config: &GenerationConfig,
     ) -> Result<Vec<Vec<Caption>>> {
         if prompts.len() != images.len() {
-            return Err(Error::InputShape {
+            return Err(blip_core::Error::InputShape {
                 what: "prompts",
                 expected: format!("one per image ({})", images.len()),
                 found: vec![prompts.len()],
-            });
+            }
+            .into());
         }
         let pixels = self.processor.preprocess(images, &self.device);
         self.caption_pixels(pixels, prompts, config)
@@ -404,11 +405,12 @@ impl QuestionAnswerer {
         config: &GenerationConfig,
     ) -> Result<Vec<Vec<Caption>>> {
         if questions.len() != images.len() {
-            return Err(Error::InputShape {
+            return Err(blip_core::Error::InputShape {
                 what: "questions",
                 expected: format!("one per image ({})", images.len()),
                 found: vec![questions.len()],
-            });
+            }
+            .into());
         }
         let pixels = self.processor.preprocess(images, &self.device);
         let (ids, mask) = self.questions(questions)?;

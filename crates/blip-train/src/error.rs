@@ -11,7 +11,7 @@ pub enum TrainError {
     Model(#[from] blip_text::Error),
     /// An image or checkpoint error from `blip-vision`.
     #[error(transparent)]
-    Vision(#[from] blip_core::Error),
+    Core(#[from] blip_core::Error),
     /// The batch does not divide the feature queue.
     #[error(transparent)]
     Queue(#[from] crate::momentum::QueueSizeError),

@@ -197,7 +197,7 @@ fn a_checkpoint_of_another_family_or_size_is_a_typed_error() {
     wide.blip.text.encoder_hidden_size = 64;
     let result = wide.init(&Device::flex()).init_vision_from(dir("vit"));
     match result {
-        Err(TrainError::Vision(blip_core::Error::ShapeMismatch {
+        Err(TrainError::Core(blip_core::Error::ShapeMismatch {
             key,
             expected,
             found,

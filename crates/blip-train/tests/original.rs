@@ -395,7 +395,7 @@ fn task_models_load_from_a_pretraining_file() {
 
 fn vision_error(result: Result<impl std::fmt::Debug, TrainError>) -> blip_core::Error {
     match result {
-        Err(TrainError::Vision(e)) => e,
+        Err(TrainError::Core(e)) => e,
         other => panic!("expected a blip_core::Error, got {other:?}"),
     }
 }
