@@ -72,6 +72,15 @@ const FEATURES: &[(&str, &str)] = &[
 ];
 
 /// Why a backend name gives no device.
+///
+/// ```
+/// use blip::{DeviceError, backend_device};
+///
+/// let err = backend_device("tpu").unwrap_err();
+/// assert!(matches!(&err, DeviceError::Unknown { name, available }
+///     if name == "tpu" && *available == blip::BACKENDS));
+/// assert!(err.to_string().starts_with("unknown device \"tpu\""));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// No backend has this name.
@@ -106,6 +115,11 @@ pub enum DeviceError {
 }
 
 /// The name of [`DeviceError`] before it had variants.
+///
+/// ```
+/// let err: blip::UnknownDevice = blip::backend_device("tpu").unwrap_err();
+/// assert!(matches!(err, blip::DeviceError::Unknown { .. }));
+/// ```
 pub type UnknownDevice = DeviceError;
 
 /// The device for a backend name: `cpu` (burn's flex backend), `wgpu` (GPU, or Mesa's

@@ -6,10 +6,29 @@ use crate::Shard;
 
 /// What a [`CapFiltModel`](crate::CapFiltModel) returns when it fails: any error type, boxed,
 /// so that model code can use `?` on its own errors.
+///
+/// ```
+/// use blip_capfilt::ModelError;
+///
+/// // Model code can use `?` on any error type.
+/// fn parse_count(text: &str) -> Result<u32, ModelError> {
+///     Ok(text.trim().parse::<u32>()?)
+/// }
+/// assert_eq!(parse_count(" 7 ").unwrap(), 7);
+/// assert_eq!(parse_count("seven").unwrap_err().to_string(), "invalid digit found in string");
+/// ```
 pub type ModelError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Everything that stops a CapFilt run or merge. Per-image problems (missing or corrupt
 /// images) are not errors: they are recorded as skipped and the run goes on.
+///
+/// ```
+/// use blip_capfilt::{Error, Shard};
+///
+/// let err = Shard::new(3, 2).unwrap_err();
+/// assert!(matches!(err, Error::InvalidShard { .. }));
+/// assert_eq!(err.to_string(), r#"shard "3/2": expected i/N with 0 <= i < N"#);
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

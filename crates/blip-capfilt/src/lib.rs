@@ -139,6 +139,15 @@ pub const PROVENANCE_FILE: &str = "provenance.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 
 /// A text with the filter's ITM match probability (softmax of the ITM head, class 1).
+///
+/// ```
+/// use blip_capfilt::{RunOptions, ScoredText};
+///
+/// let scored = ScoredText { text: "a dog on grass".into(), itm_probability: 0.83 };
+/// // A text is kept iff its probability reaches the threshold (0.5 by default).
+/// let threshold = RunOptions::new("web.json", "out").threshold;
+/// assert!(scored.itm_probability >= threshold);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoredText {
     /// The text that was scored.
@@ -148,6 +157,22 @@ pub struct ScoredText {
 }
 
 /// What the model says about one image.
+///
+/// ```
+/// use blip_capfilt::{ImageVerdict, ScoredText};
+///
+/// let scored = |text: &str, p: f32| ScoredText { text: text.into(), itm_probability: p };
+/// // An image with a web text, and one synthetic caption.
+/// let verdict = ImageVerdict {
+///     web: Some(scored("a red car", 0.91)),
+///     synthetic: vec![scored("a red car on a road", 0.42)],
+/// };
+/// let kept: Vec<&str> = verdict.web.iter().chain(&verdict.synthetic)
+///     .filter(|s| s.itm_probability >= 0.5)
+///     .map(|s| s.text.as_str())
+///     .collect();
+/// assert_eq!(kept, ["a red car"]);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageVerdict {
     /// The web text's score: `Some` iff a web text was given for this image. The recorded
@@ -158,6 +183,36 @@ pub struct ImageVerdict {
 }
 
 /// Captioner + filter, as the runner drives them.
+///
+/// ```
+/// use blip_capfilt::{CapFiltModel, ImageVerdict, ModelError, RunOptions, ScoredText, run};
+/// use image::RgbImage;
+///
+/// // Captions every image "a red square"; scores a text 0.9 if it says "red", else 0.1.
+/// struct Fake;
+/// impl CapFiltModel for Fake {
+///     fn process(&mut self, _images: &[RgbImage], web: &[Option<String>]) -> Result<Vec<ImageVerdict>, ModelError> {
+///         let score = |text: &str| ScoredText {
+///             text: text.into(),
+///             itm_probability: if text.contains("red") { 0.9 } else { 0.1 },
+///         };
+///         Ok(web.iter().map(|w| ImageVerdict { web: w.as_deref().map(score), synthetic: vec![score("a red square")] }).collect())
+///     }
+///     fn captioner_name(&self) -> String { "fake-captioner".into() }
+///     fn filter_name(&self) -> String { "fake-filter".into() }
+/// }
+///
+/// let dir = tempfile::tempdir()?;
+/// # RgbImage::new(4, 4).save(dir.path().join("a.png"))?;
+/// # RgbImage::new(4, 4).save(dir.path().join("b.png"))?;
+/// let input = dir.path().join("web.json");
+/// std::fs::write(&input, r#"[{"image": "a.png", "caption": "a red car"}, {"image": "b.png", "caption": "a cat"}]"#)?;
+/// let options = RunOptions::new(input.to_string_lossy(), dir.path().join("out"));
+/// let summary = run(&options, &mut Fake)?.summary.expect("an unsharded run merges");
+/// assert_eq!((summary.web_texts, summary.web_kept), (2, 1));
+/// assert_eq!((summary.synthetic_texts, summary.synthetic_kept), (2, 2));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait CapFiltModel {
     /// Checks the model's settings (generation options and the like); [`run`] calls it
     /// before it enumerates the input or writes anything, so that a bad setting fails
@@ -190,6 +245,19 @@ pub trait CapFiltModel {
 }
 
 /// One of N shards of the work: the samples with `ordinal % count == index`.
+///
+/// ```
+/// use blip_capfilt::Shard;
+/// use std::path::Path;
+///
+/// let shard: Shard = "1/3".parse()?;
+/// assert_eq!(shard, Shard::new(1, 3)?);
+/// assert!(shard.contains(4) && !shard.contains(5)); // ordinal % 3 == 1
+/// assert_eq!(shard.to_string(), "1/3");
+/// assert_eq!(shard.dir(Path::new("out")), Path::new("out/shard-00001-of-00003"));
+/// assert!("3/3".parse::<Shard>().is_err());
+/// # Ok::<(), blip_capfilt::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Shard {
     /// This shard, `0..count`.
@@ -262,6 +330,20 @@ impl FromStr for Shard {
 }
 
 /// Everything a [`run`] needs besides the model.
+///
+/// ```
+/// use blip_capfilt::{RunOptions, Shard};
+///
+/// let mut options = RunOptions::new("web.json", "capfilt-out");
+/// assert_eq!((options.chunk_size, options.batch_size, options.threshold), (1000, 32, 0.5));
+/// assert_eq!(options.shard, Shard::ALL);
+/// assert!((1..=4).contains(&options.decode_threads));
+/// // The second of eight machines, keeping only texts the filter is surer of.
+/// options.shard = "1/8".parse()?;
+/// options.threshold = 0.7;
+/// assert_eq!(options.shard.dir(&options.out_dir).file_name().unwrap(), "shard-00001-of-00008");
+/// # Ok::<(), blip_capfilt::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// A JSON / JSON lines file, a `.tar`, a directory of `.tar`s or a brace pattern.

@@ -21,6 +21,37 @@ use blip_core::fs::{AtomicFile, write_atomic};
 /// `summary.json` (each written atomically), records in input order: the result is the
 /// same whatever the number of shards. Errors naming the shards that have no `done`
 /// marker, and when shards were run with different options.
+///
+/// ```
+/// use blip_capfilt::{RunOptions, Shard, merge, run};
+///
+/// # use blip_capfilt::{CapFiltModel, ImageVerdict, ModelError, ScoredText};
+/// # use image::RgbImage;
+/// # struct Keep; // keeps every text, and captions every image "a caption"
+/// # impl CapFiltModel for Keep {
+/// #     fn process(&mut self, _: &[RgbImage], web: &[Option<String>]) -> Result<Vec<ImageVerdict>, ModelError> {
+/// #         let keep = |text: &str| ScoredText { text: text.into(), itm_probability: 1.0 };
+/// #         Ok(web.iter().map(|w| ImageVerdict { web: w.as_deref().map(keep), synthetic: vec![keep("a caption")] }).collect())
+/// #     }
+/// #     fn captioner_name(&self) -> String { "captioner".into() }
+/// #     fn filter_name(&self) -> String { "filter".into() }
+/// # }
+/// // `Keep`: a model that keeps every text and captions every image "a caption".
+/// let dir = tempfile::tempdir()?;
+/// # for name in ["a.png", "b.png", "c.png"] { RgbImage::new(4, 4).save(dir.path().join(name))?; }
+/// let input = dir.path().join("web.json");
+/// std::fs::write(&input, r#"[{"image": "a.png"}, {"image": "b.png"}, {"image": "c.png"}]"#)?;
+/// let out = dir.path().join("out");
+/// for index in 0..2 {
+///     let mut options = RunOptions::new(input.to_string_lossy(), &out);
+///     options.shard = Shard::new(index, 2)?;
+///     assert!(run(&options, &mut Keep)?.summary.is_none()); // shards do not merge by themselves
+/// }
+/// let summary = merge(&out)?;
+/// assert_eq!((summary.shards, summary.images, summary.annotations), (2, 3, 3));
+/// assert!(out.join("annotations.json").is_file());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn merge(out_dir: &Path) -> Result<Summary, Error> {
     let mut found: BTreeMap<Shard, PathBuf> = BTreeMap::new();
     for entry in std::fs::read_dir(out_dir).map_err(Error::io(out_dir))? {

@@ -19,6 +19,16 @@ use image::RgbImage;
 use crate::{CapFiltModel, Error, ImageVerdict, ModelError, ScoredText};
 
 /// How synthetic captions are written.
+///
+/// ```
+/// use blip_capfilt::{CapFiltSettings, CaptionStrategy};
+///
+/// let beam = CapFiltSettings { strategy: CaptionStrategy::Beam { num_beams: 3 }, ..CapFiltSettings::default() };
+/// assert!(beam.validate().is_ok());
+/// assert_eq!(beam.to_json()["strategy"], serde_json::json!({"beam": {"num_beams": 3}}));
+/// let nucleus = CapFiltSettings { strategy: CaptionStrategy::Nucleus { top_p: 1.5 }, ..beam };
+/// assert!(nucleus.validate().is_err()); // top_p must be in (0, 1]
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum CaptionStrategy {
     /// Nucleus sampling with this top-p (the paper: 0.9).
@@ -35,6 +45,17 @@ pub enum CaptionStrategy {
 }
 
 /// Settings of [`BlipCapFilt`].
+///
+/// ```
+/// use blip_capfilt::{CapFiltSettings, CaptionStrategy, Error};
+///
+/// let settings = CapFiltSettings::default();
+/// assert_eq!(settings.strategy, CaptionStrategy::Nucleus { top_p: 0.9 });
+/// assert_eq!((settings.num_captions, settings.min_length, settings.max_length), (1, 5, 20));
+/// assert_eq!(settings.to_json()["prompt"], "a picture of ");
+/// let bad = CapFiltSettings { min_length: 30, ..settings };
+/// assert!(matches!(bad.validate(), Err(Error::InvalidOption { option: "min_length", .. })));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct CapFiltSettings {
     /// Sampling or beam search.
@@ -196,6 +217,33 @@ fn image_seed(seed: u64, image: &RgbImage) -> u64 {
 }
 
 /// Captioner + filter from two HF-layout model directories.
+///
+/// ```
+/// use blip_capfilt::{BlipCapFilt, CapFiltModel, CapFiltSettings};
+/// use burn::tensor::Device;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// # use blip_text::{BlipConfig, CaptioningModel, RetrievalModel, TextConfig};
+/// let device = Device::flex();
+/// let dir = tempfile::tempdir()?;
+/// let (captioner, filter) = (dir.path().join("captioner"), dir.path().join("filter"));
+/// # let text = TextConfig::new(13, 32, 32, 64, 1, 2).with_sep_token_id(3).with_bos_token_id(11).with_enc_token_id(12);
+/// # let config = BlipConfig::new(blip_vision::VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// # CaptioningModel::new(&config, &device).save_pretrained(&config, &captioner)?;
+/// # RetrievalModel::new(&config, &device).save_pretrained(&config, &filter)?;
+/// # for model in [&captioner, &filter] {
+/// #     std::fs::write(model.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\npicture\nof\nred\nblue\ncircle\n")?;
+/// # }
+/// // `captioner` and `filter`: HF-layout directories (here tiny random models).
+/// let names = ("captioner".to_string(), "filter".to_string());
+/// let mut model = BlipCapFilt::load(&captioner, &filter, names, CapFiltSettings::default(), &device)?;
+/// model.validate()?;
+/// let verdicts = model.process(&[image::RgbImage::new(32, 32)], &[Some("a red circle".to_string())])?;
+/// assert_eq!(verdicts[0].synthetic.len(), 1); // num_captions
+/// let web = verdicts[0].web.as_ref().expect("the web text is scored");
+/// assert!(web.text == "a red circle" && (0.0..=1.0).contains(&web.itm_probability));
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct BlipCapFilt {
     /// The captioner.

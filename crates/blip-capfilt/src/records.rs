@@ -6,6 +6,14 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// One element of BLIP's annotation format, as its pre-training loader reads it.
+///
+/// ```
+/// use blip_capfilt::Annotation;
+///
+/// let entry = Annotation { image: "img/0.png".into(), caption: "a red car".into() };
+/// assert_eq!(serde_json::to_string(&entry)?, r#"{"image":"img/0.png","caption":"a red car"}"#);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Annotation {
     /// Image path relative to the image root.
@@ -15,6 +23,14 @@ pub struct Annotation {
 }
 
 /// Where a text came from.
+///
+/// ```
+/// use blip_capfilt::TextSource;
+///
+/// assert_eq!(serde_json::to_value(TextSource::Synthetic)?, "synthetic");
+/// assert_eq!(serde_json::from_str::<TextSource>(r#""web""#)?, TextSource::Web);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TextSource {
@@ -25,6 +41,15 @@ pub enum TextSource {
 }
 
 /// Why an image was skipped.
+///
+/// ```
+/// use blip_capfilt::SkipKind;
+///
+/// assert_eq!(SkipKind::NoImage.as_str(), "no_image");
+/// assert_eq!(serde_json::to_value(SkipKind::AmbiguousImage)?, SkipKind::AmbiguousImage.as_str());
+/// assert_eq!(serde_json::from_str::<SkipKind>(r#""corrupt""#)?, SkipKind::Corrupt);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SkipKind {
@@ -62,6 +87,26 @@ impl SkipKind {
 }
 
 /// A scored text (web or synthetic) of one image.
+///
+/// ```
+/// use blip_capfilt::{ProvenanceRecord, TextRecord, TextSource};
+///
+/// let record = TextRecord {
+///     ordinal: 0,
+///     image: "a.jpg".into(),
+///     text: "a dog".into(),
+///     source: TextSource::Web,
+///     itm_probability: 0.75,
+///     kept: true,
+///     captioner: None, // web texts have none
+///     filter: "itm".into(),
+/// };
+/// assert_eq!(
+///     serde_json::to_string(&ProvenanceRecord::Text(record))?,
+///     r#"{"record":"text","ordinal":0,"image":"a.jpg","text":"a dog","source":"web","itm_probability":0.75,"kept":true,"filter":"itm"}"#
+/// );
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextRecord {
     /// The sample's position in the input order.
@@ -84,6 +129,23 @@ pub struct TextRecord {
 }
 
 /// An image that could not be used.
+///
+/// ```
+/// use blip_capfilt::{ProvenanceRecord, SkipKind, SkippedRecord};
+///
+/// let skipped = SkippedRecord {
+///     ordinal: 1,
+///     image: "b.jpg".into(),
+///     kind: SkipKind::Missing,
+///     reason: "b.jpg: no such file".into(),
+/// };
+/// let json = serde_json::to_value(ProvenanceRecord::Skipped(skipped.clone()))?;
+/// assert_eq!(json["record"], "skipped");
+/// assert_eq!(json["kind"], "missing");
+/// let back: ProvenanceRecord = serde_json::from_value(json)?;
+/// assert_eq!(back, ProvenanceRecord::Skipped(skipped));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkippedRecord {
     /// The sample's position in the input order.
@@ -99,6 +161,18 @@ pub struct SkippedRecord {
 }
 
 /// One line of `provenance.jsonl` (and of the chunk files), tagged by `"record"`.
+///
+/// ```
+/// use blip_capfilt::ProvenanceRecord;
+///
+/// let line = r#"{"record":"text","ordinal":3,"image":"c.jpg","text":"a cat","source":"synthetic","itm_probability":0.25,"kept":false,"captioner":"cap","filter":"itm"}"#;
+/// let record: ProvenanceRecord = serde_json::from_str(line)?;
+/// assert_eq!(record.ordinal(), 3);
+/// let ProvenanceRecord::Text(text) = &record else { panic!("a text record") };
+/// assert_eq!((text.kept, text.captioner.as_deref()), (false, Some("cap")));
+/// assert_eq!(serde_json::to_string(&record)?, line);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]
 pub enum ProvenanceRecord {
@@ -141,6 +215,22 @@ pub(crate) struct DoneMarker {
 
 /// Counts and noise ratios of a merged CapFilt output (`summary.json`). `Display` prints
 /// it for people.
+///
+/// ```
+/// use blip_capfilt::Summary;
+///
+/// let summary: Summary = serde_json::from_value(serde_json::json!({
+///     "input": "web.json", "input_kind": "json", "image_root": "/data", "shards": 1,
+///     "captioner": "cap", "filter": "itm", "threshold": 0.5,
+///     "images": 4, "images_skipped": 0, "skipped_by_kind": {}, "images_with_kept_text": 3,
+///     "web_texts": 4, "web_kept": 3, "synthetic_texts": 4, "synthetic_kept": 2, "annotations": 5,
+///     "web_noise_ratio": 0.25, "synthetic_noise_ratio": 0.5
+/// }))?;
+/// let text = summary.to_string();
+/// assert!(text.contains("web texts: 4, kept 3, removed 1 (noise ratio 25.0%)"));
+/// assert!(text.contains("synthetic texts: 4, kept 2, removed 2 (noise ratio 50.0%)"));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// `--input` as given.

@@ -21,6 +21,36 @@ use crate::{
 use blip_core::fs::{remove_stale_temps, sync_dir, write_atomic, write_atomic_no_dir_sync};
 
 /// What one [`run`] invocation did.
+///
+/// ```
+/// use blip_capfilt::{RunOptions, run};
+///
+/// # use blip_capfilt::{CapFiltModel, ImageVerdict, ModelError, ScoredText};
+/// # use image::RgbImage;
+/// # struct Keep; // keeps every text, and captions every image "a caption"
+/// # impl CapFiltModel for Keep {
+/// #     fn process(&mut self, _: &[RgbImage], web: &[Option<String>]) -> Result<Vec<ImageVerdict>, ModelError> {
+/// #         let keep = |text: &str| ScoredText { text: text.into(), itm_probability: 1.0 };
+/// #         Ok(web.iter().map(|w| ImageVerdict { web: w.as_deref().map(keep), synthetic: vec![keep("a caption")] }).collect())
+/// #     }
+/// #     fn captioner_name(&self) -> String { "captioner".into() }
+/// #     fn filter_name(&self) -> String { "filter".into() }
+/// # }
+/// // `Keep`: a model that keeps every text and captions every image "a caption".
+/// let dir = tempfile::tempdir()?;
+/// # for name in ["a.png", "b.png"] { RgbImage::new(4, 4).save(dir.path().join(name))?; }
+/// let input = dir.path().join("web.json");
+/// std::fs::write(&input, r#"[{"image": "a.png"}, {"image": "b.png"}]"#)?;
+/// let mut options = RunOptions::new(input.to_string_lossy(), dir.path().join("out"));
+/// (options.chunk_size, options.max_chunks) = (1, Some(1)); // stop after one chunk
+/// let first = run(&options, &mut Keep)?;
+/// assert_eq!((first.chunks_committed, first.complete), (1, false));
+/// options.max_chunks = None; // the restart skips the committed chunk
+/// let second = run(&options, &mut Keep)?;
+/// assert_eq!((second.chunks_already_done, second.chunks_committed, second.images_processed), (1, 1, 1));
+/// assert!(second.complete && second.summary.is_some());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunReport {
     /// The shard's run directory.
@@ -41,6 +71,35 @@ pub struct RunReport {
 
 /// Runs CapFilt over `options.shard` of the input with `model`, resuming a killed run in
 /// the same output directory. See the crate docs for the layout and guarantees.
+///
+/// ```
+/// use blip_capfilt::{RunOptions, SkipKind, run};
+///
+/// # use blip_capfilt::{CapFiltModel, ImageVerdict, ModelError, ScoredText};
+/// # use image::RgbImage;
+/// # struct Keep; // keeps every text, and captions every image "a caption"
+/// # impl CapFiltModel for Keep {
+/// #     fn process(&mut self, _: &[RgbImage], web: &[Option<String>]) -> Result<Vec<ImageVerdict>, ModelError> {
+/// #         let keep = |text: &str| ScoredText { text: text.into(), itm_probability: 1.0 };
+/// #         Ok(web.iter().map(|w| ImageVerdict { web: w.as_deref().map(keep), synthetic: vec![keep("a caption")] }).collect())
+/// #     }
+/// #     fn captioner_name(&self) -> String { "captioner".into() }
+/// #     fn filter_name(&self) -> String { "filter".into() }
+/// # }
+/// // `Keep`: a model that keeps every text and captions every image "a caption".
+/// let dir = tempfile::tempdir()?;
+/// RgbImage::new(4, 4).save(dir.path().join("a.png"))?;
+/// let input = dir.path().join("web.json");
+/// std::fs::write(&input, r#"[{"image": "a.png", "caption": "a dog"}, {"image": "gone.png", "caption": "a cat"}]"#)?;
+/// let report = run(&RunOptions::new(input.to_string_lossy(), dir.path().join("out")), &mut Keep)?;
+/// assert!(report.complete);
+/// // A missing image is recorded as skipped; the run goes on.
+/// assert_eq!((report.images_processed, report.images_skipped), (1, 1));
+/// let summary = report.summary.expect("an unsharded run merges by itself");
+/// assert_eq!(summary.skipped_by_kind[SkipKind::Missing.as_str()], 1);
+/// assert_eq!(summary.annotations, 2); // "a dog" and the synthetic "a caption"
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn run(options: &RunOptions, model: &mut dyn CapFiltModel) -> Result<RunReport, Error> {
     // Everything that can be refused is checked before the output directory is touched,
     // so that a corrected rerun is not taken for a run with other options.

@@ -30,6 +30,15 @@ fn truncate_words(text: String, max_words: usize) -> String {
 ///
 /// Lowercasing follows Unicode as Python's `str.lower` (final sigma included); characters
 /// newer than the Python's Unicode tables may differ.
+///
+/// ```
+/// use blip_core::pre_caption;
+///
+/// let caption = pre_caption("A DOG  running!!  on the (sunny) beach.", 30);
+/// assert_eq!(caption, "a dog running on the sunny beach");
+/// // Only the first `max_words` words are kept.
+/// assert_eq!(pre_caption("A DOG  running!!  on the beach.", 3), "a dog running");
+/// ```
 pub fn pre_caption(text: &str, max_words: usize) -> String {
     let lowered: String = text
         .to_lowercase()
@@ -59,6 +68,14 @@ pub fn pre_caption(text: &str, max_words: usize) -> String {
 /// BLIP's `pre_question`: lowercase; `. ! " ( ) * # : ; ~` are deleted; trailing spaces are
 /// stripped; the first `max_words` space-separated words are kept (50 in BLIP's VQA). Inner
 /// runs of spaces are kept and count as empty words, as in the original.
+///
+/// ```
+/// use blip_core::pre_question;
+///
+/// assert_eq!(pre_question("Is the dog (a puppy)?  ", 50), "is the dog a puppy?");
+/// // Inner double spaces are kept and count as an empty word, as in the original.
+/// assert_eq!(pre_question("red  or blue", 2), "red ");
+/// ```
 pub fn pre_question(text: &str, max_words: usize) -> String {
     let cleaned: String = text
         .to_lowercase()

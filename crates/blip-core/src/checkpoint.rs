@@ -29,6 +29,19 @@ use safetensors::tensor::Metadata;
 use crate::error::{Error, Result};
 
 /// How one checkpoint family's keys relate to the module's parameter paths.
+///
+/// ```
+/// use blip_core::checkpoint::KeyMap;
+///
+/// const KEYS: KeyMap = KeyMap {
+///     renames: &[("LayerNorm", "layer_norm")],
+///     ignored: &["*.position_ids"],
+/// };
+/// assert_eq!(KEYS.to_module("embeddings.LayerNorm.weight"), "embeddings.layer_norm.weight");
+/// assert_eq!(KEYS.to_checkpoint("embeddings.layer_norm.weight"), "embeddings.LayerNorm.weight");
+/// // Only whole dot-separated segments are renamed.
+/// assert_eq!(KEYS.to_module("LayerNorms.0.weight"), "LayerNorms.0.weight");
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct KeyMap {
     /// `(checkpoint segments, module segments)` renames, matched on whole dot-separated
@@ -76,6 +89,23 @@ fn rename(path: &str, from: &str, to: &str) -> String {
 }
 
 /// One tensor as described by a safetensors header.
+///
+/// ```
+/// use blip_core::checkpoint::SafetensorsHeader;
+///
+/// # let device = burn::tensor::Device::flex();
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("linear.safetensors");
+/// # const KEYS: blip_core::checkpoint::KeyMap = blip_core::checkpoint::KeyMap { renames: &[], ignored: &[] };
+/// # blip_core::checkpoint::save_safetensors(&burn::nn::LinearConfig::new(3, 2).init(&device), &path, &KEYS)?;
+/// // `path` holds a `Linear` 3 → 2 saved by `save_safetensors`.
+/// let header = SafetensorsHeader::read(&path)?;
+/// let info = &header.tensors["weight"];
+/// assert_eq!(info.dtype, "F32");
+/// assert_eq!(info.shape, [2, 3]); // checkpoint layout: [out, in]
+/// assert_eq!(info.data_offsets.1 - info.data_offsets.0, 2 * 3 * 4);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
     /// The safetensors dtype name (`F32`, `F16`, `BF16`, `I64`, ...).
@@ -87,6 +117,28 @@ pub struct TensorInfo {
 }
 
 /// The parsed header of a safetensors file, checked against the file's length.
+///
+/// ```
+/// use blip_core::Error;
+/// use blip_core::checkpoint::SafetensorsHeader;
+///
+/// # let device = burn::tensor::Device::flex();
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("linear.safetensors");
+/// # const KEYS: blip_core::checkpoint::KeyMap = blip_core::checkpoint::KeyMap { renames: &[], ignored: &[] };
+/// # blip_core::checkpoint::save_safetensors(&burn::nn::LinearConfig::new(3, 2).init(&device), &path, &KEYS)?;
+/// // `path` holds a `Linear` 3 → 2 saved by `save_safetensors`.
+/// let header = SafetensorsHeader::read(&path)?;
+/// assert_eq!(header.tensors.keys().collect::<Vec<_>>(), ["bias", "weight"]);
+/// let (values, shape) = header.floats("weight")?;
+/// assert_eq!((values.len(), shape), (6, vec![2, 3]));
+/// assert_eq!(header.bytes("bias")?.len(), 2 * 4);
+/// // A file cut short (an interrupted download) is reported as such.
+/// let bytes = std::fs::read(&path)?;
+/// std::fs::write(&path, &bytes[..bytes.len() - 4])?;
+/// assert!(matches!(SafetensorsHeader::read(&path), Err(Error::Truncated { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct SafetensorsHeader {
     /// The file.
@@ -284,6 +336,19 @@ impl SafetensorsHeader {
 /// Loaders compare it with a config's layer count before building the model: a module is
 /// allocated per declared layer, so a config claiming 10⁹ layers must be refused from the
 /// file's header, not discovered after the allocation.
+///
+/// ```
+/// use blip_core::checkpoint::count_layers;
+///
+/// let keys = [
+///     "vision_model.encoder.layers.0.mlp.fc1.weight",
+///     "vision_model.encoder.layers.0.mlp.fc2.weight",
+///     "vision_model.encoder.layers.11.mlp.fc1.weight",
+///     "text_encoder.encoder.layer.3.output.dense.weight",
+/// ];
+/// assert_eq!(count_layers(keys, "vision_model.encoder.layers."), 2); // indices 0 and 11
+/// assert_eq!(count_layers(keys, "text_decoder.bert.encoder.layer."), 0);
+/// ```
 pub fn count_layers<'a>(keys: impl IntoIterator<Item = &'a str>, prefix: &str) -> usize {
     let mut seen = std::collections::BTreeSet::new();
     for key in keys {
@@ -377,6 +442,21 @@ impl ModuleVisitor for ExpectedKeys<'_> {
 }
 
 /// Every parameter of `module` as checkpoint key → shape in checkpoint layout.
+///
+/// ```
+/// use blip_core::checkpoint::{KeyMap, expected_keys};
+/// use burn::nn::{LayerNormConfig, LinearConfig};
+/// use burn::tensor::Device;
+///
+/// let device = Device::flex();
+/// const KEYS: KeyMap = KeyMap { renames: &[], ignored: &[] };
+/// let linear = expected_keys(&LinearConfig::new(3, 2).init(&device), &KEYS);
+/// assert_eq!(linear["weight"], [2, 3]); // PyTorch's [out, in], not burn's [in, out]
+/// assert_eq!(linear["bias"], [2]);
+/// // LayerNorm's `gamma`/`beta` are the checkpoint's `weight`/`bias`.
+/// let norm = expected_keys(&LayerNormConfig::new(4).init(&device), &KEYS);
+/// assert_eq!(norm.keys().collect::<Vec<_>>(), ["bias", "weight"]);
+/// ```
 pub fn expected_keys<M: Module>(module: &M, map: &KeyMap) -> BTreeMap<String, Vec<usize>> {
     let mut visitor = ExpectedKeys {
         map,
@@ -390,6 +470,31 @@ pub fn expected_keys<M: Module>(module: &M, map: &KeyMap) -> BTreeMap<String, Ve
 
 /// Compares a header with the keys a module expects; the first problem, in key order, is
 /// returned as a typed error.
+///
+/// ```
+/// use blip_core::Error;
+/// use blip_core::checkpoint::{KeyMap, SafetensorsHeader, check_header, expected_keys};
+/// use burn::nn::LinearConfig;
+///
+/// # let device = burn::tensor::Device::flex();
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("linear.safetensors");
+/// # const KEYS: blip_core::checkpoint::KeyMap = blip_core::checkpoint::KeyMap { renames: &[], ignored: &[] };
+/// # blip_core::checkpoint::save_safetensors(&burn::nn::LinearConfig::new(3, 2).init(&device), &path, &KEYS)?;
+/// // `path` holds a `Linear` 3 → 2 saved by `save_safetensors` with the empty key map `KEYS`.
+/// let header = SafetensorsHeader::read(&path)?;
+/// let same = expected_keys(&LinearConfig::new(3, 2).init(&device), &KEYS);
+/// check_header(&header, &same, &KEYS)?;
+/// let wider = expected_keys(&LinearConfig::new(4, 2).init(&device), &KEYS);
+/// let err = check_header(&header, &wider, &KEYS).unwrap_err();
+/// assert!(matches!(&err, Error::ShapeMismatch { key, .. } if key == "weight"));
+/// // A tensor the module lacks is an error, unless the key map ignores it.
+/// let no_bias = expected_keys(&LinearConfig::new(3, 2).with_bias(false).init(&device), &KEYS);
+/// assert!(matches!(check_header(&header, &no_bias, &KEYS), Err(Error::UnexpectedTensor { .. })));
+/// const LENIENT: KeyMap = KeyMap { renames: &[], ignored: &["bias"] };
+/// check_header(&header, &no_bias, &LENIENT)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn check_header(
     header: &SafetensorsHeader,
     expected: &BTreeMap<String, Vec<usize>>,
@@ -437,6 +542,21 @@ pub fn check_header(
 /// burn's PyTorch-layout adapter `A` (`PyTorchToBurnAdapter` to load, `BurnToPyTorchAdapter`
 /// to save), with Linear weights transposed a tile at a time. burn's own transpose copies one
 /// element per `memcpy` call: half of a BLIP-base load went there.
+///
+/// ```
+/// use blip_core::checkpoint::PyTorchLayout;
+/// use burn::nn::LinearConfig;
+/// use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot};
+/// use burn::tensor::Device;
+///
+/// let linear = LinearConfig::new(3, 2).init(&Device::flex());
+/// let plain = linear.collect(None, None, false);
+/// let weight = plain.iter().find(|t| t.name == "weight").unwrap();
+/// assert_eq!(weight.shape.to_vec(), [3, 2]); // burn's [in, out]
+/// let pytorch = linear.collect(None, Some(Box::new(PyTorchLayout(BurnToPyTorchAdapter))), false);
+/// let weight = pytorch.iter().find(|t| t.name == "weight").unwrap();
+/// assert_eq!(weight.shape.to_vec(), [2, 3]); // PyTorch's [out, in]
+/// ```
 #[derive(Debug, Clone)]
 pub struct PyTorchLayout<A>(pub A);
 
@@ -531,6 +651,28 @@ fn transpose_tiles<const N: usize>(src: &[u8], rows: usize, cols: usize) -> Vec<
 /// when the module reaches it and dropped once applied: peak memory is the model plus its
 /// largest tensor, not twice the file as a whole-file or memory-mapped read would be. On any
 /// error the module is dropped and nothing partially loaded escapes.
+///
+/// ```
+/// use blip_core::Error;
+/// use blip_core::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors, save_safetensors};
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("linear.safetensors");
+/// const KEYS: KeyMap = KeyMap { renames: &[], ignored: &[] };
+/// let saved = LinearConfig::new(3, 2).init(&device);
+/// save_safetensors(&saved, &path, &KEYS)?;
+/// let header = SafetensorsHeader::read(&path)?;
+/// let loaded = load_safetensors(LinearConfig::new(3, 2).init(&device), &header, &KEYS)?;
+/// let values = |t: Tensor<2>| t.into_data().to_vec::<f32>().unwrap();
+/// assert_eq!(values(loaded.weight.val()), values(saved.weight.val()));
+/// // A module of another shape is refused before any tensor is read.
+/// let err = load_safetensors(LinearConfig::new(4, 2).init(&device), &header, &KEYS).unwrap_err();
+/// assert!(matches!(err, Error::ShapeMismatch { .. }));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn load_safetensors<M: Module + ModuleSnapshot>(
     mut module: M,
     header: &SafetensorsHeader,
@@ -576,6 +718,23 @@ pub fn load_safetensors<M: Module + ModuleSnapshot>(
 ///
 /// Tensors are produced and written one at a time. The file appears atomically
 /// ([`crate::fs::AtomicFile`]): a failure leaves no half-written checkpoint.
+///
+/// ```
+/// use blip_core::checkpoint::{KeyMap, SafetensorsHeader, save_safetensors};
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::Device;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("linear.safetensors");
+/// // Keys go through the map: module `weight` is saved as `kernel`.
+/// const KEYS: KeyMap = KeyMap { renames: &[("kernel", "weight")], ignored: &[] };
+/// save_safetensors(&LinearConfig::new(3, 2).init(&Device::flex()), &path, &KEYS)?;
+/// let header = SafetensorsHeader::read(&path)?;
+/// assert_eq!(header.tensors.keys().collect::<Vec<_>>(), ["bias", "kernel"]);
+/// assert_eq!(header.tensors["kernel"].shape, [2, 3]); // [out, in], as PyTorch stores it
+/// assert_eq!(std::fs::read_dir(dir.path())?.count(), 1); // no temp file left
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn save_safetensors<M: Module + ModuleSnapshot>(
     module: &M,
     path: &Path,

@@ -37,6 +37,16 @@ use burn::tensor::{Tensor, TensorData};
 use crate::split_mix64;
 
 /// The dropout rates of a training run.
+///
+/// ```
+/// use blip_core::dropout::DropoutRates;
+///
+/// let rates = DropoutRates::new(0.1, 0.1, 0.0)?;
+/// assert_eq!((rates.hidden, rates.attention, rates.drop_path), (0.1, 0.1, 0.0));
+/// assert_eq!(DropoutRates::NONE, DropoutRates::new(0.0, 0.0, 0.0)?);
+/// assert!(DropoutRates::new(1.0, 0.1, 0.0).is_err()); // 1 would drop everything
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DropoutRates {
     /// Dropout on hidden states: text embeddings, attention outputs and feed-forward outputs
@@ -75,12 +85,29 @@ impl DropoutRates {
 }
 
 /// A dropout rate outside `[0, 1)`, with the message naming it.
+///
+/// ```
+/// use blip_core::dropout::{DropoutRates, RateError};
+///
+/// let err: RateError = DropoutRates::new(0.1, 1.5, 0.0).unwrap_err();
+/// assert_eq!(err.to_string(), "attention dropout 1.5 is outside [0, 1)");
+/// assert_eq!(err, RateError("attention dropout 1.5 is outside [0, 1)".into()));
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
 pub struct RateError(pub String);
 
 /// A rate must lie in `[0, 1)`: at 1 every unit is dropped and the rescaling `1 / (1 − p)`
 /// divides by zero. Returns the message naming `name` otherwise.
+///
+/// ```
+/// use blip_core::dropout::check_rate;
+///
+/// assert!(check_rate("hidden dropout", 0.1).is_ok());
+/// let message = check_rate("hidden dropout", 1.0).unwrap_err();
+/// assert_eq!(message, "hidden dropout 1 is outside [0, 1)");
+/// assert!(check_rate("drop-path rate", f64::NAN).is_err());
+/// ```
 pub fn check_rate(name: &str, rate: f64) -> std::result::Result<(), String> {
     if rate.is_finite() && (0.0..1.0).contains(&rate) {
         Ok(())
@@ -116,6 +143,23 @@ fn enter(stream: Option<Arc<Stream>>) -> Restore {
 
 /// Runs `f` with dropout on at `rates`, drawing masks from the stream `key` (see the module
 /// documentation). Nested scopes replace the outer one until they end.
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let x = Tensor::<2>::ones([4, 8], &Device::flex());
+/// let rates = DropoutRates::new(0.5, 0.0, 0.0)?;
+/// let draw = |key| {
+///     let y = dropout::train(rates, key, || dropout::hidden(x.clone()));
+///     y.into_data().to_vec::<f32>().unwrap()
+/// };
+/// assert_eq!(draw(42), draw(42)); // the same key draws the same mask
+/// assert!(draw(42).iter().all(|&v| v == 0.0 || v == 2.0)); // kept values scaled by 1 / (1 - p)
+/// assert_eq!(dropout::train(rates, 42, dropout::rates), Some(rates));
+/// assert_eq!(dropout::rates(), None); // off again once the scope ends
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn train<R>(rates: DropoutRates, key: u64, f: impl FnOnce() -> R) -> R {
     let _restore = enter(Some(Arc::new(Stream {
         rates,
@@ -127,21 +171,72 @@ pub fn train<R>(rates: DropoutRates, key: u64, f: impl FnOnce() -> R) -> R {
 
 /// The scope of the calling thread, for work that moves to another thread: `carry` on that
 /// thread continues the same stream (`blip_core::ops::on_thread_pool` does this).
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates, Scope};
+///
+/// let rates = DropoutRates::new(0.1, 0.0, 0.0)?;
+/// let (carried, empty) = dropout::train(rates, 7, || {
+///     let scope: Scope = dropout::current();
+///     let thread = std::thread::spawn(move || dropout::carry(scope, dropout::rates));
+///     let carried = thread.join().unwrap();
+///     (carried, dropout::carry(Scope::default(), dropout::rates))
+/// });
+/// assert_eq!(carried, Some(rates)); // the other thread continues the scope
+/// assert_eq!(empty, None); // the default scope has dropout off
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct Scope(Option<Arc<Stream>>);
 
 /// The calling thread's scope (empty outside [`train`]).
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+///
+/// let rates = DropoutRates::new(0.1, 0.1, 0.0)?;
+/// let scope = dropout::train(rates, 3, dropout::current);
+/// // The scope outlives `train`: carried later, it has the same rates.
+/// assert_eq!(dropout::carry(scope, dropout::rates), Some(rates));
+/// // Outside any scope, `current` is the empty scope.
+/// assert_eq!(dropout::carry(dropout::current(), dropout::rates), None);
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn current() -> Scope {
     Scope(ACTIVE.with(|active| active.borrow().clone()))
 }
 
 /// Runs `f` inside `scope` (taken with [`current`] on another thread).
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+///
+/// let rates = DropoutRates::new(0.2, 0.0, 0.0)?;
+/// let seen = dropout::train(rates, 5, || {
+///     let scope = dropout::current();
+///     std::thread::scope(|s| s.spawn(|| dropout::carry(scope, dropout::rates)).join().unwrap())
+/// });
+/// assert_eq!(seen, Some(rates));
+/// // A thread that does not carry the scope has dropout off.
+/// let bare = dropout::train(rates, 5, || std::thread::spawn(dropout::rates).join().unwrap());
+/// assert_eq!(bare, None);
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn carry<R>(scope: Scope, f: impl FnOnce() -> R) -> R {
     let _restore = enter(scope.0);
     f()
 }
 
 /// The active rates, if any.
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+///
+/// assert_eq!(dropout::rates(), None);
+/// let rates = DropoutRates::new(0.1, 0.1, 0.0)?;
+/// assert_eq!(dropout::train(rates, 0, dropout::rates), Some(rates));
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn rates() -> Option<DropoutRates> {
     ACTIVE.with(|active| active.borrow().as_ref().map(|s| s.rates))
 }
@@ -190,17 +285,55 @@ fn drop<const D: usize>(
 
 /// Dropout on hidden states at the active scope's `hidden` rate; the identity outside
 /// [`train`].
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let x = Tensor::<3>::ones([2, 4, 8], &Device::flex());
+/// // Outside `train` it is the identity.
+/// assert_eq!(dropout::hidden(x.clone()).into_data().to_vec::<f32>().unwrap(), vec![1.0; 64]);
+/// let rates = DropoutRates::new(0.5, 0.0, 0.0)?;
+/// let y = dropout::train(rates, 1, || dropout::hidden(x.clone()));
+/// assert_eq!(y.dims(), [2, 4, 8]);
+/// assert!(y.into_data().to_vec::<f32>().unwrap().iter().all(|&v| v == 0.0 || v == 2.0));
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn hidden<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     drop(x, |r| r.hidden, false)
 }
 
 /// Dropout on attention probabilities `[B, H, L_q, L_k]` at the active `attention` rate.
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let probs = Tensor::<4>::ones([1, 2, 4, 4], &Device::flex());
+/// // Only the `attention` rate applies: at hidden 0.5, attention 0 nothing is dropped.
+/// let hidden_only = DropoutRates::new(0.5, 0.0, 0.0)?;
+/// let kept = dropout::train(hidden_only, 1, || dropout::attention_probs(probs.clone()));
+/// assert_eq!(kept.into_data().to_vec::<f32>().unwrap(), vec![1.0; 32]);
+/// let attention_only = DropoutRates::new(0.0, 0.5, 0.0)?;
+/// let dropped = dropout::train(attention_only, 1, || dropout::attention_probs(probs.clone()));
+/// assert!(dropped.into_data().to_vec::<f32>().unwrap().iter().all(|&v| v == 0.0 || v == 2.0));
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn attention_probs(x: Tensor<4>) -> Tensor<4> {
     drop(x, |r| r.attention, false)
 }
 
 /// Whether attention probabilities are dropped in the current scope: attention must then be
 /// computed in steps instead of by a fused kernel.
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+///
+/// assert!(!dropout::drops_attention());
+/// assert!(dropout::train(DropoutRates::new(0.1, 0.1, 0.0)?, 0, dropout::drops_attention));
+/// assert!(!dropout::train(DropoutRates::new(0.1, 0.0, 0.0)?, 0, dropout::drops_attention));
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn drops_attention() -> bool {
     rates().is_some_and(|r| r.attention > 0.0)
 }
@@ -208,6 +341,23 @@ pub fn drops_attention() -> bool {
 /// Stochastic depth of a residual branch `[B, T, D]` in block `layer` of `depth`: each
 /// sample's branch is zeroed with probability `drop_path · layer / (depth − 1)` and scaled
 /// by `1 / (1 − rate)` otherwise (timm's `DropPath`).
+///
+/// ```
+/// use blip_core::dropout::{self, DropoutRates};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let branch = Tensor::<3>::ones([64, 2, 3], &Device::flex());
+/// let rates = DropoutRates::new(0.0, 0.0, 0.5)?;
+/// // The last block of 3 drops at the full rate 0.5, each sample as a whole.
+/// let last = dropout::train(rates, 9, || dropout::drop_path(branch.clone(), 2, 3));
+/// for sample in last.into_data().to_vec::<f32>().unwrap().chunks(6) {
+///     assert!(sample.iter().all(|&v| v == sample[0]) && (sample[0] == 0.0 || sample[0] == 2.0));
+/// }
+/// // The first block never drops.
+/// let first = dropout::train(rates, 9, || dropout::drop_path(branch.clone(), 0, 3));
+/// assert_eq!(first.into_data().to_vec::<f32>().unwrap(), vec![1.0; 384]);
+/// # Ok::<(), blip_core::dropout::RateError>(())
+/// ```
 pub fn drop_path(branch: Tensor<3>, layer: usize, depth: usize) -> Tensor<3> {
     let at_layer = |r: &DropoutRates| match depth {
         0 | 1 => 0.0,

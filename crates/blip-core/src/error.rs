@@ -7,6 +7,15 @@ use std::path::PathBuf;
 ///
 /// Every variant names the file (and, for tensors, the checkpoint key) it is about, so that a
 /// user can act on the message without a debugger.
+///
+/// ```
+/// use std::path::Path;
+/// use blip_core::Error;
+///
+/// let err = blip_core::read_json(Path::new("no/such/config.json")).unwrap_err();
+/// assert!(matches!(&err, Error::Io { path, .. } if path.ends_with("config.json")));
+/// assert!(err.to_string().starts_with("cannot read no/such/config.json"));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be opened or read.
@@ -133,4 +142,17 @@ pub enum Error {
 }
 
 /// Result alias for this crate.
+///
+/// ```
+/// use std::path::Path;
+///
+/// fn width(n: usize) -> blip_core::Result<usize> {
+///     let sizes = [("hidden_size", n, blip_core::MAX_WIDTH)];
+///     blip_core::check_sizes("text", &sizes, 1e-12, Path::new("<config>"))?;
+///     Ok(n)
+/// }
+/// assert_eq!(width(768)?, 768);
+/// assert!(matches!(width(0), Err(blip_core::Error::Config { .. })));
+/// # Ok::<(), blip_core::Error>(())
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;

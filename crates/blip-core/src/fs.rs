@@ -27,6 +27,17 @@ use tempfile::NamedTempFile;
 pub const TEMP_SUFFIX: &str = ".tmp";
 
 /// A write that failed, with the file it was writing.
+///
+/// ```
+/// use std::path::Path;
+///
+/// let path = Path::new("/nonexistent-blip-dir/out.json");
+/// let err = blip_core::fs::write_atomic(path, |_| Ok(())).unwrap_err();
+/// assert_eq!(err.path, path);
+/// assert!(err.to_string().starts_with("cannot write /nonexistent-blip-dir/out.json"));
+/// // It converts into the crate's error, for `?` in functions returning `blip_core::Result`.
+/// assert!(matches!(blip_core::Error::from(err), blip_core::Error::Io { .. }));
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write {path}: {source}")]
 pub struct WriteError {
@@ -54,6 +65,25 @@ fn fail(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
 }
 
 /// Writes `path` atomically and durably, its directory entry included.
+///
+/// ```
+/// use std::io::Write;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("config.json");
+/// std::fs::write(&path, "old")?;
+/// blip_core::fs::write_atomic(&path, |out| out.write_all(b"new"))?;
+/// assert_eq!(std::fs::read_to_string(&path)?, "new");
+/// // A failed write leaves the old file, and no temp file, behind.
+/// let failed = blip_core::fs::write_atomic(&path, |out| {
+///     out.write_all(b"half")?;
+///     Err(std::io::Error::other("disk full"))
+/// });
+/// assert!(failed.is_err());
+/// assert_eq!(std::fs::read_to_string(&path)?, "new");
+/// assert_eq!(std::fs::read_dir(dir.path())?.count(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
@@ -64,6 +94,19 @@ pub fn write_atomic(
 
 /// As [`write_atomic`] but leaves the directory fsync to the caller, who batches it when
 /// writing many files into one directory ([`sync_dir`] once at the end).
+///
+/// ```
+/// use std::io::Write;
+/// use blip_core::fs::{sync_dir, write_atomic_no_dir_sync};
+///
+/// let dir = tempfile::tempdir()?;
+/// for name in ["a.json", "b.json"] {
+///     write_atomic_no_dir_sync(&dir.path().join(name), |out| out.write_all(name.as_bytes()))?;
+/// }
+/// sync_dir(dir.path())?; // one directory fsync for the whole batch
+/// assert_eq!(std::fs::read_to_string(dir.path().join("b.json"))?, "b.json");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn write_atomic_no_dir_sync(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
@@ -74,6 +117,17 @@ pub fn write_atomic_no_dir_sync(
 /// Atomic but not durable: as [`write_atomic`] without any fsync, so after a power loss the
 /// file may be missing or empty (never a mix of old and new). For files a run regenerates
 /// deterministically, where thousands of fsyncs would dominate (the world's images).
+///
+/// ```
+/// use std::io::Write;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("image_0.png");
+/// blip_core::fs::write_atomic_unsynced(&path, |out| out.write_all(&[1, 2, 3]))?;
+/// assert_eq!(std::fs::read(&path)?, [1, 2, 3]);
+/// assert_eq!(std::fs::read_dir(dir.path())?.count(), 1); // no temp file left
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn write_atomic_unsynced(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
@@ -95,6 +149,23 @@ fn write_file(
 
 /// A file written under a temp name beside `path` and renamed into place by
 /// [`AtomicFile::commit`]; dropped uncommitted, the temp file is removed.
+///
+/// ```
+/// use std::io::Write;
+/// use blip_core::fs::AtomicFile;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("model.safetensors");
+/// let mut file = AtomicFile::create(&path)?;
+/// file.writer().write_all(b"bytes")?;
+/// assert!(file.temp().exists() && !path.exists()); // nothing at `path` before the commit
+/// file.commit()?;
+/// assert_eq!(std::fs::read(&path)?, b"bytes");
+/// // Dropped uncommitted, the temp file is removed.
+/// drop(AtomicFile::create(&dir.path().join("other.bin"))?);
+/// assert_eq!(std::fs::read_dir(dir.path())?.count(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct AtomicFile {
     path: PathBuf,
@@ -163,6 +234,19 @@ fn parent(path: &Path) -> &Path {
 }
 
 /// Makes renames and creations in `dir` durable (a no-op where directories cannot be opened).
+///
+/// ```
+/// use std::path::Path;
+///
+/// let dir = tempfile::tempdir()?;
+/// std::fs::write(dir.path().join("a.txt"), "a")?;
+/// blip_core::fs::sync_dir(dir.path())?;
+/// if cfg!(unix) {
+///     let missing = Path::new("/nonexistent-blip-dir");
+///     assert_eq!(blip_core::fs::sync_dir(missing).unwrap_err().path, missing);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
     #[cfg(unix)]
     File::open(dir)
@@ -175,6 +259,20 @@ pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
 
 /// Removes the `.*.tmp` files that a killed run left in `dir` (not recursive). A missing
 /// directory has none.
+///
+/// ```
+/// use blip_core::fs::remove_stale_temps;
+///
+/// let dir = tempfile::tempdir()?;
+/// std::fs::write(dir.path().join(".out.json.x1.tmp"), "killed")?;
+/// std::fs::write(dir.path().join("out.json"), "{}")?;
+/// remove_stale_temps(dir.path())?;
+/// assert!(!dir.path().join(".out.json.x1.tmp").exists());
+/// assert!(dir.path().join("out.json").exists());
+/// // A missing directory has no stale files.
+/// remove_stale_temps(&dir.path().join("missing"))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn remove_stale_temps(dir: &Path) -> Result<(), WriteError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,

@@ -15,6 +15,24 @@ pub const MAX_LAYERS: usize = 1024;
 /// The bounds every config is held to before anything is built from it: each
 /// `(name, value, max)` of `part` ("vision", "text") in `1..=max`, and a positive
 /// `layer_norm_eps`.
+///
+/// ```
+/// use std::path::Path;
+/// use blip_core::{MAX_LAYERS, MAX_WIDTH, check_sizes};
+///
+/// let path = Path::new("config.json");
+/// let sizes = [("hidden_size", 768, MAX_WIDTH), ("num_hidden_layers", 12, MAX_LAYERS)];
+/// check_sizes("vision", &sizes, 1e-5, path)?;
+/// let none = [("num_hidden_layers", 0, MAX_LAYERS)];
+/// let err = check_sizes("vision", &none, 1e-5, path).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "invalid config config.json: vision num_hidden_layers 0 is outside 1..=1024"
+/// );
+/// // `layer_norm_eps` must be positive.
+/// assert!(check_sizes("text", &[], 0.0, path).is_err());
+/// # Ok::<(), blip_core::Error>(())
+/// ```
 pub fn check_sizes(
     part: &str,
     sizes: &[(&str, usize, usize)],
@@ -42,6 +60,18 @@ pub fn check_sizes(
 
 /// Opens `path` for reading if it is a regular file (or a link to one). A FIFO, device or
 /// directory is refused before it is opened: opening a FIFO blocks until a writer comes.
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("vocab.txt");
+/// std::fs::write(&path, "[CLS]")?;
+/// let file = blip_core::open_file(&path)?;
+/// assert_eq!(file.metadata()?.len(), 5);
+/// // A directory is refused before it is opened.
+/// let err = blip_core::open_file(dir.path()).unwrap_err();
+/// assert!(err.to_string().contains("not a regular file"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn open_file(path: &Path) -> Result<std::fs::File> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
@@ -58,6 +88,19 @@ pub fn open_file(path: &Path) -> Result<std::fs::File> {
 }
 
 /// The whole content of a regular file ([`open_file`]), naming the file in any error.
+///
+/// ```
+/// use blip_core::Error;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("tokenizer.json");
+/// std::fs::write(&path, b"{}")?;
+/// assert_eq!(blip_core::read_file(&path)?, b"{}");
+/// let missing = dir.path().join("missing.json");
+/// let err = blip_core::read_file(&missing).unwrap_err();
+/// assert!(matches!(err, Error::Io { path, .. } if path == missing));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut open_file(path)?, &mut bytes).map_err(|source| Error::Io {
@@ -68,6 +111,20 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Reads and parses a JSON file, naming the file in any error.
+///
+/// ```
+/// use blip_core::Error;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("config.json");
+/// std::fs::write(&path, r#"{"vision_config": {"hidden_size": 768}}"#)?;
+/// let value = blip_core::read_json(&path)?;
+/// assert_eq!(value["vision_config"]["hidden_size"].as_u64(), Some(768));
+/// // Malformed JSON is a config error naming the file.
+/// std::fs::write(&path, "{not json")?;
+/// assert!(matches!(blip_core::read_json(&path), Err(Error::Config { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&read_file(path)?).map_err(|e| Error::Config {
         path: path.to_path_buf(),

@@ -17,6 +17,15 @@ use std::fmt;
 use std::sync::Arc;
 
 /// One progress report.
+///
+/// ```
+/// use blip_core::progress::Progress;
+///
+/// let last = Progress { done: 10, total: 10, message: "shard 2/2", finished: true };
+/// let copy = last; // `Copy`: cheap to keep the last report
+/// assert_eq!(copy, last);
+/// assert!(last.finished && last.done == last.total);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Progress<'a> {
     /// Units done so far (images, batches), counting those of earlier runs that a resumed
@@ -32,6 +41,20 @@ pub struct Progress<'a> {
 
 /// A callback receiving [`Progress`] reports, called from the thread that runs the work.
 /// Cheap to clone.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use blip_core::progress::{Progress, ProgressSink};
+///
+/// let done = Arc::new(AtomicU64::new(0));
+/// let seen = done.clone();
+/// let sink = ProgressSink::new(move |p: Progress<'_>| seen.store(p.done, Ordering::Relaxed));
+/// let clone = sink.clone(); // clones share the callback
+/// clone.report(Progress { done: 7, total: 10, message: "batch 7", finished: false });
+/// assert_eq!(done.load(Ordering::Relaxed), 7);
+/// assert_eq!(format!("{sink:?}"), "ProgressSink(..)");
+/// ```
 #[derive(Clone)]
 pub struct ProgressSink(Arc<dyn Fn(Progress<'_>) + Send + Sync>);
 

@@ -12,6 +12,18 @@ use crate::error::Result;
 /// Hyper-parameters of BLIP's BERT-based text transformer (MED).
 ///
 /// Field names follow the `text_config` of a HuggingFace `config.json`.
+///
+/// ```
+/// use blip_text::TextConfig;
+///
+/// let base = TextConfig::base(768);
+/// assert_eq!((base.vocab_size, base.hidden_size, base.num_hidden_layers), (30524, 768, 12));
+/// assert_eq!(base.head_dim(), 64);
+/// // A tiny decoder over 32-wide image tokens; the fields not given keep their defaults.
+/// let tiny = TextConfig::new(64, 32, 32, 64, 1, 2).with_max_position_embeddings(32);
+/// assert_eq!((tiny.head_dim(), tiny.max_position_embeddings), (16, 32));
+/// assert_eq!((tiny.pad_token_id, tiny.sep_token_id), (0, 102));
+/// ```
 #[derive(Config, Debug, PartialEq)]
 pub struct TextConfig {
     /// Vocabulary size: 30524 = bert-base-uncased + `[DEC]` + `[ENC]`.
@@ -141,6 +153,20 @@ impl TextConfig {
 }
 
 /// A whole BLIP model config: vision, text, and the ITC projection width.
+///
+/// ```
+/// use blip_text::BlipConfig;
+///
+/// let config = BlipConfig::large();
+/// assert_eq!(config.text.encoder_hidden_size, config.vision.hidden_size);
+/// let json = config.to_hf_json("BlipForConditionalGeneration");
+/// assert_eq!(json["vision_config"]["hidden_size"], 1024);
+/// # let path = std::env::temp_dir().join(format!("blip-text-doc-config-{}.json", std::process::id()));
+/// std::fs::write(&path, json.to_string())?;
+/// assert_eq!(BlipConfig::from_hf_json(&path)?, config);
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Config, Debug, PartialEq)]
 pub struct BlipConfig {
     /// The ViT.

@@ -5,6 +5,15 @@ use std::path::PathBuf;
 /// Everything that can go wrong in `blip-text`: file, image, shape and checkpoint errors
 /// ([`blip_core::Error`]),
 /// plus tokenizer and text-input errors.
+///
+/// ```
+/// use blip_text::{Error, GenerationConfig};
+///
+/// let config = GenerationConfig { num_beams: 0, ..GenerationConfig::default() };
+/// let err = config.validate().unwrap_err();
+/// assert!(matches!(err, Error::Generation(_)));
+/// assert_eq!(err.to_string(), "generation: num_beams and num_return_sequences must be at least 1");
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file, image, config, checkpoint or input-shape error (names the file, key or input).
@@ -94,4 +103,14 @@ pub enum Error {
 }
 
 /// Result alias for this crate.
+///
+/// ```
+/// fn beams(n: usize) -> blip_text::Result<usize> {
+///     let config = blip_text::GenerationConfig { num_beams: n, ..Default::default() };
+///     config.validate()?;
+///     Ok(config.num_beams)
+/// }
+/// assert_eq!(beams(3).unwrap(), 3);
+/// assert!(beams(0).is_err());
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -20,6 +20,18 @@ use crate::error::{Error, Result};
 use crate::med::{CrossInput, KeyValue, TextAttention, TextModel, attention_bias};
 
 /// Nucleus / top-k sampling settings.
+///
+/// ```
+/// use blip_text::{GenerationConfig, Sampling};
+///
+/// let sampling = Sampling { top_p: 0.9, top_k: 50, temperature: 1.0, seed: 7 };
+/// assert_eq!(GenerationConfig::blip_nucleus(7).sampling, Some(sampling.clone()));
+/// let config = GenerationConfig { sampling: Some(sampling.clone()), ..GenerationConfig::default() };
+/// assert!(config.validate().is_ok());
+/// // A temperature of 0 cannot divide the logits.
+/// let frozen = Sampling { temperature: 0.0, ..sampling };
+/// assert!(GenerationConfig { sampling: Some(frozen), ..config }.validate().is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
     /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1.0: all).
@@ -33,6 +45,19 @@ pub struct Sampling {
 }
 
 /// How to decode. Lengths count the whole sequence (`[DEC]`, prompt and new tokens).
+///
+/// ```
+/// use blip_text::GenerationConfig;
+///
+/// let greedy = GenerationConfig::default();
+/// assert_eq!((greedy.max_length, greedy.num_beams, greedy.sampling), (20, 1, None));
+/// let beam = GenerationConfig::blip_beam();
+/// assert_eq!((beam.num_beams, beam.min_length), (3, 5));
+/// assert!(beam.validate().is_ok());
+/// // Three beams cannot return five sequences.
+/// let bad = GenerationConfig { num_return_sequences: 5, ..beam };
+/// assert!(bad.validate().is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
     /// Stop a sequence at this many tokens (transformers' default: 20).
@@ -160,6 +185,27 @@ impl GenerationConfig {
 }
 
 /// One generated sequence.
+///
+/// ```
+/// use blip_text::{CrossInput, GenerationConfig, generate};
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let decoder = text.init_lm_head_model(&device);
+/// let image = CrossInput { states: Tensor::zeros([1, 5, 32], &device), mask: None };
+/// let config = GenerationConfig { max_length: 6, ..GenerationConfig::default() };
+/// let out = generate(&decoder, image, &[vec![3]], &config)?;
+/// let generated = &out[0][0];
+/// assert_eq!(generated.token_ids[0], 3); // the prompt ([DEC]) comes first
+/// assert!(generated.token_ids.len() <= 6);
+/// assert!(generated.score <= 0.0); // a mean log-probability
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generated {
     /// The whole sequence as transformers returns it: `[DEC]`, prompt, new tokens, and the
@@ -171,6 +217,21 @@ pub struct Generated {
 }
 
 /// Special ids the decoding loop needs.
+///
+/// ```
+/// use blip_text::Decoder;
+/// use burn::tensor::Device;
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let decoder = text.init_lm_head_model(&Device::flex());
+/// let special = decoder.special_tokens();
+/// assert_eq!(special.eos, text.sep_token_id as u32); // a sequence ends at [SEP]
+/// assert_eq!(special.pad, text.pad_token_id as u32);
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct SpecialTokens {
     /// `[SEP]`: ends a sequence.
@@ -186,6 +247,24 @@ pub struct SpecialTokens {
 ///
 /// The captioning model's decoder ([`crate::TextLmHeadModel`]) implements it, and so does
 /// `blip_train::BlipPretrain`, which captions with its shared weights as they are.
+///
+/// ```
+/// use blip_text::Decoder;
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let model = text.init_lm_head_model(&device);
+/// let decoder: &dyn Decoder = &model;
+/// assert!(decoder.self_attention().is_none()); // runs the layers' own blocks
+/// assert_eq!(decoder.text_model().vocab_size(), 64);
+/// let logits = decoder.logits(Tensor::zeros([1, 2, 32], &device));
+/// assert_eq!(logits.dims(), [1, 2, 64]);
+/// ```
 pub trait Decoder: Sync {
     /// The text transformer: embeddings, layers (feed-forward and cross-attention).
     fn text_model(&self) -> &TextModel;
@@ -472,6 +551,28 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut SplitMix64) -> Result<usize> {
 /// Generates from right-padded prompts (one per input; each starts with `[DEC]`), attending to
 /// `cross` (`[B, L, D]`: image tokens, or question states for VQA). Returns
 /// `num_return_sequences` sequences per input, best first for beam search.
+///
+/// ```
+/// use blip_text::{CrossInput, GenerationConfig, generate};
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let decoder = text.init_lm_head_model(&device);
+/// // Two images of 5 tokens; prompts of different lengths, each starting with [DEC].
+/// let images = CrossInput { states: Tensor::zeros([2, 5, 32], &device), mask: None };
+/// let prompts = [vec![3], vec![3, 10, 11]];
+/// let config = GenerationConfig { max_length: 8, num_beams: 2, num_return_sequences: 2, ..GenerationConfig::default() };
+/// let out = generate(&decoder, images, &prompts, &config)?;
+/// assert!(out.len() == 2 && out.iter().all(|sequences| sequences.len() == 2));
+/// assert!(out[1][0].token_ids.starts_with(&[3, 10, 11]));
+/// assert!(out[0][0].score >= out[0][1].score); // best first
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 pub fn generate(
     model: &dyn Decoder,
     cross: CrossInput,

@@ -15,6 +15,25 @@ use crate::generate::{Decoder, Generated, GenerationConfig, SpecialTokens, gener
 use crate::med::{CrossInput, TextModel, linear};
 
 /// Dense + GELU + LayerNorm before the vocabulary projection.
+///
+/// ```
+/// use burn::tensor::activation::gelu;
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let transform = text.init_lm_prediction_head(&device).transform;
+/// let x = Tensor::<3>::ones([1, 2, 32], &device);
+/// let y = transform.layer_norm.forward(gelu(transform.dense.forward(x)));
+/// assert_eq!(y.dims(), [1, 2, 32]);
+/// // Fresh LayerNorm (scale 1, shift 0): every position has mean 0.
+/// let means = y.mean_dim(2).into_data().try_into_vec_as::<f32>().unwrap();
+/// assert!(means.iter().all(|m| m.abs() < 1e-4));
+/// ```
 #[derive(Module, Debug)]
 pub struct PredictionHeadTransform {
     /// `D → D`.
@@ -25,6 +44,24 @@ pub struct PredictionHeadTransform {
 
 /// BERT's LM head (`cls.predictions`): `transform`, then the word-embedding matrix
 /// (tied: there is no separate decoder weight) plus a vocabulary bias.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let bert = text.init(&device);
+/// let head = text.init_lm_prediction_head(&device);
+/// let bias = head.bias.val().into_data().try_into_vec_as::<f32>().unwrap();
+/// assert!(bias.len() == 64 && bias.iter().all(|&b| b == 0.0));
+/// // The vocabulary projection is the (tied) word-embedding matrix.
+/// let logits = head.forward(Tensor::ones([2, 3, 32], &device), bert.embeddings.word_embeddings.weight.val());
+/// assert_eq!(logits.dims(), [2, 3, 64]);
+/// ```
 #[derive(Module, Debug)]
 pub struct LmPredictionHead {
     /// Transform block.
@@ -34,6 +71,25 @@ pub struct LmPredictionHead {
 }
 
 /// The image-grounded decoder: a [`TextModel`] (`bert`) with the LM head.
+///
+/// ```
+/// use blip_text::{CrossInput, ids_tensor};
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let decoder = text.init_lm_head_model(&device);
+/// assert_eq!(decoder.sep_token_id, 2);
+/// let image = CrossInput { states: Tensor::zeros([1, 5, 32], &device), mask: None };
+/// let ids = ids_tensor(&[vec![3, 10, 11]], &device); // [DEC] and two tokens
+/// let logits = decoder.forward(ids, None, image)?;
+/// assert_eq!(logits.dims(), [1, 3, 64]);
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct TextLmHeadModel {
     /// The text transformer, run causally with cross-attention.

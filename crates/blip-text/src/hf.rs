@@ -68,6 +68,28 @@ pub const VQA_KEYS: KeyMap = KeyMap {
 
 /// A model loaded from a HF directory, with its config and (when the directory has one)
 /// tokenizer.
+///
+/// ```
+/// use blip_text::{BlipConfig, CaptioningModel};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::Device;
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// # let dir = std::env::temp_dir().join(format!("blip-text-doc-pretrained-{}", std::process::id()));
+/// let device = Device::flex();
+/// let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// CaptioningModel::new(&config, &device).save_pretrained(&config, &dir)?;
+/// let loaded = CaptioningModel::from_pretrained(&dir, &device)?;
+/// assert_eq!(loaded.config.vision, config.vision);
+/// assert_eq!(loaded.config.text.vocab_size, 64);
+/// assert!(loaded.tokenizer.is_none()); // the directory has no tokenizer.json or vocab.txt
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Pretrained<M> {
     /// The model.
@@ -79,6 +101,28 @@ pub struct Pretrained<M> {
 }
 
 /// The files of a HF BLIP model directory.
+///
+/// ```
+/// use blip_text::{BlipConfig, CaptioningModel, ModelDir, TextConfig};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::Device;
+///
+/// # let dir = std::env::temp_dir().join(format!("blip-text-doc-modeldir-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # std::fs::write(dir.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// # let text = TextConfig::new(13, 32, 32, 64, 1, 2).with_sep_token_id(3).with_bos_token_id(11).with_enc_token_id(12);
+/// # let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// // A directory with a tiny captioning model and a 13-token vocab.txt.
+/// CaptioningModel::new(&config, &Device::flex()).save_pretrained(&config, &dir)?;
+/// let model_dir = ModelDir::open(&dir)?;
+/// assert_eq!(model_dir.config.text.vocab_size, 13);
+/// assert!(model_dir.weights()?.tensors.contains_key("text_decoder.cls.predictions.bias"));
+/// let tokenizer = model_dir.tokenizer()?.expect("the directory has a vocab.txt");
+/// assert_eq!(tokenizer.vocab_size(), 13);
+/// assert!(ModelDir::open(dir.join("missing")).is_err()); // no config.json there
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     /// The directory.

@@ -20,6 +20,15 @@ use crate::error::{Error, Result};
 pub const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
 /// The HF hub cache directory from the environment, as `huggingface_hub` computes it.
+///
+/// ```
+/// let cache = blip_text::hub::cache_dir();
+/// match std::env::var_os("HF_HUB_CACHE") {
+///     Some(dir) => assert_eq!(cache, std::path::PathBuf::from(dir)),
+///     // `$HF_HOME/hub` or `~/.cache/huggingface/hub`
+///     None => assert!(cache.ends_with("hub")),
+/// }
+/// ```
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
         return PathBuf::from(dir);
@@ -34,6 +43,19 @@ pub fn cache_dir() -> PathBuf {
 /// A hub repo id, `org/name`, as `huggingface_hub` accepts it: letters, digits, `-`, `_`
 /// and `.`, at most 96 characters a part, no `--` or `..`, no leading or trailing `-`/`.`.
 /// Anything else (`./model`, `/abs/path`, `a/b/c`, `~/m`) is not an id: it is a path.
+///
+/// ```
+/// use blip_text::hub::parse_repo_id;
+///
+/// assert_eq!(
+///     parse_repo_id("Salesforce/blip-image-captioning-base"),
+///     Some(("Salesforce", "blip-image-captioning-base"))
+/// );
+/// // Paths are not ids.
+/// assert_eq!(parse_repo_id("./model"), None);
+/// assert_eq!(parse_repo_id("models/blip/base"), None);
+/// assert_eq!(parse_repo_id("/abs/path"), None);
+/// ```
 pub fn parse_repo_id(spec: &str) -> Option<(&str, &str)> {
     let (org, name) = spec.split_once('/')?;
     let part_ok = |part: &str| {
@@ -75,6 +97,26 @@ pub(crate) fn is_etag_hash(etag: &str) -> bool {
 /// When the id is not cached, the error says which files to fetch and where to put them
 /// ([`find_or_download`] fetches them). A spec that is not a valid hub id (see
 /// [`parse_repo_id`]) is a path, and a path that is not a directory is an error.
+///
+/// ```
+/// use blip_text::hub::{MODEL_FILES, resolve_model};
+///
+/// # let cache = std::env::temp_dir().join(format!("blip-text-doc-resolve-{}", std::process::id()));
+/// // A cache entry as huggingface_hub lays it out.
+/// let commit = "0123456789abcdef0123456789abcdef01234567";
+/// let repo = cache.join("models--Salesforce--blip-demo");
+/// let snapshot = repo.join("snapshots").join(commit);
+/// std::fs::create_dir_all(&snapshot)?;
+/// std::fs::create_dir_all(repo.join("refs"))?;
+/// std::fs::write(repo.join("refs").join("main"), commit)?;
+/// for file in MODEL_FILES {
+///     std::fs::write(snapshot.join(file), "")?;
+/// }
+/// assert_eq!(resolve_model("Salesforce/blip-demo", &cache)?, snapshot);
+/// assert!(resolve_model("Salesforce/not-cached", &cache).is_err());
+/// # std::fs::remove_dir_all(&cache)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn resolve_model(spec: &str, cache: &Path) -> Result<PathBuf> {
     let local = Path::new(spec);
     if local.is_dir() {
@@ -211,6 +253,17 @@ pub(crate) fn store_file(
 /// [`resolve_model`], and with the `download` feature, a hub id that is not cached is
 /// downloaded from `$HF_ENDPOINT` (default `https://huggingface.co`, token from
 /// `$HF_TOKEN`) into `cache` first.
+///
+/// ```
+/// use blip_text::hub::find_or_download;
+/// use std::path::Path;
+///
+/// // A local directory is used as it is: neither the cache nor the network is consulted.
+/// let dir = std::env::temp_dir();
+/// let found = find_or_download(dir.to_str().expect("a UTF-8 temp dir"), Path::new("/no/such/cache"))?;
+/// assert_eq!(found, dir);
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 pub fn find_or_download(spec: &str, cache: &Path) -> Result<PathBuf> {
     let not_cached = match resolve_model(spec, cache) {
         Ok(dir) => return Ok(dir),

@@ -47,6 +47,18 @@ pub fn lm_labels(text: &Encoded, prompt_length: usize, device: &Device) -> Tenso
 /// which is PyTorch's `CrossEntropyLoss(ignore_index=-100, label_smoothing=ε)` on
 /// `logits[:, :-1]` vs `labels[:, 1:]` — the original BLIP decoder (ε = 0.1) and transformers
 /// (ε from the config, 0.0 in hub configs). Returns a 1-element tensor.
+///
+/// ```
+/// use blip_text::{IGNORE_INDEX, lm_loss};
+/// use burn::tensor::{Device, Int, Tensor};
+///
+/// let device = Device::flex();
+/// // Uniform logits over 4 tokens: every supervised position costs ln 4.
+/// let logits = Tensor::<3>::zeros([1, 3, 4], &device);
+/// let labels = Tensor::<2, Int>::from_ints([[IGNORE_INDEX, 2, 1]], &device);
+/// let loss = lm_loss(logits, labels, 0.0).into_scalar::<f32>();
+/// assert!((loss - 4f32.ln()).abs() < 1e-5);
+/// ```
 pub fn lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>, label_smoothing: f64) -> Tensor<1> {
     let (per_token, weight) = token_losses(logits, labels, label_smoothing);
     (per_token * weight.clone()).sum() / weight.sum()
@@ -54,6 +66,19 @@ pub fn lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>, label_smoothing: f64) 
 
 /// As [`lm_loss`], but summed over each sequence's supervised tokens instead of averaged
 /// over the batch: `[B]`, the original `reduction='none'` (VQA answer ranking).
+///
+/// ```
+/// use blip_text::{IGNORE_INDEX, lm_loss_per_sequence};
+/// use burn::tensor::{Device, Int, Tensor};
+///
+/// let device = Device::flex();
+/// let logits = Tensor::<3>::zeros([2, 3, 4], &device); // uniform: ln 4 per token
+/// let labels = Tensor::<2, Int>::from_ints([[0, 2, 1], [0, 3, IGNORE_INDEX]], &device);
+/// let losses = lm_loss_per_sequence(logits, labels, 0.0).into_data().try_into_vec_as::<f32>().unwrap();
+/// // Summed over each row's supervised targets: two in the first row, one in the second.
+/// assert!((losses[0] - 2.0 * 4f32.ln()).abs() < 1e-5);
+/// assert!((losses[1] - 4f32.ln()).abs() < 1e-5);
+/// ```
 pub fn lm_loss_per_sequence(
     logits: Tensor<3>,
     labels: Tensor<2, Int>,

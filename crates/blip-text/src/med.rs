@@ -30,6 +30,23 @@ use crate::config::TextConfig;
 use crate::error::{Error, Result};
 
 /// Word + absolute position embeddings, LayerNorm (no token types, as BLIP).
+///
+/// ```
+/// use blip_text::ids_tensor;
+/// use burn::tensor::Device;
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let embeddings = text.init(&device).embeddings;
+/// assert_eq!(embeddings.word_embeddings.weight.val().dims(), [64, 32]);
+/// assert_eq!(embeddings.position_embeddings.weight.val().dims(), [32, 32]);
+/// let x = embeddings.forward(ids_tensor(&[vec![1, 10, 2]], &device));
+/// assert_eq!(x.dims(), [1, 3, 32]);
+/// ```
 #[derive(Module, Debug)]
 pub struct TextEmbeddings {
     /// `[vocab, D]`; the LM head's decoder is tied to it.
@@ -42,6 +59,22 @@ pub struct TextEmbeddings {
 
 /// Query/key/value projections of one attention block. For cross-attention the key and
 /// value read `encoder_hidden_size`-wide states.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let block = text.init_attention(32, &device).self_attention;
+/// let x = Tensor::<3>::ones([1, 4, 32], &device);
+/// let kv = block.key_value(x.clone());
+/// assert_eq!(kv.key.dims(), [1, 2, 4, 16]); // [batch, heads, length, head width]
+/// assert_eq!(block.attend(x, &kv, None).dims(), [1, 4, 32]);
+/// ```
 #[derive(Module, Debug)]
 pub struct TextSelfAttention {
     /// `D → D`.
@@ -55,6 +88,22 @@ pub struct TextSelfAttention {
 }
 
 /// Output projection, residual and post-LayerNorm of an attention block.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let output = text.init_attention(32, &device).output;
+/// assert_eq!(output.dense.weight.val().dims(), [32, 32]);
+/// // A fresh LayerNorm maps a constant vector to zeros.
+/// let y = output.layer_norm.forward(Tensor::<3>::ones([1, 2, 32], &device) * 3.0);
+/// assert!(y.into_data().try_into_vec_as::<f32>().unwrap().iter().all(|v| v.abs() < 1e-3));
+/// ```
 #[derive(Module, Debug)]
 pub struct TextAttentionOutput {
     /// `D → D`.
@@ -64,6 +113,24 @@ pub struct TextAttentionOutput {
 }
 
 /// A self- or cross-attention block: `LayerNorm(x + dense(attention(x, kv)))`.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let attention = text.init_attention(32, &device);
+/// let x = Tensor::<3>::ones([2, 3, 32], &device);
+/// let kv = attention.self_attention.key_value(x.clone());
+/// assert_eq!(attention.forward(x, &kv, None).dims(), [2, 3, 32]);
+/// // A cross-attention block's keys read 48-wide states.
+/// let cross = text.init_attention(48, &device);
+/// assert_eq!(cross.self_attention.key.weight.val().dims(), [48, 32]);
+/// ```
 #[derive(Module, Debug)]
 pub struct TextAttention {
     /// Projections (checkpoint name `self`).
@@ -73,6 +140,19 @@ pub struct TextAttention {
 }
 
 /// First half of the feed-forward block.
+///
+/// ```
+/// use burn::tensor::Device;
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let bert = text.init(&Device::flex());
+/// let intermediate = &bert.encoder.layer[0].intermediate;
+/// assert_eq!(intermediate.dense.weight.val().dims(), [32, 64]); // D → intermediate_size
+/// ```
 #[derive(Module, Debug)]
 pub struct TextIntermediate {
     /// `D → 4·D`, followed by GELU.
@@ -80,6 +160,22 @@ pub struct TextIntermediate {
 }
 
 /// Second half of the feed-forward block, with residual and LayerNorm.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let bert = text.init(&device);
+/// let output = &bert.encoder.layer[0].output;
+/// assert_eq!(output.dense.weight.val().dims(), [64, 32]); // intermediate_size → D
+/// let y = output.dense.forward(Tensor::<3>::zeros([1, 2, 64], &device));
+/// assert_eq!(output.layer_norm.forward(y).dims(), [1, 2, 32]);
+/// ```
 #[derive(Module, Debug)]
 pub struct TextOutput {
     /// `4·D → D`.
@@ -89,6 +185,23 @@ pub struct TextOutput {
 }
 
 /// One post-LN BERT layer with an optional cross-attention block.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let bert = text.init(&device);
+/// let layer = &bert.encoder.layer[0];
+/// assert!(layer.crossattention.is_some()); // `add_cross_attention` is true by default
+/// let x = Tensor::<3>::ones([1, 3, 32], &device);
+/// let kv = layer.attention.self_attention.key_value(x.clone());
+/// assert_eq!(layer.forward(x, &kv, None, None).dims(), [1, 3, 32]);
+/// ```
 #[derive(Module, Debug)]
 pub struct TextLayer {
     /// Self-attention (bidirectional or causal).
@@ -102,6 +215,20 @@ pub struct TextLayer {
 }
 
 /// The layer stack.
+///
+/// ```
+/// use burn::tensor::Device;
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// text.num_hidden_layers = 3;
+/// let encoder = text.init(&Device::flex()).encoder;
+/// assert_eq!(encoder.layer.len(), 3);
+/// assert!(encoder.layer.iter().all(|layer| layer.crossattention.is_some()));
+/// ```
 #[derive(Module, Debug)]
 pub struct TextEncoder {
     /// Layers, in order.
@@ -109,6 +236,27 @@ pub struct TextEncoder {
 }
 
 /// BLIP's BERT text transformer (MED).
+///
+/// ```
+/// use blip_text::{CrossInput, ids_tensor};
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let bert = text.init(&device);
+/// let ids = ids_tensor(&[vec![1, 10, 11, 2]], &device);
+/// let image = CrossInput { states: Tensor::zeros([1, 5, 32], &device), mask: None };
+/// assert_eq!(bert.encode_text(ids.clone(), None)?.dims(), [1, 4, 32]);
+/// assert_eq!(bert.encode_multimodal(ids.clone(), None, image.clone())?.dims(), [1, 4, 32]);
+/// assert_eq!(bert.decode(ids, None, image)?.dims(), [1, 4, 32]);
+/// // Ids outside the vocabulary are refused.
+/// assert!(bert.encode_text(ids_tensor(&[vec![1, 64]], &device), None).is_err());
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct TextModel {
     /// Embeddings.
@@ -118,6 +266,25 @@ pub struct TextModel {
 }
 
 /// States the text attends to in the image-grounded modes, with their padding mask.
+///
+/// ```
+/// use blip_text::{CrossInput, ids_tensor};
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let bert = text.init(&device);
+/// // Two images of 5 tokens, the first with its last two tokens masked out.
+/// let mask = ids_tensor(&[vec![1, 1, 1, 0, 0], vec![1; 5]], &device);
+/// let images = CrossInput { states: Tensor::zeros([2, 5, 32], &device), mask: Some(mask) };
+/// let ids = ids_tensor(&[vec![1, 10, 2], vec![1, 11, 2]], &device);
+/// assert_eq!(bert.encode_multimodal(ids, None, images)?.dims(), [2, 3, 32]);
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct CrossInput {
     /// `[B, L_kv, D_kv]`: image tokens (or, for the VQA answer decoder, question states).
@@ -127,6 +294,22 @@ pub struct CrossInput {
 }
 
 /// Keys and values `[B, H, L, hd]` of one attention block, computed once and reused.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// let bert = text.init(&device);
+/// let kvs = bert.cross_key_values(Tensor::zeros([2, 5, 32], &device));
+/// assert_eq!(kvs.len(), 1); // one per layer
+/// assert_eq!(kvs[0].key.dims(), [2, 2, 5, 16]); // [batch, heads, length, head width]
+/// assert_eq!(kvs[0].value.dims(), kvs[0].key.dims());
+/// ```
 #[derive(Debug, Clone)]
 pub struct KeyValue {
     /// Keys.
@@ -137,6 +320,16 @@ pub struct KeyValue {
 
 /// A Linear with BERT's initialisation (normal, std 0.02), used by every text-side module
 /// and the ITC/ITM heads.
+///
+/// ```
+/// use blip_text::linear;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let layer = linear(32, 8, &device);
+/// assert_eq!(layer.weight.val().dims(), [32, 8]);
+/// assert_eq!(layer.forward(Tensor::<2>::zeros([4, 32], &device)).dims(), [4, 8]);
+/// ```
 pub fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out)
         .with_initializer(Initializer::Normal {

@@ -20,6 +20,29 @@ use crate::heads::TextLmHeadModel;
 use crate::med::{CrossInput, TextModel, linear};
 
 /// Image captioning: ViT + image-grounded decoder with LM head.
+///
+/// ```
+/// use blip_text::{BlipConfig, CaptioningModel, GenerationConfig, ids_tensor};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// // A 32-pixel ViT with 16-pixel patches: 1 + 2 × 2 image tokens of width 32.
+/// let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// let model = CaptioningModel::new(&config, &device);
+/// let pixels = Tensor::<4>::zeros([1, 3, 32, 32], &device);
+/// let logits = model.forward(pixels.clone(), ids_tensor(&[vec![3, 10]], &device), None)?;
+/// assert_eq!(logits.dims(), [1, 2, 64]);
+/// let generation = GenerationConfig { max_length: 5, ..GenerationConfig::default() };
+/// let captions = model.generate(pixels, &[vec![3]], &generation)?;
+/// assert!(captions[0][0].token_ids.len() <= 5);
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct CaptioningModel {
     /// The image encoder.
@@ -30,6 +53,29 @@ pub struct CaptioningModel {
 
 /// Image–text matching and retrieval: ViT, image-grounded text encoder, ITM head and ITC
 /// projections.
+///
+/// ```
+/// use blip_text::{BlipConfig, RetrievalModel, cosine_similarity, ids_tensor};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// // A 32-pixel ViT with 16-pixel patches: 1 + 2 × 2 image tokens of width 32.
+/// let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// let model = RetrievalModel::new(&config, &device);
+/// let images = model.vision_model.forward(Tensor::zeros([2, 3, 32, 32], &device))?;
+/// assert_eq!(images.dims(), [2, 5, 32]);
+/// let ids = ids_tensor(&[vec![1, 10, 2], vec![1, 11, 2]], &device);
+/// assert_eq!(model.itm_logits(images.clone(), ids.clone(), None)?.dims(), [2, 2]);
+/// let itc = cosine_similarity(model.image_features(images), model.text_features(ids, None)?);
+/// assert_eq!(itc.dims(), [2, 2]); // [images, texts]
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct RetrievalModel {
     /// The image encoder.
@@ -46,6 +92,31 @@ pub struct RetrievalModel {
 
 /// Visual question answering: ViT, image-grounded question encoder, answer decoder that
 /// cross-attends to the question states.
+///
+/// ```
+/// use blip_text::{BlipConfig, GenerationConfig, VqaModel, ids_tensor};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// # let mut text = blip_text::TextConfig::base(32);
+/// # (text.vocab_size, text.hidden_size, text.intermediate_size) = (64, 32, 64);
+/// # (text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings) = (1, 2, 32);
+/// # (text.pad_token_id, text.cls_token_id, text.sep_token_id, text.bos_token_id, text.enc_token_id) = (0, 1, 2, 3, 4);
+/// // `text`: a tiny TextConfig (vocabulary 64, width 32, one layer, [SEP] = 2, [DEC] = 3).
+/// let device = Device::flex();
+/// // A 32-pixel ViT with 16-pixel patches: 1 + 2 × 2 image tokens of width 32.
+/// let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// let model = VqaModel::new(&config, &device);
+/// let pixels = Tensor::<4>::zeros([1, 3, 32, 32], &device);
+/// let question = ids_tensor(&[vec![1, 10, 11, 2]], &device);
+/// let answer = ids_tensor(&[vec![3, 12, 2]], &device); // [DEC] answer [SEP]
+/// let logits = model.forward(pixels.clone(), question.clone(), None, answer, None)?;
+/// assert_eq!(logits.dims(), [1, 3, 64]);
+/// let generation = GenerationConfig { max_length: 4, ..GenerationConfig::default() };
+/// let answers = model.generate(pixels, question, None, &generation, 3)?;
+/// assert_eq!(answers[0][0].token_ids[0], 3);
+/// # Ok::<(), blip_text::Error>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct VqaModel {
     /// The image encoder.
@@ -167,11 +238,34 @@ impl RetrievalModel {
 
 /// Cosine similarities `[images, texts]` of normalised features (no temperature), as
 /// transformers' `use_itm_head=False`.
+///
+/// ```
+/// use blip_text::{cosine_similarity, l2_normalize};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let images = l2_normalize(Tensor::<2>::from_floats([[1.0, 0.0], [1.0, 1.0]], &device));
+/// let texts = l2_normalize(Tensor::<2>::from_floats([[2.0, 0.0], [0.0, 3.0]], &device));
+/// let similarity = cosine_similarity(images, texts).into_data().try_into_vec_as::<f32>().unwrap();
+/// let expected = [1.0, 0.0, 0.5f32.sqrt(), 0.5f32.sqrt()]; // [images, texts], row-major
+/// assert!(similarity.iter().zip(expected).all(|(s, e)| (s - e).abs() < 1e-6));
+/// ```
 pub fn cosine_similarity(image_features: Tensor<2>, text_features: Tensor<2>) -> Tensor<2> {
     image_features.matmul(text_features.transpose())
 }
 
 /// Rows scaled to unit L2 norm (PyTorch `normalize(eps=1e-12)`).
+///
+/// ```
+/// use blip_text::l2_normalize;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let x = Tensor::<2>::from_floats([[3.0, 4.0], [0.0, 0.0]], &Device::flex());
+/// let unit = l2_normalize(x).into_data().try_into_vec_as::<f32>().unwrap();
+/// // A zero row stays zero instead of dividing by zero.
+/// let expected = [0.6f32, 0.8, 0.0, 0.0];
+/// assert!(unit.iter().zip(expected).all(|(u, e)| (u - e).abs() < 1e-6));
+/// ```
 pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
     let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
     x / norm

@@ -31,6 +31,15 @@ fn task_parts<M>(
 }
 
 /// A generated caption or answer.
+///
+/// ```
+/// use blip_text::Caption;
+///
+/// let caption = Caption { text: "a picture of a dog on a mat".into(), token_ids: vec![], score: -0.4 };
+/// assert_eq!(caption.text_after("A picture of"), "a dog on a mat");
+/// // A prompt the text does not start with leaves it whole.
+/// assert_eq!(caption.text_after("a photo of"), "a picture of a dog on a mat");
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Caption {
     /// Decoded text, special tokens dropped (the prompt included, as transformers decodes).
@@ -73,6 +82,31 @@ fn to_captions(
 }
 
 /// Image captioning with a `BlipForConditionalGeneration` checkpoint.
+///
+/// ```
+/// use blip_text::{BlipConfig, CaptioningModel, Captioner, GenerationConfig, TextConfig};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::Device;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("blip-text-doc-captioner-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # std::fs::write(dir.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// # let text = TextConfig::new(13, 32, 32, 64, 1, 2).with_sep_token_id(3).with_bos_token_id(11).with_enc_token_id(12);
+/// # let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// let device = Device::flex();
+/// // A HF-layout directory: config.json, model.safetensors and the vocabulary (here a
+/// // tiny random model and a 13-token vocab.txt).
+/// CaptioningModel::new(&config, &device).save_pretrained(&config, &dir)?;
+/// let captioner = Captioner::from_pretrained(&dir, &device)?;
+/// let generation = GenerationConfig { max_length: 6, ..GenerationConfig::default() };
+/// let captions = captioner.caption(&[image::RgbImage::new(40, 40)], &["a picture"], &generation)?;
+/// let caption = &captions[0][0];
+/// assert!(caption.token_ids.starts_with(&captioner.tokenizer.decoder_prompt("a picture")?));
+/// assert!(caption.token_ids.len() <= 6 && caption.text.starts_with("a picture"));
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Captioner {
     /// The model.
@@ -138,6 +172,16 @@ impl Captioner {
 }
 
 /// Which token opens the text for the image-grounded encoder (ITM, VQA questions).
+///
+/// ```
+/// use blip_text::{FirstToken, ids_tensor};
+/// use burn::tensor::{Device, Int, Tensor};
+///
+/// let ids = ids_tensor(&[vec![101, 7, 102]], &Device::flex());
+/// let read = |t: Tensor<2, Int>| t.into_data().try_into_vec_as::<i64>().unwrap();
+/// assert_eq!(read(FirstToken::Cls.apply(ids.clone(), 30523)), [101, 7, 102]);
+/// assert_eq!(read(FirstToken::Enc.apply(ids, 30523)), [30523, 7, 102]);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstToken {
     /// `[CLS]`, as transformers (and its converted checkpoints' demos) do: the default for HF
@@ -159,6 +203,35 @@ impl FirstToken {
 }
 
 /// An item ranked by [`Matcher::rank_texts`] / [`Matcher::rank_images`].
+///
+/// ```
+/// use blip_text::{BlipConfig, Matcher, RetrievalModel, TextConfig};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::Device;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("blip-text-doc-ranked-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # std::fs::write(dir.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// # let text = TextConfig::new(13, 32, 32, 64, 1, 2).with_sep_token_id(3).with_bos_token_id(11).with_enc_token_id(12);
+/// # let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// # let device = Device::flex();
+/// # RetrievalModel::new(&config, &device).save_pretrained(&config, &dir)?;
+/// // `dir`: a tiny random retrieval model with its vocabulary.
+/// let matcher = Matcher::from_pretrained(&dir, &device)?;
+/// let image = matcher.encode_images(&[image::RgbImage::new(32, 32)])?;
+/// let texts = ["a red circle", "a blue square", "a picture"];
+/// let ranked = matcher.rank_texts(image, &texts, 2)?;
+/// assert_eq!(ranked.len(), 2);
+/// assert_ne!(ranked[0].index, ranked[1].index);
+/// for r in &ranked {
+///     assert!(r.index < texts.len() && (0.0..=1.0).contains(&r.itm_probability));
+///     assert!(r.cosine.abs() <= 1.0 + 1e-5);
+/// }
+/// assert!(ranked[0].score >= ranked[1].score); // best first
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ranked {
     /// Index into the candidates.
@@ -172,6 +245,30 @@ pub struct Ranked {
 }
 
 /// Image–text matching and retrieval with a `BlipForImageTextRetrieval` checkpoint.
+///
+/// ```
+/// use blip_text::{BlipConfig, Matcher, RetrievalModel, TextConfig};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::Device;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("blip-text-doc-matcher-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # std::fs::write(dir.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// # let text = TextConfig::new(13, 32, 32, 64, 1, 2).with_sep_token_id(3).with_bos_token_id(11).with_enc_token_id(12);
+/// # let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// let device = Device::flex();
+/// // A HF-layout directory (here a tiny random model and a 13-token vocab.txt).
+/// RetrievalModel::new(&config, &device).save_pretrained(&config, &dir)?;
+/// let matcher = Matcher::from_pretrained(&dir, &device)?;
+/// let images = matcher.encode_images(&[image::RgbImage::new(32, 32), image::RgbImage::new(48, 48)])?;
+/// let probabilities = matcher.itm_probabilities(images.clone(), &["a red circle", "a blue square"])?;
+/// assert!(probabilities.iter().all(|p| (0.0..=1.0).contains(p)));
+/// let ranked = matcher.rank_images(images, "a red circle", 2)?;
+/// assert!(ranked.len() == 2 && ranked[0].score >= ranked[1].score);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Matcher {
     /// The model.
@@ -346,6 +443,30 @@ pub(crate) fn replace_first(ids: Tensor<2, Int>, token: usize) -> Tensor<2, Int>
 }
 
 /// An answer ranked by [`QuestionAnswerer::rank_answers`].
+///
+/// ```
+/// use blip_text::{BlipConfig, QuestionAnswerer, TextConfig, VqaModel};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::Device;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("blip-text-doc-rankedanswer-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # std::fs::write(dir.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// # let text = TextConfig::new(13, 32, 32, 64, 1, 2).with_sep_token_id(3).with_bos_token_id(11).with_enc_token_id(12);
+/// # let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// # let device = Device::flex();
+/// # VqaModel::new(&config, &device).save_pretrained(&config, &dir)?;
+/// // `dir`: a tiny random VQA model with its vocabulary.
+/// let vqa = QuestionAnswerer::from_pretrained(&dir, &device)?;
+/// let answers = ["red", "blue", "square"];
+/// let ranked = vqa.rank_answers(&image::RgbImage::new(32, 32), "is it red", &answers, 2, 0.1)?;
+/// assert_eq!(ranked.len(), 2); // the 2 likeliest first tokens, rescored
+/// assert!(ranked.iter().all(|r| r.index < answers.len() && r.score <= 0.0));
+/// assert!(ranked[0].score >= ranked[1].score);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankedAnswer {
     /// Index into the candidate answers.
@@ -355,6 +476,30 @@ pub struct RankedAnswer {
 }
 
 /// Visual question answering with a `BlipForQuestionAnswering` checkpoint.
+///
+/// ```
+/// use blip_text::{BlipConfig, GenerationConfig, QuestionAnswerer, TextConfig, VqaModel};
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::Device;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("blip-text-doc-vqa-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # std::fs::write(dir.join("vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// # let text = TextConfig::new(13, 32, 32, 64, 1, 2).with_sep_token_id(3).with_bos_token_id(11).with_enc_token_id(12);
+/// # let config = BlipConfig::new(VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16), text);
+/// let device = Device::flex();
+/// // A HF-layout directory (here a tiny random model and a 13-token vocab.txt).
+/// VqaModel::new(&config, &device).save_pretrained(&config, &dir)?;
+/// let vqa = QuestionAnswerer::from_pretrained(&dir, &device)?;
+/// let image = image::RgbImage::new(32, 32);
+/// let generation = GenerationConfig { max_length: 4, ..GenerationConfig::default() };
+/// let answers = vqa.answer(std::slice::from_ref(&image), &["is it red"], &generation)?;
+/// assert_eq!(answers[0][0].token_ids[0], vqa.tokenizer.dec_token_id);
+/// assert!(answers[0][0].token_ids.len() <= 4);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct QuestionAnswerer {
     /// The model.

@@ -19,6 +19,23 @@ pub const SPECIAL_TOKENS: [&str; 7] = [
 ];
 
 /// How a batch is padded.
+///
+/// ```
+/// use blip_text::{BlipTokenizer, Padding};
+///
+/// # let path = std::env::temp_dir().join(format!("blip-text-doc-{}-{}.txt", "padding", std::process::id()));
+/// # std::fs::write(&path, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// // A tokenizer over a tiny vocab.txt ([PAD] a red blue circle ...).
+/// let tokenizer = BlipTokenizer::from_vocab(&path)?;
+/// let texts = ["a red", "a blue circle"];
+/// assert_eq!(tokenizer.encode_batch(&texts, None, Padding::Longest)?.shape(), [2, 5]);
+/// assert_eq!(tokenizer.encode_batch(&texts, Some(8), Padding::MaxLength)?.shape(), [2, 8]);
+/// // Truncation keeps the final [SEP].
+/// let cut = tokenizer.encode_batch(&texts, Some(4), Padding::Longest)?;
+/// assert_eq!(cut.input_ids[1], [tokenizer.cls_token_id, 5, 7, tokenizer.sep_token_id]);
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Padding {
     /// To the longest row (captioning and VQA fine-tuning, questions).
@@ -28,6 +45,20 @@ pub enum Padding {
 }
 
 /// A tokenized batch, right-padded with `[PAD]`.
+///
+/// ```
+/// use blip_text::Encoded;
+/// use burn::tensor::Device;
+///
+/// let text = Encoded {
+///     input_ids: vec![vec![101, 7, 8, 102], vec![101, 9, 102, 0]],
+///     attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// };
+/// assert_eq!(text.shape(), [2, 4]);
+/// let (ids, mask) = text.to_tensors(&Device::flex());
+/// assert_eq!((ids.dims(), mask.dims()), ([2, 4], [2, 4]));
+/// assert_eq!(mask.sum().into_scalar::<i64>(), 7); // real tokens
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
     /// Token ids, `[CLS] … [SEP] [PAD]…` per row.
@@ -70,6 +101,14 @@ impl Encoded {
 }
 
 /// `rows` with the first token of each replaced by `token`: see [`Encoded::with_first_token`].
+///
+/// ```
+/// use blip_text::with_first_token;
+///
+/// let rows = with_first_token(&[vec![101, 7, 102], vec![101, 8, 0]], 30522);
+/// assert_eq!(rows, [vec![30522, 7, 102], vec![30522, 8, 0]]);
+/// assert!(with_first_token(&[vec![]], 30522)[0].is_empty());
+/// ```
 pub fn with_first_token(rows: &[Vec<u32>], token: u32) -> Vec<Vec<u32>> {
     rows.iter()
         .map(|row| {
@@ -83,6 +122,15 @@ pub fn with_first_token(rows: &[Vec<u32>], token: u32) -> Vec<Vec<u32>> {
 }
 
 /// `[B, L]` int tensor from equal-length rows.
+///
+/// ```
+/// use blip_text::ids_tensor;
+/// use burn::tensor::Device;
+///
+/// let ids = ids_tensor(&[vec![101, 7, 102], vec![101, 8, 0]], &Device::flex());
+/// assert_eq!(ids.dims(), [2, 3]);
+/// assert_eq!(ids.into_data().try_into_vec_as::<i64>().unwrap(), [101, 7, 102, 101, 8, 0]);
+/// ```
 pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
     let l = rows.first().map_or(0, Vec::len);
     let flat: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
@@ -90,6 +138,22 @@ pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
 }
 
 /// bert-base-uncased WordPiece with `[DEC]` (bos) and `[ENC]` added, as BLIP uses it.
+///
+/// ```
+/// use blip_text::BlipTokenizer;
+///
+/// # let path = std::env::temp_dir().join(format!("blip-text-doc-tokenizer-{}.txt", std::process::id()));
+/// std::fs::write(&path, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nred\nblue\ncircle\nsquare\npicture\n")?;
+/// let tokenizer = BlipTokenizer::from_vocab(&path)?;
+/// // [DEC] and [ENC] are added after the file's 11 tokens.
+/// assert_eq!((tokenizer.dec_token_id, tokenizer.enc_token_id, tokenizer.vocab_size()), (11, 12, 13));
+/// let ids = tokenizer.encode("A red Circle")?;
+/// assert_eq!(ids, [2, 5, 6, 8, 3]); // [CLS] a red circle [SEP]
+/// assert_eq!(tokenizer.decode(&ids, true)?, "a red circle");
+/// assert_eq!(tokenizer.decoder_prompt("a picture")?, [11, 5, 10]); // [DEC] a picture
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct BlipTokenizer {
     inner: Tokenizer,

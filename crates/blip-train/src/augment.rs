@@ -26,6 +26,19 @@ const N_OPS: usize = 2;
 const RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
 
 /// How the AutoContrast operation maps a channel.
+///
+/// ```
+/// use blip_train::{AutoContrast, RandAugOp};
+/// use image::{Rgb, RgbImage};
+///
+/// // Every channel spans 10..=250.
+/// let image = RgbImage::from_fn(2, 1, |x, _| Rgb([if x == 0 { 10 } else { 250 }; 3]));
+/// let pil = RandAugOp::AutoContrast(AutoContrast::Pil).apply(&image);
+/// assert_eq!((pil.get_pixel(0, 0), pil.get_pixel(1, 0)), (&Rgb([0; 3]), &Rgb([255; 3])));
+/// // BLIP's wrapped offset saturates a channel whose minimum is above 0.
+/// let blip = RandAugOp::AutoContrast(AutoContrast::Blip).apply(&image);
+/// assert!(blip.pixels().all(|p| *p == Rgb([255; 3])));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AutoContrast {
     /// Exactly what BLIP's `autocontrast_func` computes. Its offset `-low * scale` negates a
@@ -43,6 +56,20 @@ pub enum AutoContrast {
 ///
 /// [`TrainTransform::apply`] returns the augmented `image_size²` RGB image; [`normalize`]
 /// turns it into model input.
+///
+/// ```
+/// use blip_train::{SplitMix64, TrainTransform, normalize};
+/// use image::{Rgb, RgbImage};
+///
+/// let image = RgbImage::from_fn(57, 31, |x, y| Rgb([x as u8 * 4, y as u8 * 8, 128]));
+/// let transform = TrainTransform::pretrain(24);
+/// let augmented = transform.apply(&image, &mut SplitMix64::new(5));
+/// assert_eq!(augmented.dimensions(), (24, 24));
+/// // The same seed gives the same crop, flip and RandomAugment operations.
+/// assert_eq!(augmented, transform.apply(&image, &mut SplitMix64::new(5)));
+/// assert_eq!(normalize(&augmented).len(), 3 * 24 * 24); // model input
+/// assert_eq!(TrainTransform::finetune(384).min_scale, 0.5);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainTransform {
     /// Side of the square output in pixels (384 for BLIP's fine-tunes, 224 in pre-training).
@@ -159,6 +186,19 @@ fn uniform_index(rng: &mut SplitMix64, n: usize) -> usize {
 
 /// A crop rectangle in pixels, as torchvision's `RandomResizedCrop.get_params` returns it
 /// (`i, j, h, w`).
+///
+/// ```
+/// use blip_train::{CropBox, SplitMix64};
+///
+/// let (scale, ratio) = ((0.2, 1.0), (3.0 / 4.0, 4.0 / 3.0));
+/// let mut rng = SplitMix64::new(7);
+/// let crop = CropBox::sample(640, 480, scale, ratio, &mut rng);
+/// // What torchvision's `get_params` returns for the same draws.
+/// assert_eq!(crop, CropBox { top: 22, left: 172, height: 456, width: 345 });
+/// // Too narrow for any try: the central crop, clamped to the ratio.
+/// let narrow = CropBox::sample(33, 300, scale, ratio, &mut rng);
+/// assert_eq!(narrow, CropBox { top: 128, left: 0, height: 44, width: 33 });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CropBox {
     /// First row.
@@ -222,6 +262,19 @@ impl CropBox {
 }
 
 /// One operation of BLIP's RandomAugment with its magnitude resolved (M = 5 of 10).
+///
+/// ```
+/// use blip_train::RandAugOp;
+/// use image::{Rgb, RgbImage};
+///
+/// let image = RgbImage::from_pixel(12, 10, Rgb([200, 30, 30]));
+/// // A positive offset moves the content left; the uncovered pixels are grey 128.
+/// let moved = RandAugOp::TranslateX(5.0).apply(&image);
+/// assert_eq!(moved.get_pixel(0, 0), &Rgb([200, 30, 30]));
+/// assert_eq!(moved.get_pixel(11, 0), &Rgb([128; 3]));
+/// // At BLIP's magnitude, Brightness and Sharpness change nothing.
+/// assert_eq!(RandAugOp::Brightness.apply(&image), image);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RandAugOp {
     /// Leaves the image unchanged.
@@ -416,6 +469,18 @@ fn warp_affine(image: &RgbImage, m: [f64; 6]) -> RgbImage {
 
 /// `ToTensor` + `Normalize(BLIP_MEAN, BLIP_STD)` of an RGB image: `3·H·W` values,
 /// channel-major, `(v/255 − mean)/std` (the same arithmetic as inference preprocessing).
+///
+/// ```
+/// use blip_train::normalize;
+/// use blip_vision::{BLIP_MEAN, BLIP_STD};
+/// use image::{Rgb, RgbImage};
+///
+/// let image = RgbImage::from_pixel(2, 2, Rgb([255, 0, 128]));
+/// let values = normalize(&image);
+/// assert_eq!(values.len(), 3 * 2 * 2); // channel-major: R R R R G G G G B B B B
+/// assert!((values[0] - (1.0 - BLIP_MEAN[0]) / BLIP_STD[0]).abs() < 1e-5);
+/// assert!((values[4] - (0.0 - BLIP_MEAN[1]) / BLIP_STD[1]).abs() < 1e-5);
+/// ```
 pub fn normalize(image: &RgbImage) -> Vec<f32> {
     // An ImageProcessor of the image's own size does not resize: only its normalisation runs.
     ImageProcessor {

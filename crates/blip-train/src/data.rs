@@ -21,6 +21,19 @@ use serde_json::Value;
 use crate::augment::{TrainTransform, normalize};
 
 /// One image–caption pair of a training set.
+///
+/// ```
+/// use blip_train::Annotation;
+///
+/// let a = Annotation {
+///     image: "images/0.png".into(),
+///     caption: "A dog.".into(),
+///     image_id: None,
+/// };
+/// assert_eq!(a.id(), "images/0.png"); // no image id: the path stands in
+/// let b = Annotation { image_id: Some("coco_42".into()), ..a.clone() };
+/// assert_eq!(b.id(), "coco_42");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Annotation {
     /// The image file: the annotation's `image`, joined with the image root (an absolute
@@ -43,6 +56,14 @@ impl Annotation {
 }
 
 /// Where in an annotation file a problem is.
+///
+/// ```
+/// use blip_train::Location;
+///
+/// assert_eq!(Location::Line(3).to_string(), "line 3");
+/// let element = Location::Element { index: 1, line: 4 };
+/// assert_eq!(element.to_string(), "element [1] (line 4)");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {
     /// A 1-based line (of a JSON-lines file, or of a JSON array file for syntax errors).
@@ -66,6 +87,24 @@ impl fmt::Display for Location {
 }
 
 /// Everything that can go wrong while reading training data.
+///
+/// ```
+/// use std::path::Path;
+///
+/// use blip_train::{DataError, Location, load_annotations};
+///
+/// let file = std::env::temp_dir().join(format!("blip-doc-bad-{}.jsonl", std::process::id()));
+/// std::fs::write(&file, "{\"image\": \"a.png\", \"caption\": \"ok\"}\n{\"image\": \"b.png\"}\n")?;
+/// match load_annotations(&file, Path::new("data")) {
+///     Err(DataError::Annotation { location, message, .. }) => {
+///         assert_eq!(location, Location::Line(2));
+///         assert_eq!(message, "missing \"caption\"");
+///     }
+///     other => panic!("expected an annotation error, got {other:?}"),
+/// }
+/// # std::fs::remove_file(&file)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The annotation file could not be read.
@@ -120,6 +159,23 @@ pub enum DataError {
 ///
 /// Errors name the file and the line (JSON lines) or the element (arrays) and what is wrong.
 /// Image files are not opened here.
+///
+/// ```
+/// use std::path::Path;
+///
+/// use blip_train::load_annotations;
+///
+/// let file = std::env::temp_dir().join(format!("blip-doc-ann-{}.json", std::process::id()));
+/// let json = r#"[{"image": "a/1.jpg", "caption": ["A cat.", "A pet"], "image_id": 7}]"#;
+/// std::fs::write(&file, json)?;
+/// let annotations = load_annotations(&file, Path::new("/data"))?;
+/// assert_eq!(annotations.len(), 2); // one per caption
+/// assert_eq!(annotations[0].image, Path::new("/data").join("a/1.jpg"));
+/// assert_eq!(annotations[1].caption, "A pet"); // as written: the loader cleans it
+/// assert_eq!(annotations[1].image_id.as_deref(), Some("7"));
+/// # std::fs::remove_file(&file)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn load_annotations(path: &Path, image_root: &Path) -> Result<Vec<Annotation>, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
@@ -339,6 +395,21 @@ fn push_record(value: Value, root: &Path, out: &mut Vec<Annotation>) -> Result<(
 }
 
 /// A batch of augmented images and cleaned captions.
+///
+/// ```
+/// use blip_train::Batch;
+/// use burn::tensor::Device;
+///
+/// let batch = Batch {
+///     pixel_values: vec![0.5; 2 * 3 * 4 * 4],
+///     image_size: 4,
+///     captions: vec!["a dog".into(), "a cat".into()],
+///     image_ids: vec!["1".into(), "2".into()],
+///     indices: vec![3, 0],
+/// };
+/// assert_eq!(batch.len(), 2);
+/// assert_eq!(batch.pixel_tensor(&Device::flex()).dims(), [2, 3, 4, 4]);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     /// Normalised pixels, `[B, 3, S, S]` row-major.
@@ -375,6 +446,14 @@ impl Batch {
 }
 
 /// Settings of a [`BatchLoader`].
+///
+/// ```
+/// use blip_train::LoaderConfig;
+///
+/// let config = LoaderConfig { workers: 2, ..LoaderConfig::new(32) };
+/// assert_eq!((config.batch_size, config.max_words, config.seed), (32, 30, 42));
+/// assert!(config.drop_last);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoaderConfig {
     /// Samples per batch.
@@ -421,6 +500,29 @@ struct Inner {
 /// Shuffles, decodes, augments and batches training pairs, preparing the next batches on a
 /// background thread (the images of one batch are split over `workers` threads) while the
 /// caller trains. Cheap to clone.
+///
+/// ```
+/// use blip_train::{BatchLoader, LoaderConfig, TrainTransform, load_annotations};
+///
+/// let dir = std::env::temp_dir().join(format!("blip-doc-loader-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let mut lines = String::new();
+/// for i in 0..5 {
+///     image::RgbImage::new(8, 8).save(dir.join(format!("{i}.png")))?;
+///     lines += &format!("{{\"image\": \"{i}.png\", \"caption\": \"Picture #{i}!\"}}\n");
+/// }
+/// std::fs::write(dir.join("train.jsonl"), lines)?;
+/// let annotations = load_annotations(&dir.join("train.jsonl"), &dir)?;
+/// let loader = BatchLoader::new(annotations, TrainTransform::pretrain(16), LoaderConfig::new(2))?;
+/// assert_eq!(loader.batches_per_epoch(), 2); // 5 samples: the incomplete batch is dropped
+/// for batch in loader.batches(0, 0) {
+///     let batch = batch?;
+///     assert_eq!(batch.pixel_values.len(), 2 * 3 * 16 * 16);
+///     assert_eq!(batch.captions[0], format!("picture {}", batch.indices[0])); // pre_caption
+/// }
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct BatchLoader {
     inner: Arc<Inner>,
@@ -605,6 +707,32 @@ impl BatchLoader {
 }
 
 /// The iterator of [`BatchLoader::batches`].
+///
+/// ```
+/// # use blip_train::{BatchLoader, LoaderConfig, TrainTransform, load_annotations};
+/// # let dir = std::env::temp_dir().join(format!("blip-doc-batches-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let mut lines = String::new();
+/// # for i in 0..6 {
+/// #     image::RgbImage::new(8, 8).save(dir.join(format!("{i}.png")))?;
+/// #     lines += &format!("{{\"image\": \"{i}.png\", \"caption\": \"image {i}\"}}\n");
+/// # }
+/// # std::fs::write(dir.join("train.jsonl"), lines)?;
+/// # let annotations = load_annotations(&dir.join("train.jsonl"), &dir)?;
+/// // `annotations`: six images and their captions.
+/// let loader = BatchLoader::new(annotations, TrainTransform::finetune(8), LoaderConfig::new(2))?;
+/// let epoch: Vec<_> = loader.batches(0, 0).collect::<Result<_, _>>()?;
+/// assert_eq!(epoch.len(), 3);
+/// // Resuming at batch 1 gives what iterating gave from there, augmentations included.
+/// let resumed: Vec<_> = loader.batches(0, 1).collect::<Result<_, _>>()?;
+/// assert_eq!(resumed[..], epoch[1..]);
+/// // Dropping the iterator early stops the background thread.
+/// let mut next_epoch = loader.batches(1, 0);
+/// assert!(next_epoch.next().is_some());
+/// drop(next_epoch);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Batches {
     receiver: Option<mpsc::Receiver<Result<Batch, DataError>>>,
     handle: Option<JoinHandle<()>>,

@@ -4,6 +4,16 @@
 use std::path::PathBuf;
 
 /// What went wrong in training, and where.
+///
+/// ```
+/// use blip_train::{QueueSizeError, TrainError};
+///
+/// let err = TrainError::Batch("3 captions for 4 images".into());
+/// assert_eq!(err.to_string(), "invalid batch: 3 captions for 4 images");
+/// // The crate's other errors convert into it (`?` does this).
+/// let err: TrainError = QueueSizeError { queue: 8, batch: 3 }.into();
+/// assert!(matches!(err, TrainError::Queue(_)));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     /// A model error (input ids, shapes, checkpoint keys) from `blip-text`.
@@ -40,4 +50,17 @@ pub enum TrainError {
 }
 
 /// `Result` with [`TrainError`].
+///
+/// ```
+/// use blip_train::{Result, TrainError};
+///
+/// fn batch_size(captions: &[&str]) -> Result<usize> {
+///     if captions.is_empty() {
+///         return Err(TrainError::Batch("no captions".into()));
+///     }
+///     Ok(captions.len())
+/// }
+/// assert_eq!(batch_size(&["a dog", "a cat"]).unwrap(), 2);
+/// assert!(batch_size(&[]).is_err());
+/// ```
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;

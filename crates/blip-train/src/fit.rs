@@ -15,6 +15,17 @@ use crate::pretrain::TrainBatch;
 use crate::trainer::Trainer;
 
 /// How captions become decoder/encoder inputs for a task.
+///
+/// ```
+/// use blip_text::Padding;
+/// use blip_train::TextRecipe;
+///
+/// let caption = TextRecipe::caption();
+/// assert_eq!(caption.prompt, "a picture of ");
+/// assert_eq!((caption.max_length, caption.padding), (40, Padding::Longest));
+/// // Retrieval passes image ids: captions of one image are not each other's negatives.
+/// assert!(TextRecipe::retrieval().image_ids && !TextRecipe::pretrain().image_ids);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextRecipe {
     /// Prepended to every caption and excluded from the LM loss (`"a picture of "` in
@@ -62,6 +73,17 @@ impl TextRecipe {
 }
 
 /// Options of [`fit`].
+///
+/// ```
+/// use blip_train::{FitOptions, TextRecipe};
+///
+/// let mut options = FitOptions::new(TextRecipe::pretrain());
+/// assert!(options.checkpoint_dir.is_none() && options.metrics.is_none());
+/// assert_eq!(options.checkpoint_every, 1000);
+/// options.checkpoint_dir = Some("runs/tiny".into());
+/// options.metrics = Some("runs/tiny/metrics.jsonl".into());
+/// options.max_steps = Some(500);
+/// ```
 #[derive(Debug, Clone)]
 pub struct FitOptions {
     /// The task's text handling.
@@ -94,6 +116,19 @@ impl FitOptions {
 }
 
 /// What [`fit`] did.
+///
+/// ```
+/// use blip_train::FitReport;
+///
+/// let report = FitReport {
+///     batches: 10,
+///     samples: 80,
+///     seconds: 4.0,
+///     last_losses: vec![("lm".into(), 2.5)],
+/// };
+/// assert_eq!(report.samples_per_second(), 20.0);
+/// assert_eq!(FitReport::default().batches, 0);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct FitReport {
     /// Batches trained on in this call.
@@ -122,6 +157,30 @@ fn numeric_id(id: &str) -> i64 {
 }
 
 /// Tokenizes a loader batch per `recipe` onto the trainer's device.
+///
+/// ```
+/// use blip_text::BlipTokenizer;
+/// use blip_train::fit::to_train_batch;
+/// use blip_train::{Batch, TextRecipe};
+/// use burn::tensor::Device;
+///
+/// let vocab = std::env::temp_dir().join(format!("blip-doc-vocab-{}.txt", std::process::id()));
+/// std::fs::write(&vocab, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\npicture\nof\nred\nboard\n")?;
+/// let tokenizer = BlipTokenizer::from_vocab(&vocab)?; // [CLS] = 2, a picture of = 5 6 7
+/// let batch = Batch {
+///     pixel_values: vec![0.0; 2 * 3 * 8 * 8],
+///     image_size: 8,
+///     captions: vec!["a red board".into(), "red".into()],
+///     image_ids: vec!["1".into(), "2".into()],
+///     indices: vec![0, 1],
+/// };
+/// let train = to_train_batch(&batch, &tokenizer, &TextRecipe::caption(), &Device::flex())?;
+/// assert_eq!(train.pixel_values.dims(), [2, 3, 8, 8]);
+/// assert_eq!(train.text.input_ids[0][..4], [2, 5, 6, 7]); // the prompt first...
+/// assert_eq!(train.prompt_length, 4); // ...and excluded from the LM loss
+/// # std::fs::remove_file(&vocab)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn to_train_batch(
     batch: &Batch,
     tokenizer: &BlipTokenizer,
@@ -151,6 +210,34 @@ pub fn to_train_batch(
 
 /// Trains until `trainer.train.epochs` (or `max_steps`), continuing from
 /// `trainer.progress`: a resumed trainer skips the batches its epoch already consumed.
+///
+/// ```no_run
+/// use std::path::Path;
+///
+/// use blip_text::BlipTokenizer;
+/// use blip_train::{
+///     BatchLoader, FitOptions, LoaderConfig, PretrainConfig, TextRecipe, TrainConfig,
+///     TrainTransform, Trainer, fit, load_annotations,
+/// };
+/// use burn::tensor::Device;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let tokenizer = BlipTokenizer::from_vocab("bert-base-uncased/vocab.txt")?;
+/// let config = PretrainConfig::tiny(tokenizer.vocab_size()).with_tokenizer(&tokenizer);
+/// let annotations = load_annotations(Path::new("data/train.json"), Path::new("data"))?;
+/// let transform = TrainTransform::pretrain(config.blip.vision.image_size);
+/// let loader = BatchLoader::new(annotations, transform, LoaderConfig::new(8))?;
+/// let train = TrainConfig::pretrain().with_epochs(5);
+/// let device = Device::flex().autodiff();
+/// let mut trainer = Trainer::new(config.init(&Device::flex()), config, train, &device);
+/// let mut options = FitOptions::new(TextRecipe::pretrain());
+/// options.checkpoint_dir = Some("runs/tiny".into());
+/// let report = fit(&mut trainer, &loader, &tokenizer, &options)?;
+/// assert_eq!(trainer.progress.epoch, 5);
+/// println!("{:.1} samples/s", report.samples_per_second());
+/// # Ok(())
+/// # }
+/// ```
 pub fn fit(
     trainer: &mut Trainer,
     loader: &BatchLoader,

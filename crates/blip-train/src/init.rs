@@ -64,6 +64,15 @@ use crate::model::BlipPretrain;
 
 /// The checkpoint layouts [`BlipPretrain::init_vision_from`] and
 /// [`BlipPretrain::init_text_from`] read.
+///
+/// ```
+/// use blip_train::InitSource;
+///
+/// // How reports name the layouts.
+/// assert_eq!(InitSource::HfDeit.to_string(), "transformers DeiT");
+/// assert_eq!(InitSource::Timm.to_string(), "timm ViT");
+/// assert_eq!(InitSource::BertForMaskedLm.to_string(), "transformers BertForMaskedLM");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InitSource {
     /// transformers `ViTModel` (or a `ViTFor…` head model, keys under `vit.`).
@@ -92,6 +101,23 @@ impl fmt::Display for InitSource {
 }
 
 /// What an initialisation took from its checkpoint.
+///
+/// ```
+/// use blip_train::{InitReport, InitSource};
+///
+/// let report = InitReport {
+///     path: "bert/model.safetensors".into(),
+///     source: InitSource::Bert,
+///     loaded: vec!["text_encoder.embeddings.word_embeddings.weight".into()],
+///     fresh: vec!["text_encoder.encoder.layer.0.crossattention.self.query.weight".into()],
+///     notes: vec!["2 vocabulary rows added".into()],
+/// };
+/// assert_eq!(
+///     report.to_string(),
+///     "bert/model.safetensors (transformers BertModel): 1 tensors loaded, 1 kept fresh; \
+///      2 vocabulary rows added"
+/// );
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitReport {
     /// The checkpoint file read.
@@ -369,6 +395,23 @@ fn size_field(value: &serde_json::Value, name: &str, max: usize, config: &Path) 
 /// depth, heads, feed-forward width, position table and LayerNorm epsilon), so that
 /// [`BlipPretrain::init_text_from`] fits; unchanged when there is no such file. Vocabulary,
 /// token ids and dropout stay `config`'s: they follow BLIP's tokenizer and training recipe.
+///
+/// ```
+/// use blip_text::TextConfig;
+/// use blip_train::text_config_of;
+///
+/// // A MiniLM-sized BERT: its config.json beside the weights.
+/// let dir = std::env::temp_dir().join(format!("blip-doc-bert-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let json = r#"{"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+///     "intermediate_size": 1536, "max_position_embeddings": 512}"#;
+/// std::fs::write(dir.join("config.json"), json)?;
+/// let text = text_config_of(&dir, TextConfig::base(768))?;
+/// assert_eq!((text.hidden_size, text.num_hidden_layers, text.intermediate_size), (384, 6, 1536));
+/// assert_eq!(text.vocab_size, 30524); // BLIP's tokenizer's, not the checkpoint's
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn text_config_of(
     path: impl AsRef<Path>,
     mut config: blip_text::TextConfig,
@@ -424,6 +467,24 @@ fn transformer_sizes(value: &serde_json::Value, file: &Path) -> Result<[usize; 4
 /// [`BlipPretrain::init_vision_from`] fits. The image size and LayerNorm epsilon stay
 /// `config`'s (BLIP trains at its own resolution, with eps 1e-6). Unchanged without a
 /// config that declares sizes (timm's do not): choose a matching preset then.
+///
+/// ```
+/// use blip_train::vision_config_of;
+/// use blip_vision::VisionConfig;
+///
+/// // DeiT-tiny: its config.json beside the weights.
+/// let dir = std::env::temp_dir().join(format!("blip-doc-deit-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let json = r#"{"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3,
+///     "intermediate_size": 768, "patch_size": 16, "image_size": 224}"#;
+/// std::fs::write(dir.join("config.json"), json)?;
+/// let base = VisionConfig::base();
+/// let vision = vision_config_of(&dir, base.clone())?;
+/// assert_eq!((vision.hidden_size, vision.num_attention_heads, vision.patch_size), (192, 3, 16));
+/// assert_eq!(vision.image_size, base.image_size); // BLIP's resolution stays
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn vision_config_of(
     path: impl AsRef<Path>,
     mut config: blip_vision::VisionConfig,

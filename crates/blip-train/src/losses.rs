@@ -23,6 +23,26 @@ use burn::tensor::{Device, Int, Tensor};
 ///
 /// `positives`, when given (`[B, B + K]`, rows summing to 1), replaces `I`: retrieval
 /// fine-tuning spreads the target over every caption of the same image.
+///
+/// ```
+/// use blip_train::itc_loss;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let images = Tensor::<2>::from_floats([[1.0, 0.0], [0.0, 1.0]], &device);
+/// let queue = Tensor::<2>::from_floats([[-1.0, 0.0], [0.0, -1.0]], &device); // K = 2 columns
+/// // No distillation (α = 0); the momentum features equal the online ones.
+/// let itc = |texts: Tensor<2>| -> f32 {
+///     let temp = Tensor::<1>::from_floats([0.01], &device);
+///     let (v, q) = (images.clone(), queue.clone());
+///     itc_loss(v.clone(), texts.clone(), v, texts, q.clone(), q, temp, 0.0, None).into_scalar()
+/// };
+/// // Each caption's feature is its image's: the pairs are perfectly separated.
+/// assert!(itc(images.clone()) < 1e-3);
+/// // Captions swapped: each image is closest to the other image's caption.
+/// let swapped = Tensor::<2>::from_floats([[0.0, 1.0], [1.0, 0.0]], &device);
+/// assert!(itc(swapped) > 10.0);
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn itc_loss(
     image_feat: Tensor<2>,
@@ -67,6 +87,20 @@ fn identity_targets(rows: usize, cols: usize, device: &Device) -> Tensor<2> {
 /// Hard-negative sampling weights from an ITC similarity block `sim` (`[B, B]`: row `i`
 /// against the batch's own momentum features): `softmax(sim, rows) + 1e-4`, diagonal set to
 /// 0 so that a sample never draws its own pair. Draw one negative per row in proportion.
+///
+/// ```
+/// use blip_train::hard_negative_weights;
+/// use burn::tensor::{Device, Tensor};
+///
+/// // Row i: sample i against the batch's three samples (its own pair on the diagonal).
+/// let sim = Tensor::<2>::from_floats(
+///     [[9.0, 2.0, 1.0], [2.0, 9.0, 1.0], [1.0, 2.0, 9.0]],
+///     &Device::flex(),
+/// );
+/// let w = hard_negative_weights(sim).into_data().try_into_vec_as::<f32>().unwrap();
+/// assert_eq!([w[0], w[4], w[8]], [0.0; 3]); // a sample never draws its own pair
+/// assert!(w[1] > w[2]); // the more similar other sample is the harder negative
+/// ```
 pub fn hard_negative_weights(sim: Tensor<2>) -> Tensor<2> {
     let [b, _] = sim.dims();
     let off_diagonal = identity_targets(b, b, &sim.device()).neg() + 1.0;
@@ -81,6 +115,27 @@ pub fn hard_negative_weights(sim: Tensor<2>) -> Tensor<2> {
 /// fine-tuning, a batch whose every sample shows the row's image. That row is a
 /// [`TrainError::Batch`] naming it, as torch's multinomial raises there; drawing anyway
 /// would pick index 0, which may be the positive pair itself. So is a NaN or negative weight.
+///
+/// ```
+/// use blip_train::{SplitMix64, sample_negatives};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// // Row 0 can only draw 1, row 1 only 0, row 2 either 0 or 1: never itself.
+/// let weights = Tensor::<2>::from_floats(
+///     [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]],
+///     &device,
+/// );
+/// let drawn = sample_negatives(weights.clone(), &mut SplitMix64::new(7))?;
+/// assert_eq!(drawn[..2], [1, 0]);
+/// assert!(drawn[2] < 2);
+/// // The same seed draws the same negatives.
+/// assert_eq!(drawn, sample_negatives(weights, &mut SplitMix64::new(7))?);
+/// // A row with no candidate is an error, not a draw of its own pair.
+/// let stuck = Tensor::<2>::from_floats([[0.0, 1.0], [0.0, 0.0]], &device);
+/// assert!(sample_negatives(stuck, &mut SplitMix64::new(7)).is_err());
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 pub fn sample_negatives(weights: Tensor<2>, rng: &mut SplitMix64) -> Result<Vec<usize>> {
     let [b, cols] = weights.dims();
     let values = weights
@@ -108,6 +163,16 @@ pub fn sample_negatives(weights: Tensor<2>, rng: &mut SplitMix64) -> Result<Vec<
 /// BLIP's ramp of the distillation weight: `α·min(1, (epoch·S + step) / (ramp_epochs·S))`
 /// with `S` steps per epoch — over the first 2 epochs in pre-training, 1 in retrieval
 /// fine-tuning.
+///
+/// ```
+/// use blip_train::alpha_ramp;
+///
+/// // α = 0.4, ramped over 2 epochs of 100 steps.
+/// assert_eq!(alpha_ramp(0.4, 0, 0, 100, 2), 0.0);
+/// assert!((alpha_ramp(0.4, 1, 0, 100, 2) - 0.2).abs() < 1e-12); // half-way
+/// assert_eq!(alpha_ramp(0.4, 2, 0, 100, 2), 0.4);
+/// assert_eq!(alpha_ramp(0.4, 7, 50, 100, 2), 0.4); // then held
+/// ```
 pub fn alpha_ramp(
     alpha: f64,
     epoch: usize,
@@ -121,6 +186,15 @@ pub fn alpha_ramp(
 }
 
 /// ITM labels for `B` positives followed by `2B` negatives: `[1]·B ++ [0]·2B`.
+///
+/// ```
+/// use blip_train::itm_labels;
+/// use burn::tensor::Device;
+///
+/// let labels = itm_labels(2, &Device::flex());
+/// let labels = labels.into_data().try_into_vec_as::<i64>().unwrap();
+/// assert_eq!(labels, [1, 1, 0, 0, 0, 0]); // 2 positives, then 2·2 negatives
+/// ```
 pub fn itm_labels(batch: usize, device: &Device) -> Tensor<1, Int> {
     let ones = Tensor::<1, Int>::ones([batch], device);
     Tensor::cat(vec![ones, Tensor::zeros([2 * batch], device)], 0)
@@ -129,6 +203,19 @@ pub fn itm_labels(batch: usize, device: &Device) -> Tensor<1, Int> {
 /// Image–text matching loss: `L_itm = mean_i −log softmax(logits_i)[y_i]` over the ITM
 /// head's logits `[3B, 2]` for (text_i, image_i), (text_i, hard negative image),
 /// (hard negative text, image_i), with `y` from [`itm_labels`] (class 1 = match).
+///
+/// ```
+/// use blip_train::itm_loss;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let itm = |logits: Tensor<2>| -> f32 { itm_loss(logits).into_scalar() };
+/// // B = 1: the positive pair (class 1 = match), then its two negatives (class 0).
+/// let right = Tensor::<2>::from_floats([[-5.0, 5.0], [5.0, -5.0], [5.0, -5.0]], &device);
+/// assert!(itm(right) < 1e-3);
+/// // Undecided logits cost ln 2 per pair.
+/// assert!((itm(Tensor::zeros([3, 2], &device)) - std::f32::consts::LN_2).abs() < 1e-5);
+/// ```
 pub fn itm_loss(logits: Tensor<2>) -> Tensor<1> {
     let [n, _] = logits.dims();
     let labels = itm_labels(n / 3, &logits.device());

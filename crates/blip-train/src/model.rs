@@ -25,6 +25,19 @@ use crate::error::{Result, TrainError};
 
 /// Hyper-parameters of pre-training (the original `configs/pretrain.yaml` and
 /// `BLIP_Pretrain.__init__`).
+///
+/// ```
+/// use blip_train::PretrainConfig;
+///
+/// let config = PretrainConfig::tiny(30524); // bert-base-uncased + [DEC], [ENC]
+/// assert_eq!(config.blip.text.vocab_size, 30524);
+/// assert_eq!((config.queue_size, config.blip.vision.image_size), (256, 64));
+/// // The original's hyper-parameters are the defaults.
+/// assert_eq!((config.momentum, config.alpha, config.temp), (0.995, 0.4, 0.07));
+/// let base = PretrainConfig::base();
+/// assert_eq!((base.queue_size, base.blip.vision.image_size), (57600, 224));
+/// assert_eq!(base.without_dropout().blip.text.hidden_dropout_prob, 0.0);
+/// ```
 #[derive(Config, Debug, PartialEq)]
 pub struct PretrainConfig {
     /// The ViT and MED sizes (the decoder's LM head uses the text config's vocabulary).
@@ -64,6 +77,20 @@ fn original_training(mut blip: BlipConfig) -> BlipConfig {
 /// Weights of the objectives in the total loss, `L = w_itc·L_itc + w_itm·L_itm + w_lm·L_lm`
 /// (all 1 in the paper). An objective with weight 0 is not computed at all: fine-tuning the
 /// captioner is `itc = itm = 0`, the filter `lm = 0`.
+///
+/// ```
+/// use blip_train::{LossWeights, PretrainConfig, TrainConfig, Trainer};
+/// use burn::tensor::Device;
+///
+/// // Captioning fine-tuning: the LM objective alone.
+/// let weights = LossWeights::new().with_itc(0.0).with_itm(0.0);
+/// assert_eq!((weights.itc, weights.itm, weights.lm), (0.0, 0.0, 1.0));
+/// let config = PretrainConfig::tiny(30524).with_weights(weights);
+/// let model = config.init(&Device::flex());
+/// let trainer = Trainer::new(model, config, TrainConfig::new(), &Device::flex().autodiff());
+/// // Without ITC and ITM there are no momentum encoders or queues to keep.
+/// assert!(trainer.distillation.is_none());
+/// ```
 #[derive(Config, Debug, PartialEq)]
 pub struct LossWeights {
     /// Image–text contrastive.
@@ -208,6 +235,18 @@ pub const PRETRAIN_KEYS: KeyMap = KeyMap {
 };
 
 /// What the pre-training decoder owns alone; everything else it reads from the encoder.
+///
+/// ```
+/// use blip_train::PretrainConfig;
+/// use burn::module::Module;
+/// use burn::tensor::Device;
+///
+/// let config = PretrainConfig::tiny(30524);
+/// let model = config.init(&Device::flex());
+/// // One causal self-attention block per layer, and the LM head; the rest is the encoder's.
+/// assert_eq!(model.text_decoder.attention.len(), config.blip.text.num_hidden_layers);
+/// assert!(model.text_decoder.num_params() < model.text_encoder.num_params());
+/// ```
 #[derive(Module, Debug)]
 pub struct SharedDecoder {
     /// Causal self-attention block of each layer (`text_decoder.bert.encoder.layer.N.attention`).
@@ -217,6 +256,22 @@ pub struct SharedDecoder {
 }
 
 /// The trainable pre-training model. Field names are the original checkpoint prefixes.
+///
+/// ```
+/// use blip_train::PretrainConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let config = PretrainConfig::tiny(30524);
+/// let model = config.init(&device);
+/// assert!((model.temperature() - 0.07).abs() < 1e-6);
+/// let s = config.blip.vision.image_size; // 64 px in 8-px patches: 64 patch tokens
+/// let embeds = model.image_embeds(Tensor::zeros([2, 3, s, s], &device))?;
+/// assert_eq!(embeds.dims(), [2, 1 + 64, 64]);
+/// let features = model.image_features(embeds); // L2-normalised ITC features
+/// assert_eq!(features.dims(), [2, config.blip.image_text_hidden_size]);
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct BlipPretrain {
     /// The ViT.
@@ -287,6 +342,23 @@ impl Decoder for BlipPretrain {
 }
 
 /// The EMA copies ITC distils from (`*_m` in the original), never trained by gradients.
+///
+/// ```
+/// use blip_train::PretrainConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let config = PretrainConfig::tiny(30524);
+/// let model = config.init(&device);
+/// let momentum = model.momentum_copy();
+/// let s = config.blip.vision.image_size;
+/// let pixels = Tensor::<4>::ones([1, 3, s, s], &device);
+/// let online = model.image_features(model.image_embeds(pixels.clone())?);
+/// // A fresh copy has the online weights, so it gives the same features.
+/// let ema = momentum.image_features(pixels)?;
+/// assert!((online - ema).abs().max().into_scalar::<f32>() < 1e-5);
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct MomentumEncoders {
     /// EMA of the ViT.

@@ -5,6 +5,17 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Distribution, Tensor};
 
 /// The error of a queue whose size the batch does not divide.
+///
+/// ```
+/// use blip_train::FeatureQueue;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let mut queue = FeatureQueue::new(2, 6, &device);
+/// let err = queue.enqueue(Tensor::zeros([4, 2], &device)).unwrap_err();
+/// assert_eq!((err.queue, err.batch), (6, 4)); // 4 does not divide 6
+/// assert!(err.to_string().contains("cannot take batches of 4"));
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error(
     "a feature queue of {queue} entries cannot take batches of {batch}: the batch must divide the queue size (the original asserts it)"
@@ -19,6 +30,27 @@ pub struct QueueSizeError {
 /// Exponential moving average of parameters: `θ_m ← m·θ_m + (1 − m)·θ` for every float
 /// parameter of `momentum`, paired by position with `online`'s (the two modules must have
 /// the same structure, as BLIP's `visual_encoder`/`visual_encoder_m` do). No gradient flows.
+///
+/// ```
+/// use blip_train::momentum_update;
+/// use burn::module::Param;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let linear = |w: [[f32; 2]; 2]| -> Linear {
+///     let mut l = LinearConfig::new(2, 2).with_bias(false).init(&device);
+///     l.weight = Param::from_tensor(Tensor::from_floats(w, &device));
+///     l
+/// };
+/// let online = linear([[1.0, 2.0], [3.0, 4.0]]);
+/// let momentum = momentum_update(&online, linear([[0.0; 2]; 2]), 0.9);
+/// // θ_m ← 0.9·θ_m + 0.1·θ
+/// let w = momentum.weight.val().into_data().try_into_vec_as::<f32>().unwrap();
+/// for (got, want) in w.iter().zip([0.1, 0.2, 0.3, 0.4]) {
+///     assert!((got - want).abs() < 1e-6);
+/// }
+/// ```
 pub fn momentum_update<M: Module>(online: &M, momentum: M, m: f64) -> M {
     let mut collect = Collect(Vec::new());
     online.visit(&mut collect);
@@ -33,6 +65,18 @@ pub fn momentum_update<M: Module>(online: &M, momentum: M, m: f64) -> M {
 /// same values, new parameter ids, detached and excluded from gradient tracking. (A plain
 /// `clone` would share the parameters' lazy initialisation, so freezing the copy would
 /// freeze the online model too.)
+///
+/// ```
+/// use blip_train::momentum_copy;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::tensor::Device;
+///
+/// let online = LinearConfig::new(2, 2).init(&Device::flex());
+/// let copy = momentum_copy(&online);
+/// assert_ne!(copy.weight.id, online.weight.id); // a parameter of its own...
+/// let values = |l: &Linear| l.weight.val().into_data().try_into_vec_as::<f32>().unwrap();
+/// assert_eq!(values(&copy), values(&online)); // ...with the same values
+/// ```
 pub fn momentum_copy<M: Module>(online: &M) -> M {
     online.clone().map(&mut Fresh).no_grad()
 }
@@ -76,6 +120,23 @@ impl ModuleMapper for Update {
 
 /// A FIFO of L2-normalised features stored as columns (`[D, K]`), as BLIP's `image_queue` /
 /// `text_queue`: a batch overwrites the `B` oldest columns.
+///
+/// ```
+/// use blip_train::FeatureQueue;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let mut queue = FeatureQueue::new(2, 4, &device); // K = 4 random unit vectors of width 2
+/// assert_eq!((queue.len(), queue.ptr), (4, 0));
+/// // A batch of B = 2 features ([B, D]) overwrites the two oldest columns.
+/// queue.enqueue(Tensor::from_floats([[1.0, 0.0], [0.0, 1.0]], &device))?;
+/// assert_eq!(queue.ptr, 2);
+/// let head = queue.features.clone().narrow(1, 0, 2);
+/// assert_eq!(head.into_data().try_into_vec_as::<f32>().unwrap(), [1.0, 0.0, 0.0, 1.0]);
+/// queue.enqueue(Tensor::zeros([2, 2], &device))?;
+/// assert_eq!(queue.ptr, 0); // wrapped around
+/// # Ok::<(), blip_train::QueueSizeError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct FeatureQueue {
     /// `[D, K]` features, one per column.
@@ -133,6 +194,15 @@ impl FeatureQueue {
 
 /// The learnable temperature kept in BLIP's range: clamped to [0.001, 0.5] before every
 /// forward pass (its initial value is 0.07).
+///
+/// ```
+/// use blip_train::clamp_temperature;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let temp = Tensor::<1>::from_floats([0.0001, 0.07, 0.9], &Device::flex());
+/// let clamped = clamp_temperature(temp).into_data().try_into_vec_as::<f32>().unwrap();
+/// assert_eq!(clamped, [0.001, 0.07, 0.5]);
+/// ```
 pub fn clamp_temperature(temp: Tensor<1>) -> Tensor<1> {
     temp.clamp(0.001, 0.5)
 }

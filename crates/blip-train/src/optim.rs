@@ -5,6 +5,27 @@ use burn::optim::AdamWConfig;
 /// AdamW as BLIP trains: betas (0.9, 0.999), eps 1e-8, weight decay 0.05 applied to every
 /// parameter (the original builds no parameter groups). burn's own defaults differ
 /// (eps 1e-5, decay 1e-4), hence this constructor.
+///
+/// ```
+/// use blip_train::blip_adamw;
+/// use burn::module::Param;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::optim::GradientsParams;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex().autodiff();
+/// let mut model = LinearConfig::new(2, 1).with_bias(false).init(&device);
+/// model.weight = Param::from_tensor(Tensor::from_floats([[0.5], [0.5]], &device));
+/// let x = Tensor::<2>::from_floats([[1.0, 2.0]], &device);
+/// let loss = |m: &Linear| m.forward(x.clone()).powi_scalar(2).sum(); // (x·w)²
+/// let before: f32 = loss(&model).into_scalar();
+/// let mut optim = blip_adamw().init();
+/// for _ in 0..10 {
+///     let grads = GradientsParams::from_grads(loss(&model).backward(), &model);
+///     model = optim.step(1e-2, model, grads);
+/// }
+/// assert!(loss(&model).into_scalar::<f32>() < before);
+/// ```
 pub fn blip_adamw() -> AdamWConfig {
     AdamWConfig::new()
         .with_beta_1(0.9)
@@ -21,6 +42,24 @@ use burn::tensor::Tensor;
 /// `‖g‖ = sqrt(Σ_params Σ g²)` over every parameter of `module` together, each gradient is
 /// scaled by `min(1, max_norm / (‖g‖ + 1e-6))`. (burn's own `GradientClipping::Norm` clips
 /// each tensor separately.) Returns the gradients and the norm before clipping.
+///
+/// ```
+/// use blip_train::clip_grad_norm;
+/// use burn::nn::LinearConfig;
+/// use burn::optim::GradientsParams;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex().autodiff();
+/// let model = LinearConfig::new(2, 1).with_bias(false).init(&device);
+/// // d/dW Σ(x·W) = xᵀ = [3, 4]: a gradient of norm 5.
+/// let x = Tensor::<2>::from_floats([[3.0, 4.0]], &device);
+/// let grads = GradientsParams::from_grads(model.forward(x).sum().backward(), &model);
+/// let (clipped, norm) = clip_grad_norm(&model, grads, 1.0);
+/// assert!((norm - 5.0).abs() < 1e-5); // the norm before clipping
+/// let g = clipped.get::<2>(model.weight.id).unwrap();
+/// let g = g.into_data().try_into_vec_as::<f32>().unwrap();
+/// assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5); // scaled to norm 1
+/// ```
 pub fn clip_grad_norm<M: Module>(
     module: &M,
     mut grads: GradientsParams,

@@ -144,6 +144,17 @@ pub fn original_to_hf(key: &str) -> String {
 }
 
 /// The original name of an HF / module key, the inverse of [`original_to_hf`].
+///
+/// ```
+/// use blip_train::original::{hf_to_original, original_to_hf};
+///
+/// let key = "vision_model.encoder.layers.3.self_attn.projection.weight";
+/// assert_eq!(hf_to_original(key), "visual_encoder.blocks.3.attn.proj.weight");
+/// assert_eq!(original_to_hf(&hf_to_original(key)), key);
+/// // Keys outside the ViT keep their names.
+/// let text = "text_encoder.embeddings.word_embeddings.weight";
+/// assert_eq!(hf_to_original(text), text);
+/// ```
 pub fn hf_to_original(key: &str) -> String {
     vit_rename(key, false)
 }
@@ -197,6 +208,14 @@ fn pretrain_to_original(key: &str) -> String {
 }
 
 /// What an original file holds, from the model class that saved it.
+///
+/// ```
+/// use blip_train::Family;
+///
+/// assert_eq!(Family::Pretrain.to_string(), "pre-training");
+/// assert_eq!(Family::Vqa.to_string(), "VQA");
+/// assert_ne!(Family::Captioning, Family::Retrieval);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// `BLIP_Pretrain` (`model_base.pth`, `model_large.pth`, `model_base_capfilt_large.pth`,

@@ -14,6 +14,20 @@ use blip_text::lm_labels;
 
 /// What ITC distillation keeps across steps: the momentum encoders and the feature queues
 /// (plus, in retrieval fine-tuning, the image ids of the queued features).
+///
+/// ```
+/// use blip_train::{Distillation, PretrainConfig};
+/// use burn::tensor::Device;
+///
+/// let device = Device::flex();
+/// let config = PretrainConfig::tiny(30524).with_queue_size(8);
+/// let model = config.init(&device);
+/// let state = Distillation::new(&model, &config, &device);
+/// // Queues of `queue_size` random unit vectors of the ITC width (32 in the tiny config).
+/// assert_eq!(state.image_queue.features.dims(), [32, 8]);
+/// assert_eq!((state.text_queue.len(), state.text_queue.ptr), (8, 0));
+/// assert_eq!(state.idx_queue, vec![-100; 8]); // no image ids queued yet
+/// ```
 #[derive(Debug, Clone)]
 pub struct Distillation {
     /// The EMA encoders.
@@ -43,6 +57,33 @@ impl Distillation {
 /// A training batch: images, their captions tokenized with `[CLS]` first (padded), and
 /// optionally the image id of each pair (retrieval fine-tuning: captions of one image are
 /// not each other's negatives).
+///
+/// ```
+/// use blip_text::Encoded;
+/// use blip_train::{LossWeights, PretrainConfig, SplitMix64, TrainBatch, compute_losses};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let config = PretrainConfig::tiny(30524) // BERT's ids: [CLS] 101, [SEP] 102, [PAD] 0
+///     .with_weights(LossWeights::new().with_itc(0.0).with_itm(0.0)); // LM only
+/// let s = config.blip.vision.image_size;
+/// let batch = TrainBatch {
+///     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+///     text: Encoded {
+///         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+///         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+///     },
+///     image_ids: None,
+///     prompt_length: 0,
+/// };
+/// let model = config.init(&device);
+/// let mut rng = SplitMix64::new(0);
+/// assert_eq!(compute_losses(&model, None, &config, &batch, 0.0, &mut rng)?.terms.len(), 1);
+/// // Image ids, when given, are one per pair.
+/// let bad = TrainBatch { image_ids: Some(vec![7]), ..batch.clone() };
+/// assert!(compute_losses(&model, None, &config, &bad, 0.0, &mut rng).is_err());
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct TrainBatch {
     /// `[B, 3, S, S]` normalised pixels.
@@ -57,6 +98,37 @@ pub struct TrainBatch {
 }
 
 /// The objectives' values for one batch.
+///
+/// ```
+/// use blip_train::{LossWeights, PretrainConfig, SplitMix64, compute_losses};
+///
+/// let weights = LossWeights::new().with_itc(0.0).with_itm(0.0).with_lm(2.0);
+/// let config = PretrainConfig::tiny(30524).with_weights(weights);
+/// # use blip_text::Encoded;
+/// # use blip_train::TrainBatch;
+/// # use burn::tensor::{Device, Tensor};
+/// # let device = Device::flex();
+/// # let s = config.blip.vision.image_size;
+/// # let batch = TrainBatch {
+/// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+/// #     text: Encoded {
+/// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+/// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// #     },
+/// #     image_ids: None,
+/// #     prompt_length: 0,
+/// # };
+/// // `batch`: two images and their captions (see `TrainBatch`).
+/// let model = config.init(&device);
+/// let losses = compute_losses(&model, None, &config, &batch, 0.0, &mut SplitMix64::new(0))?;
+/// let values = losses.values();
+/// assert_eq!(values.len(), 1);
+/// assert_eq!(values[0].0, "lm"); // the only objective with a weight
+/// // The total is the weighted sum, 2·L_lm.
+/// let total: f32 = losses.total.into_scalar();
+/// assert!((f64::from(total) - 2.0 * values[0].1).abs() < 1e-4);
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Losses {
     /// `(name, loss)` of each computed objective (`"itc"`, `"itm"`, `"lm"`, then those of
@@ -79,6 +151,47 @@ impl Losses {
 /// What one step computed, handed to every extra [`Objective`] after BLIP's three. The
 /// tensors are the step's own (on the training device, in its autodiff graph): a term
 /// built from them trains what produced them.
+///
+/// ```
+/// use blip_train::{Objective, Result, SplitMix64, StepOutputs, Term, compute_losses_with};
+/// # use blip_train::{LossWeights, PretrainConfig};
+///
+/// /// Checks what an LM-only step hands over.
+/// struct Inspect;
+///
+/// impl Objective for Inspect {
+///     fn name(&self) -> &str {
+///         "inspect"
+///     }
+///     fn terms(&mut self, step: &StepOutputs<'_>) -> Result<Vec<Term>> {
+///         assert!(step.itm_logits.is_none() && step.image_features.is_none()); // ITC/ITM off
+///         let logits = step.decoder_logits.as_ref().expect("LM ran");
+///         assert_eq!(logits.dims(), [2, 4, 30524]); // [B, L, vocab]
+///         Ok(vec![])
+///     }
+/// }
+/// # let config = PretrainConfig::tiny(30524)
+/// #     .with_weights(LossWeights::new().with_itc(0.0).with_itm(0.0)); // LM only
+/// # use blip_text::Encoded;
+/// # use blip_train::TrainBatch;
+/// # use burn::tensor::{Device, Tensor};
+/// # let device = Device::flex();
+/// # let s = config.blip.vision.image_size;
+/// # let batch = TrainBatch {
+/// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+/// #     text: Encoded {
+/// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+/// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// #     },
+/// #     image_ids: None,
+/// #     prompt_length: 0,
+/// # };
+/// # let model = config.init(&device);
+/// // `config` (LM only), `model` and `batch` as in the `TrainBatch` example.
+/// let mut extra: Vec<Box<dyn Objective>> = vec![Box::new(Inspect)];
+/// compute_losses_with(&model, None, &config, &batch, 0.0, &mut SplitMix64::new(0), &mut extra)?;
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 #[derive(Debug)]
 pub struct StepOutputs<'a> {
     /// The model, as the step ran it.
@@ -102,6 +215,46 @@ pub struct StepOutputs<'a> {
 
 /// One named, weighted loss term: `weight · loss` joins the step's total, and `name`
 /// (`loss_<name>` in the metrics) its reports.
+///
+/// ```
+/// use blip_train::{Objective, Result, SplitMix64, StepOutputs, Term, compute_losses_with};
+/// # use blip_train::{LossWeights, PretrainConfig};
+///
+/// /// Reports its term under a name BLIP's LM already has.
+/// struct Clash;
+///
+/// impl Objective for Clash {
+///     fn name(&self) -> &str {
+///         "clash"
+///     }
+///     fn terms(&mut self, step: &StepOutputs<'_>) -> Result<Vec<Term>> {
+///         let loss = step.image_embeds.clone().powi_scalar(2).mean();
+///         Ok(vec![Term { name: "lm".into(), weight: 0.1, loss }])
+///     }
+/// }
+/// # let config = PretrainConfig::tiny(30524)
+/// #     .with_weights(LossWeights::new().with_itc(0.0).with_itm(0.0)); // LM only
+/// # use blip_text::Encoded;
+/// # use blip_train::TrainBatch;
+/// # use burn::tensor::{Device, Tensor};
+/// # let device = Device::flex();
+/// # let s = config.blip.vision.image_size;
+/// # let batch = TrainBatch {
+/// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+/// #     text: Encoded {
+/// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+/// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// #     },
+/// #     image_ids: None,
+/// #     prompt_length: 0,
+/// # };
+/// # let model = config.init(&device);
+/// // `config` (LM only), `model` and `batch` as in the `TrainBatch` example.
+/// let mut extra: Vec<Box<dyn Objective>> = vec![Box::new(Clash)];
+/// let mut rng = SplitMix64::new(0);
+/// let err = compute_losses_with(&model, None, &config, &batch, 0.0, &mut rng, &mut extra);
+/// assert!(err.unwrap_err().to_string().contains("already taken"));
+/// ```
 #[derive(Debug, Clone)]
 pub struct Term {
     /// Metrics name; must not repeat BLIP's (`itc`, `itm`, `lm`) or another term's.
@@ -158,10 +311,32 @@ pub trait Objective: Send {
 
 /// The temperature clamp the original applies in place before every forward pass
 /// (`temp.clamp_(0.001, 0.5)` under `no_grad`): the parameter keeps its id and stays a leaf.
+///
+/// ```
+/// use blip_train::PretrainConfig;
+/// use blip_train::pretrain::clamp_model_temperature;
+/// use burn::tensor::Device;
+///
+/// let config = PretrainConfig::tiny(30524).with_temp(0.9); // above BLIP's range
+/// let model = config.init(&Device::flex().autodiff());
+/// let id = model.temp.id;
+/// let model = clamp_model_temperature(model);
+/// assert!((model.temperature() - 0.5).abs() < 1e-6);
+/// assert_eq!(model.temp.id, id); // the same parameter, clamped in place
+/// assert!(model.temp.val().is_require_grad()); // and still trained
+/// // A model only evaluated (no autodiff) is clamped too.
+/// let plain = clamp_model_temperature(config.init(&Device::flex()));
+/// assert!((plain.temperature() - 0.5).abs() < 1e-6);
+/// ```
 pub fn clamp_model_temperature(mut model: BlipPretrain) -> BlipPretrain {
-    model.temp = model
-        .temp
-        .map(|t| clamp_temperature(t.detach()).detach().require_grad());
+    // The parameter keeps whether it is trained: on a device without autodiff (a
+    // model only evaluated) asking for a gradient would panic.
+    model.temp = model.temp.map(|t| {
+        let trained = t.is_require_grad();
+        clamp_temperature(t.detach())
+            .detach()
+            .set_require_grad(trained)
+    });
     model
 }
 
@@ -199,6 +374,39 @@ fn select_rows(rows: &[Vec<u32>], index: &[usize]) -> Vec<Vec<u32>> {
 /// 6. enqueue `v_m`, `t_m` (and the image ids).
 ///
 /// An objective whose weight is 0 is skipped; ITC/ITM need `distillation`.
+///
+/// ```
+/// use blip_train::{Distillation, PretrainConfig, SplitMix64, compute_losses};
+/// use burn::optim::GradientsParams;
+/// use burn::tensor::Device;
+/// # use blip_text::Encoded;
+/// # use blip_train::TrainBatch;
+/// # use burn::tensor::Tensor;
+///
+/// let device = Device::flex().autodiff();
+/// let config = PretrainConfig::tiny(30524); // ITC, ITM and LM, each of weight 1
+/// let model = config.init(&device);
+/// let mut distillation = Distillation::new(&model, &config, &device);
+/// # let s = config.blip.vision.image_size;
+/// # let batch = TrainBatch {
+/// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+/// #     text: Encoded {
+/// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+/// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// #     },
+/// #     image_ids: None,
+/// #     prompt_length: 0,
+/// # };
+/// // `batch`: two images and their captions (see `TrainBatch`).
+/// let mut rng = SplitMix64::new(0); // draws the hard negatives
+/// let losses = compute_losses(&model, Some(&mut distillation), &config, &batch, 0.4, &mut rng)?;
+/// let names: Vec<String> = losses.terms.iter().map(|(name, _)| name.clone()).collect();
+/// assert_eq!(names, ["itc", "itm", "lm"]);
+/// assert_eq!(distillation.image_queue.ptr, 2); // the batch's momentum features, queued last
+/// let grads = GradientsParams::from_grads(losses.total.backward(), &model);
+/// assert!(grads.get::<1>(model.temp.id).is_some()); // ITC trains the temperature
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 pub fn compute_losses(
     model: &BlipPretrain,
     distillation: Option<&mut Distillation>,
@@ -211,6 +419,50 @@ pub fn compute_losses(
 }
 
 /// [`compute_losses`], then the terms of each extra objective, added to the total.
+///
+/// ```
+/// use blip_train::{Objective, Result, SplitMix64, StepOutputs, Term, compute_losses_with};
+/// # use blip_train::{LossWeights, PretrainConfig};
+///
+/// /// A small penalty on the image tokens' magnitude.
+/// struct Norm;
+///
+/// impl Objective for Norm {
+///     fn name(&self) -> &str {
+///         "norm"
+///     }
+///     fn terms(&mut self, step: &StepOutputs<'_>) -> Result<Vec<Term>> {
+///         let loss = step.image_embeds.clone().powi_scalar(2).mean();
+///         Ok(vec![Term { name: "norm".into(), weight: 0.5, loss }])
+///     }
+/// }
+/// # let config = PretrainConfig::tiny(30524)
+/// #     .with_weights(LossWeights::new().with_itc(0.0).with_itm(0.0)); // LM only
+/// # use blip_text::Encoded;
+/// # use blip_train::TrainBatch;
+/// # use burn::tensor::{Device, Tensor};
+/// # let device = Device::flex();
+/// # let s = config.blip.vision.image_size;
+/// # let batch = TrainBatch {
+/// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+/// #     text: Encoded {
+/// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+/// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// #     },
+/// #     image_ids: None,
+/// #     prompt_length: 0,
+/// # };
+/// # let model = config.init(&device);
+/// // `config` (LM only), `model` and `batch` as in the `TrainBatch` example.
+/// let mut extra: Vec<Box<dyn Objective>> = vec![Box::new(Norm)];
+/// let mut rng = SplitMix64::new(0);
+/// let losses = compute_losses_with(&model, None, &config, &batch, 0.0, &mut rng, &mut extra)?;
+/// let values = losses.values(); // BLIP's (here LM only), then the extra terms
+/// assert_eq!((values[0].0.as_str(), values[1].0.as_str()), ("lm", "norm"));
+/// let total: f32 = losses.total.into_scalar();
+/// assert!((f64::from(total) - (values[0].1 + 0.5 * values[1].1)).abs() < 1e-3);
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 pub fn compute_losses_with(
     model: &BlipPretrain,
     distillation: Option<&mut Distillation>,

@@ -44,6 +44,22 @@ use crate::schedule::{cosine_lr, step_decay_lr, warmup_lr};
 use blip_core::rng::derive_seed;
 
 /// How the learning rate moves.
+///
+/// ```
+/// use blip_train::{LrSchedule, PretrainConfig, TrainConfig, Trainer};
+/// use burn::tensor::Device;
+///
+/// let train = TrainConfig::finetune_caption(); // cosine from 1e-5 to 0 over 5 epochs
+/// assert_eq!(train.schedule, LrSchedule::Cosine);
+/// let config = PretrainConfig::tiny(30524);
+/// let model = config.init(&Device::flex());
+/// let mut trainer = Trainer::new(model, config, train, &Device::flex().autodiff());
+/// assert_eq!(trainer.learning_rate(), 1e-5);
+/// for _ in 0..5 {
+///     trainer.end_epoch();
+/// }
+/// assert!(trainer.learning_rate().abs() < 1e-18);
+/// ```
 #[derive(Config, Debug, PartialEq, Copy)]
 pub enum LrSchedule {
     /// Pre-training: epoch 0 warms up linearly per step, each later epoch `e` runs at
@@ -54,6 +70,20 @@ pub enum LrSchedule {
 }
 
 /// Optimisation settings (the original `configs/*.yaml`).
+///
+/// ```
+/// use blip_train::{LrSchedule, TrainConfig};
+///
+/// let train = TrainConfig::new()
+///     .with_init_lr(1e-4)
+///     .with_grad_accumulation(4)
+///     .with_clip_grad_norm(Some(1.0));
+/// // The rest keeps the original pre-training settings.
+/// assert_eq!((train.warmup_steps, train.epochs), (3000, 20));
+/// assert_eq!(train.schedule, LrSchedule::StepDecay);
+/// assert_eq!(TrainConfig::pretrain(), TrainConfig::new());
+/// assert_eq!(TrainConfig::finetune_retrieval().alpha_ramp_epochs, 1);
+/// ```
 #[derive(Config, Debug, PartialEq)]
 pub struct TrainConfig {
     /// Peak learning rate (3e-4 pre-training ViT-B, 1e-5 caption/retrieval fine-tuning).
@@ -121,6 +151,37 @@ impl TrainConfig {
 
 /// Where training stands. `batch` counts the batches consumed in the current epoch (what a
 /// resumed data loader skips), `step` the optimiser steps overall.
+///
+/// ```
+/// use blip_train::{PretrainConfig, Progress, TrainConfig, Trainer};
+/// use burn::tensor::Device;
+/// # use blip_text::Encoded;
+/// # use blip_train::TrainBatch;
+/// # use burn::tensor::Tensor;
+///
+/// let config = PretrainConfig::tiny(30524);
+/// let device = Device::flex().autodiff();
+/// # let s = config.blip.vision.image_size;
+/// # let batch = TrainBatch {
+/// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+/// #     text: Encoded {
+/// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+/// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// #     },
+/// #     image_ids: None,
+/// #     prompt_length: 0,
+/// # };
+/// // `batch`: two images and their captions (see `TrainBatch`).
+/// let train = TrainConfig::new().with_grad_accumulation(2); // two batches per optimiser step
+/// let mut trainer = Trainer::new(config.init(&Device::flex()), config, train, &device);
+/// trainer.train_batch(&batch, 10)?;
+/// assert_eq!(trainer.progress, Progress { epoch: 0, batch: 1, step: 0 });
+/// trainer.train_batch(&batch, 10)?;
+/// assert_eq!(trainer.progress, Progress { epoch: 0, batch: 2, step: 1 });
+/// trainer.end_epoch();
+/// assert_eq!(trainer.progress, Progress { epoch: 1, batch: 0, step: 1 });
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
     /// Current epoch (0-based).
@@ -132,6 +193,38 @@ pub struct Progress {
 }
 
 /// What one call of [`Trainer::train_batch`] did.
+///
+/// ```
+/// use blip_train::{PretrainConfig, TrainConfig, Trainer};
+/// use burn::tensor::Device;
+/// # use blip_text::Encoded;
+/// # use blip_train::TrainBatch;
+/// # use burn::tensor::Tensor;
+///
+/// let config = PretrainConfig::tiny(30524);
+/// let device = Device::flex().autodiff();
+/// # let s = config.blip.vision.image_size;
+/// # let batch = TrainBatch {
+/// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+/// #     text: Encoded {
+/// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+/// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+/// #     },
+/// #     image_ids: None,
+/// #     prompt_length: 0,
+/// # };
+/// // `batch`: two images and their captions (see `TrainBatch`).
+/// let train = TrainConfig::new().with_grad_accumulation(2).with_clip_grad_norm(Some(1.0));
+/// let mut trainer = Trainer::new(config.init(&Device::flex()), config, train, &device);
+/// let first = trainer.train_batch(&batch, 10)?;
+/// assert!(first.lr.is_none() && first.grad_norm.is_none()); // gradients kept, no step yet
+/// let second = trainer.train_batch(&batch, 10)?;
+/// assert_eq!(second.lr, Some(1e-6)); // the warm-up's first learning rate
+/// assert!(second.grad_norm.is_some_and(|norm| norm > 0.0));
+/// let names: Vec<&str> = second.losses.iter().map(|(name, _)| name.as_str()).collect();
+/// assert_eq!(names, ["itc", "itm", "lm"]);
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct StepReport {
     /// Each objective's value.
@@ -147,6 +240,39 @@ pub struct StepReport {
 }
 
 /// The model, its distillation state and optimiser, and the position in training.
+///
+/// ```
+/// use blip_text::Encoded;
+/// use blip_train::{PretrainConfig, TrainBatch, TrainConfig, Trainer};
+/// use burn::tensor::{Device, Tensor};
+///
+/// # fn main() -> blip_train::Result<()> {
+/// let config = PretrainConfig::tiny(30524);
+/// let s = config.blip.vision.image_size;
+/// let device = Device::flex().autodiff();
+/// let batch = TrainBatch {
+///     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+///     text: Encoded {
+///         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+///         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+///     },
+///     image_ids: None,
+///     prompt_length: 0,
+/// };
+/// let train = TrainConfig::new();
+/// let mut trainer = Trainer::new(config.init(&Device::flex()), config, train, &device);
+/// let report = trainer.train_batch(&batch, 100)?;
+/// assert!(report.total.is_finite() && report.lr.is_some());
+/// // A checkpoint, and a trainer restored from it as a restarted run would be.
+/// let root = std::env::temp_dir().join(format!("blip-doc-trainer-{}", std::process::id()));
+/// let checkpoint = trainer.save(&root)?;
+/// assert_eq!(Trainer::latest_checkpoint(&root)?, Some(checkpoint.clone()));
+/// let resumed = Trainer::resume(&checkpoint, &device)?;
+/// assert_eq!(resumed.progress, trainer.progress);
+/// # std::fs::remove_dir_all(&root).ok();
+/// # Ok(())
+/// # }
+/// ```
 pub struct Trainer {
     /// The trainable model.
     pub model: BlipPretrain,

@@ -9,6 +9,32 @@ use crate::error::{Result, TrainError};
 /// A VQA training batch: questions as the tokenizer encodes them (`[CLS]` first; the loss
 /// puts `[ENC]` there, as the original encodes them), and for each question its candidate
 /// answers with their weights (VQA v2's soft scores).
+///
+/// ```
+/// use blip_text::{Encoded, VqaModel};
+/// use blip_train::{PretrainConfig, VqaBatch, vqa_loss};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let blip = PretrainConfig::tiny(30524).blip; // BERT's ids: [DEC] 30522, [ENC] 30523
+/// let s = blip.vision.image_size;
+/// let encoded = |rows: Vec<Vec<u32>>| Encoded {
+///     attention_mask: rows.iter().map(|r| vec![1; r.len()]).collect(),
+///     input_ids: rows,
+/// };
+/// // One question with two candidate answers, weighted by their VQA v2 scores.
+/// let batch = VqaBatch {
+///     pixel_values: Tensor::zeros([1, 3, s, s], &device),
+///     questions: encoded(vec![vec![101, 2054, 3609, 102]]),
+///     answers: encoded(vec![vec![101, 2417, 102], vec![101, 2630, 102]]),
+///     answers_per_question: vec![2],
+///     weights: vec![0.7, 0.3],
+/// };
+/// let model = VqaModel::new(&blip, &device);
+/// // Counts that do not add up are refused before the model runs.
+/// let bad = VqaBatch { answers_per_question: vec![1], ..batch.clone() };
+/// assert!(vqa_loss(&model, &bad, 30522, 30523, 0.1).is_err());
+/// ```
 #[derive(Debug, Clone)]
 pub struct VqaBatch {
     /// `[B, 3, S, S]` pixels.
@@ -34,6 +60,37 @@ pub struct VqaBatch {
 ///
 /// The questions' first token becomes `enc_token_id` (`[ENC]`) and the answers'
 /// `dec_token_id` (`[DEC]`) here, so a batch holds the tokenizer's output as it is.
+///
+/// ```
+/// # use blip_text::{Encoded, VqaModel};
+/// # use blip_train::{PretrainConfig, VqaBatch};
+/// # use burn::tensor::{Device, Tensor};
+/// use blip_train::vqa_loss;
+///
+/// # let device = Device::flex();
+/// # let blip = PretrainConfig::tiny(30524).blip; // BERT's ids: [DEC] 30522, [ENC] 30523
+/// # let s = blip.vision.image_size;
+/// # let encoded = |rows: Vec<Vec<u32>>| Encoded {
+/// #     attention_mask: rows.iter().map(|r| vec![1; r.len()]).collect(),
+/// #     input_ids: rows,
+/// # };
+/// # let batch = VqaBatch {
+/// #     pixel_values: Tensor::zeros([1, 3, s, s], &device),
+/// #     questions: encoded(vec![vec![101, 2054, 3609, 102]]),
+/// #     answers: encoded(vec![vec![101, 2417, 102], vec![101, 2630, 102]]),
+/// #     answers_per_question: vec![2],
+/// #     weights: vec![0.7, 0.3],
+/// # };
+/// # let model = VqaModel::new(&blip, &device);
+/// // `batch`: one question, two answers weighted 0.7 and 0.3 (see `VqaBatch`).
+/// let loss: f32 = vqa_loss(&model, &batch, 30522, 30523, 0.1)?.into_scalar();
+/// assert!(loss.is_finite() && loss > 0.0);
+/// // Each answer's loss is scaled by its weight: doubling every weight doubles the loss.
+/// let doubled = VqaBatch { weights: vec![1.4, 0.6], ..batch.clone() };
+/// let twice: f32 = vqa_loss(&model, &doubled, 30522, 30523, 0.1)?.into_scalar();
+/// assert!((twice - 2.0 * loss).abs() <= 1e-4 * loss);
+/// # Ok::<(), blip_train::TrainError>(())
+/// ```
 pub fn vqa_loss(
     model: &VqaModel,
     batch: &VqaBatch,

@@ -12,6 +12,20 @@ use blip_core::{Error, Result};
 ///
 /// Field names follow the `vision_config` of a HuggingFace `config.json`, so
 /// [`VisionConfig::from_hf_json`] reads one directly.
+///
+/// ```
+/// use std::path::Path;
+/// use blip_vision::VisionConfig;
+///
+/// let config = VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16);
+/// assert_eq!(config.grid_size(), 2);
+/// assert_eq!(config.num_positions(), 5); // 2 × 2 patches + class token
+/// config.validate(Path::new("<config>"))?;
+/// // 4 heads do not divide a width of 30.
+/// assert!(VisionConfig::new(30, 64, 1, 4, 32).validate(Path::new("<config>")).is_err());
+/// assert_eq!(VisionConfig::base().hidden_size, 768);
+/// # Ok::<(), blip_vision::Error>(())
+/// ```
 #[derive(Config, Debug, PartialEq)]
 pub struct VisionConfig {
     /// Token width `D_v` (768 for ViT-B, 1024 for ViT-L).

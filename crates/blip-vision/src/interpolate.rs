@@ -25,6 +25,19 @@ fn taps(input: usize, output: usize) -> Vec<([usize; 4], [f64; 4])> {
 }
 
 /// Resizes a row-major `[in_h, in_w, channels]` grid to `[out_h, out_w, channels]`.
+///
+/// ```
+/// use blip_vision::bicubic_resize;
+///
+/// // A constant 2 × 2 grid of 3 channels stays constant at 4 × 5.
+/// let out = bicubic_resize(&[0.5; 2 * 2 * 3], 3, 2, 2, 4, 5);
+/// assert_eq!(out.len(), 4 * 5 * 3);
+/// assert!(out.iter().all(|v| (v - 0.5).abs() < 1e-6));
+/// // At the same size it is the identity.
+/// let ramp: Vec<f32> = (0..9).map(|i| i as f32).collect();
+/// let same = bicubic_resize(&ramp, 1, 3, 3, 3, 3);
+/// assert!(ramp.iter().zip(&same).all(|(a, b)| (a - b).abs() < 1e-5));
+/// ```
 pub fn bicubic_resize(
     grid: &[f32],
     channels: usize,
@@ -61,6 +74,18 @@ pub fn bicubic_resize(
 /// `grid_h × grid_w` patch grid: the class row kept, the patch rows resized by
 /// [`bicubic_resize`] (transformers' `interpolate_pos_encoding`, the original's
 /// `interpolate_pos_embed`).
+///
+/// ```
+/// use blip_vision::resize_position_table;
+///
+/// // Width 2: a class row of 9s, then a 2 × 2 grid of 1s.
+/// let mut table = vec![9.0, 9.0];
+/// table.extend([1.0; 2 * 2 * 2]);
+/// let out = resize_position_table(&table, 2, 2, 3, 3);
+/// assert_eq!(out.len(), (1 + 3 * 3) * 2);
+/// assert_eq!(out[..2], [9.0, 9.0]); // the class row is kept
+/// assert!(out[2..].iter().all(|v| (v - 1.0).abs() < 1e-6));
+/// ```
 pub fn resize_position_table(
     table: &[f32],
     d: usize,

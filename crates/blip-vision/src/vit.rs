@@ -18,6 +18,22 @@ use blip_core::ops::dense;
 use blip_core::{Error, Result};
 
 /// Patch embedding, class token and learned absolute position embedding.
+///
+/// ```
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let vit = VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16).init(&device);
+/// let embeddings = &vit.embeddings;
+/// let tokens = embeddings.forward(Tensor::<4>::zeros([1, 3, 32, 32], &device))?;
+/// assert_eq!(tokens.dims(), [1, 5, 32]); // class token + 2 × 2 patches, width 32
+/// // For 48 px inputs the 2 × 2 position table is resized to the 3 × 3 grid.
+/// assert_eq!(embeddings.position_embedding_for(3, 3).dims(), [1, 10, 32]);
+/// // A side that is not a multiple of the patch is an error.
+/// assert!(embeddings.forward(Tensor::<4>::zeros([1, 3, 30, 32], &device)).is_err());
+/// # Ok::<(), blip_vision::Error>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct VisionEmbeddings {
     /// The class token, `[1, 1, D]`.
@@ -31,6 +47,19 @@ pub struct VisionEmbeddings {
 }
 
 /// Multi-head self-attention with one fused `qkv` projection (rows `[q; k; v]`).
+///
+/// ```
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Distribution, Tensor};
+///
+/// let device = Device::flex();
+/// let vit = VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16).init(&device);
+/// let attention = &vit.encoder.layers[0].self_attn;
+/// assert_eq!(attention.num_heads, 2);
+/// assert_eq!(attention.qkv.weight.val().dims(), [32, 96]); // burn's [in, out]: D → 3·D
+/// let x = Tensor::<3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(attention.forward(x).dims(), [2, 5, 32]);
+/// ```
 #[derive(Module, Debug)]
 pub struct VisionAttention {
     /// `D → 3·D`, with bias.
@@ -42,6 +71,19 @@ pub struct VisionAttention {
 }
 
 /// The feed-forward block: `fc2(gelu(fc1(x)))`.
+///
+/// ```
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::activation::gelu;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let vit = VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16).init(&device);
+/// let mlp = &vit.encoder.layers[0].mlp;
+/// assert_eq!(mlp.fc1.weight.val().dims(), [32, 64]); // D → intermediate_size
+/// let y = mlp.fc2.forward(gelu(mlp.fc1.forward(Tensor::<3>::ones([1, 5, 32], &device))));
+/// assert_eq!(y.dims(), [1, 5, 32]);
+/// ```
 #[derive(Module, Debug)]
 pub struct VisionMlp {
     /// `D → 4·D`.
@@ -51,6 +93,21 @@ pub struct VisionMlp {
 }
 
 /// One pre-norm transformer block.
+///
+/// ```
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Distribution, Tensor};
+///
+/// let device = Device::flex();
+/// let vit = VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16).init(&device);
+/// let layer = &vit.encoder.layers[0];
+/// let x = Tensor::<3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+/// let y = layer.forward(x.clone());
+/// assert_eq!(y.dims(), [2, 5, 32]);
+/// // Outside a dropout scope the block's index changes nothing.
+/// let diff: f32 = (y - layer.forward_at(x, 11, 12)).abs().max().into_scalar();
+/// assert!(diff < 1e-5);
+/// ```
 #[derive(Module, Debug)]
 pub struct VisionLayer {
     /// Norm before attention.
@@ -64,6 +121,26 @@ pub struct VisionLayer {
 }
 
 /// The stack of blocks.
+///
+/// ```
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let vit = VisionConfig::new(32, 64, 2, 2, 32).with_patch_size(16).init(&device);
+/// let depth = vit.encoder.layers.len();
+/// assert_eq!(depth, 2);
+/// let pixels = Tensor::<4>::zeros([1, 3, 32, 32], &device);
+/// // The blocks run in order, each as block `i` of `depth`.
+/// let mut x = vit.embeddings.forward(pixels.clone())?;
+/// for (i, layer) in vit.encoder.layers.iter().enumerate() {
+///     x = layer.forward_at(x, i, depth);
+/// }
+/// let hidden = vit.forward_with_hidden_states(pixels)?.hidden_states;
+/// let diff: f32 = (x - hidden[depth].clone()).abs().max().into_scalar();
+/// assert!(diff < 1e-5);
+/// # Ok::<(), blip_vision::Error>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct VisionEncoder {
     /// Blocks, in order.
@@ -71,6 +148,24 @@ pub struct VisionEncoder {
 }
 
 /// BLIP's ViT: embeddings → pre-norm blocks → final LayerNorm on every token.
+///
+/// ```
+/// use blip_vision::{Error, VisionConfig};
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let vit = VisionConfig::new(32, 64, 1, 2, 32).with_patch_size(16).init(&device);
+/// assert_eq!(vit.hidden_size(), 32);
+/// let tokens = vit.forward(Tensor::<4>::zeros([2, 3, 32, 32], &device))?;
+/// assert_eq!(tokens.dims(), [2, 5, 32]); // class token + 2 × 2 patches per image
+/// // Resized once for 48 px inputs: 3 × 3 patches.
+/// let vit = vit.with_image_size(48);
+/// assert_eq!(vit.forward(Tensor::<4>::zeros([1, 3, 48, 48], &device))?.dims(), [1, 10, 32]);
+/// // A grey (1-channel) input is an error, not a panic.
+/// let grey = Tensor::<4>::zeros([1, 1, 32, 32], &device);
+/// assert!(matches!(vit.forward(grey), Err(Error::InputShape { .. })));
+/// # Ok::<(), blip_vision::Error>(())
+/// ```
 #[derive(Module, Debug)]
 pub struct VisionTransformer {
     /// Patch/class/position embeddings.
@@ -82,6 +177,19 @@ pub struct VisionTransformer {
 }
 
 /// What [`VisionTransformer::forward_with_hidden_states`] returns.
+///
+/// ```
+/// use blip_vision::VisionConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let vit = VisionConfig::new(32, 64, 2, 2, 32).with_patch_size(16).init(&device);
+/// let out = vit.forward_with_hidden_states(Tensor::<4>::zeros([1, 3, 32, 32], &device))?;
+/// assert_eq!(out.last_hidden_state.dims(), [1, 5, 32]);
+/// assert_eq!(out.hidden_states.len(), 3); // the embeddings, then each of the 2 blocks
+/// assert!(out.hidden_states.iter().all(|h| h.dims() == [1, 5, 32]));
+/// # Ok::<(), blip_vision::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct VisionOutput {
     /// `[B, 1 + grid², D]` after the final LayerNorm: what the text model cross-attends to.

@@ -8,6 +8,16 @@ use crate::vocab::{Background, Colour, Position, Relation, Shape, Size, Texture,
 use blip_core::SplitMix64;
 
 /// An attribute a caption can get wrong (the kinds a `wrong_attribute` web text swaps).
+///
+/// ```
+/// use blip_world::{AttributeKind, caption_mentions, scene};
+///
+/// assert_eq!(AttributeKind::Colour.name(), "colour");
+/// let s = scene(7, 0, 64);
+/// let o = &s.objects()[0];
+/// let m = caption_mentions(&s, &format!("a {} {}", o.colour.name(), o.shape.name()));
+/// assert_eq!((m.tally(AttributeKind::Colour).correct, m.tally(AttributeKind::Size).mentions()), (1, 0));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttributeKind {

@@ -22,6 +22,13 @@ const SIGMA: f64 = 6.0;
 
 /// pycocoevalcap's PTB tokenizer, approximately: lower case, with the punctuation it drops
 /// (`. , : ; ! ? " ( ) [ ] { }`, backticks, lone dashes) removed.
+///
+/// ```
+/// use blip_world::cider_tokenize;
+///
+/// assert_eq!(cider_tokenize("A red circle, on the LEFT."), ["a", "red", "circle", "on", "the", "left"]);
+/// assert_eq!(cider_tokenize("well - done"), ["well", "done"]); // lone dashes are dropped
+/// ```
 pub fn cider_tokenize(text: &str) -> Vec<String> {
     let lower = text.to_lowercase();
     lower
@@ -90,6 +97,19 @@ fn similarity(hyp: &TfIdf, reference: &TfIdf) -> [f64; N] {
 ///
 /// # Panics
 /// If the two slices differ in length.
+///
+/// ```
+/// use blip_world::cider_scores;
+///
+/// let references = vec![
+///     vec!["a red circle on the left".to_string()],
+///     vec!["a blue square at the top".to_string()],
+/// ];
+/// let candidates = ["a red circle on the left".to_string(), "a green star".to_string()];
+/// let scores = cider_scores(&candidates, &references);
+/// assert!((scores[0] - 10.0).abs() < 1e-9); // a perfect match scores 10
+/// assert_eq!(scores[1], 0.0); // nothing in common with its reference
+/// ```
 pub fn cider_scores(candidates: &[String], references: &[Vec<String>]) -> Vec<f64> {
     assert_eq!(
         candidates.len(),
@@ -141,6 +161,20 @@ pub fn cider_scores(candidates: &[String], references: &[Vec<String>]) -> Vec<f6
 ///
 /// # Panics
 /// If the two slices differ in length.
+///
+/// ```
+/// use blip_world::cider;
+///
+/// let references = vec![
+///     vec!["a red circle on the left".to_string(), "a crimson ball on the left side".to_string()],
+///     vec!["a blue square at the top".to_string()],
+/// ];
+/// let exact = ["a red circle on the left".to_string(), "a blue square at the top".to_string()];
+/// let short = ["a red circle".to_string(), "a blue square".to_string()];
+/// let (exact, short) = (cider(&exact, &references), cider(&short, &references));
+/// assert!(exact > short && short > 0.0);
+/// assert_eq!(cider(&[], &[]), 0.0);
+/// ```
 pub fn cider(candidates: &[String], references: &[Vec<String>]) -> f64 {
     let scores = cider_scores(candidates, references);
     if scores.is_empty() {

@@ -7,6 +7,16 @@ use crate::scene::SceneAttributes;
 use crate::vocab::{Background, COUNT_WORDS, Colour, Position, Relation, Shape, Size, Texture};
 
 /// How many mentions of one attribute kind were right and how many wrong.
+///
+/// ```
+/// use blip_world::{Tally, caption_mentions, scene};
+///
+/// let s = scene(7, 0, 64);
+/// let o = &s.objects()[0];
+/// let m = caption_mentions(&s, &format!("a {} {}", o.size.name(), o.shape.name()));
+/// assert_eq!(m.size, Tally { correct: 1, wrong: 0 });
+/// assert_eq!((m.size.mentions(), m.relation.mentions()), (1, 0));
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
     /// Mentions that agree with the scene.
@@ -31,6 +41,19 @@ impl Tally {
 }
 
 /// What a caption says about a scene, attribute by attribute (see [`caption_mentions`]).
+///
+/// ```
+/// use blip_world::{caption_mentions, scene};
+///
+/// let s = scene(7, 0, 64);
+/// let m = caption_mentions(&s, &format!("a {}", s.objects()[0].shape.name()));
+/// assert!(m.is_exact());
+/// assert_eq!((m.objects_mentioned, m.correct(), m.wrong()), (1, 1, 0));
+/// // Four objects cannot all be in a scene of at most three.
+/// let m = caption_mentions(&s, "a red circle, a blue square, a green star and a yellow diamond");
+/// assert!(m.objects_unmatched >= 1 && !m.is_exact());
+/// assert!(!caption_mentions(&s, "a photo of a dog").mentions_anything());
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttributeMatch {
     /// Shape nouns ("circle", "ball", ...): one per object mentioned.
@@ -222,6 +245,19 @@ fn score_object(m: &mut AttributeMatch, p: &ParsedObject, o: Option<&crate::Obje
 ///
 /// This is the "captioning accuracy (exact attributes)" measure: see
 /// [`AttributeMatch::is_exact`].
+///
+/// ```
+/// use blip_world::{Colour, caption_mentions, scene};
+///
+/// let s = scene(7, 0, 64);
+/// let o = &s.objects()[0];
+/// let right = format!("a {} {} {}", o.colour.name(), o.shape.name(), o.position.phrases()[0]);
+/// assert!(caption_mentions(&s, &right).is_exact());
+/// // A colour no object has is wrong wherever the mention is matched.
+/// let other = Colour::ALL.into_iter().find(|c| s.objects().iter().all(|o| o.colour != *c)).unwrap();
+/// let wrong = caption_mentions(&s, &format!("a {} {}", other.name(), o.shape.name()));
+/// assert_eq!((wrong.colour.wrong, wrong.shape.correct), (1, 1));
+/// ```
 pub fn caption_mentions(scene: impl AsRef<SceneAttributes>, caption: &str) -> AttributeMatch {
     let attrs = scene.as_ref();
     let parsed = parse(caption);

@@ -10,6 +10,20 @@ use blip_core::{SplitMix64, split_mix64 as mix64};
 pub(crate) const STREAM_SCENE: u64 = 1;
 
 /// One object of a scene: its attributes and where it was drawn.
+///
+/// ```
+/// use blip_world::scene;
+///
+/// let s = scene(7, 0, 64);
+/// for o in s.objects() {
+///     let [x0, y0, x1, y1] = o.bbox;
+///     assert!(x0 < x1 && y0 < y1 && x1 <= 64 && y1 <= 64);
+///     assert!(o.radius > 0.0 && o.radius < 0.2); // a fraction of the image side
+/// }
+/// let json = serde_json::to_value(&s.objects()[0])?;
+/// assert_eq!(json["shape"], s.objects()[0].shape.name());
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ObjectAttributes {
     /// The shape.
@@ -32,6 +46,16 @@ pub struct ObjectAttributes {
 }
 
 /// The relations that hold from one object to another.
+///
+/// ```
+/// use blip_world::scene;
+///
+/// let s = (0..).map(|index| scene(7, index, 64)).find(|s| s.objects().len() == 2).unwrap();
+/// let fact = &s.attributes().relations[0];
+/// assert_eq!((fact.subject, fact.object), (0, 1));
+/// assert!(!fact.relations.is_empty());
+/// assert!(fact.relations.iter().all(|&r| s.attributes().relation_holds(0, r, 1)));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelationFact {
     /// Index of the subject object in [`SceneAttributes::objects`].
@@ -43,6 +67,20 @@ pub struct RelationFact {
 }
 
 /// Everything true about a scene: the ground truth captions are checked against.
+///
+/// ```
+/// use blip_world::{SceneAttributes, scene};
+///
+/// let s = scene(7, 0, 64);
+/// let attrs = s.attributes();
+/// assert_eq!(attrs.image_size, 64);
+/// let n = attrs.objects.len();
+/// assert!((1..=3).contains(&n));
+/// assert_eq!(attrs.relations.len(), n * (n - 1)); // every ordered pair
+/// let json = serde_json::to_string(attrs)?;
+/// assert_eq!(&serde_json::from_str::<SceneAttributes>(&json)?, attrs);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SceneAttributes {
     /// Side of the rendered square image in pixels.
@@ -75,6 +113,16 @@ impl AsRef<SceneAttributes> for SceneAttributes {
 }
 
 /// A scene of the world: deterministic from `(seed, index)`.
+///
+/// ```
+/// use blip_world::{SplitMix64, scene};
+///
+/// let s = scene(7, 3, 64);
+/// assert_eq!((s.seed(), s.index()), (7, 3));
+/// assert_eq!(s, scene(7, 3, 64)); // a function of (seed, index)
+/// assert_eq!(s.render(), scene(7, 3, 64).render());
+/// assert_eq!(s.captions_n(&mut SplitMix64::new(1), 3).len(), 3);
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scene {
     seed: u64,
@@ -94,6 +142,16 @@ impl AsRef<SceneAttributes> for Scene {
 ///
 /// # Panics
 /// If `image_size < 8`.
+///
+/// ```
+/// use blip_world::scene;
+///
+/// let (small, large) = (scene(7, 0, 64), scene(7, 0, 96));
+/// // The layout does not depend on the size; pixel boxes do.
+/// assert_eq!(small.objects()[0].center, large.objects()[0].center);
+/// assert_eq!(small.objects().len(), large.objects().len());
+/// assert_eq!(large.render().dimensions(), (96, 96));
+/// ```
 pub fn scene(seed: u64, index: u64, image_size: u32) -> Scene {
     assert!(image_size >= 8, "image_size {image_size} is below 8 pixels");
     let mut rng = crate::stream(seed, &[STREAM_SCENE, index]);

@@ -7,6 +7,16 @@
 use serde::{Deserialize, Serialize};
 
 /// The shape of an object.
+///
+/// ```
+/// use blip_world::Shape;
+///
+/// assert_eq!(Shape::Circle.words(), ["circle", "ball", "disc"]);
+/// assert_eq!(Shape::Diamond.name(), "diamond");
+/// assert!(Shape::ALL.iter().all(|s| s.words()[0] == s.name()));
+/// assert_eq!(serde_json::to_value(Shape::Star)?, "star");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Shape {
@@ -50,6 +60,15 @@ impl Shape {
 }
 
 /// The colour of an object.
+///
+/// ```
+/// use blip_world::Colour;
+///
+/// assert_eq!(Colour::Red.words(), ["red", "crimson", "scarlet"]);
+/// assert_eq!(Colour::Blue.rgb(), [45, 85, 220]);
+/// assert_eq!(serde_json::to_value(Colour::Purple)?, Colour::Purple.name());
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Colour {
@@ -109,6 +128,13 @@ impl Colour {
 }
 
 /// The size of an object.
+///
+/// ```
+/// use blip_world::Size;
+///
+/// assert_eq!(Size::ALL.map(Size::name), ["small", "large"]);
+/// assert!(Size::Large.words().contains(&"big"));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Size {
@@ -137,6 +163,15 @@ impl Size {
 }
 
 /// Where an object sits: one of five cells of a 3 × 3 grid.
+///
+/// ```
+/// use blip_world::{Position, Relation};
+///
+/// assert_eq!(Position::Left.cell(), (0, 1)); // (column, row)
+/// assert_eq!(Position::Center.phrases()[0], "in the center");
+/// assert!(Relation::LeftOf.holds(Position::Left, Position::Center));
+/// assert!(!Relation::NextTo.holds(Position::Left, Position::Right));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Position {
@@ -197,6 +232,15 @@ impl Position {
 }
 
 /// A spatial relation "subject RELATION object" between two objects.
+///
+/// ```
+/// use blip_world::{Position, Relation};
+///
+/// assert_eq!(Relation::NextTo.name(), "next_to");
+/// assert_eq!(Relation::Below.phrases(), ["below", "under", "beneath"]);
+/// assert!(Relation::Above.holds(Position::Top, Position::Bottom));
+/// assert!(Relation::ALL.iter().all(|r| !r.holds(Position::Top, Position::Top)));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Relation {
@@ -258,6 +302,14 @@ impl Relation {
 }
 
 /// The background colour.
+///
+/// ```
+/// use blip_world::Background;
+///
+/// assert_eq!(Background::Gray.words(), ["gray", "grey"]);
+/// assert_eq!(Background::Black.rgb(), [22, 22, 26]);
+/// assert_eq!(Background::ALL.map(Background::name), ["white", "gray", "black"]);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Background {
@@ -298,6 +350,15 @@ impl Background {
 }
 
 /// The background texture.
+///
+/// ```
+/// use blip_world::{Texture, scene};
+///
+/// assert_eq!(Texture::Speckled.words(), ["speckled", "grainy"]);
+/// // A plain background is drawn in its nominal colour (the corner cell holds no object).
+/// let s = (0..).map(|index| scene(7, index, 64)).find(|s| s.attributes().texture == Texture::Plain).unwrap();
+/// assert_eq!(s.render().get_pixel(0, 0).0, s.attributes().background.rgb());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Texture {

@@ -22,6 +22,15 @@ const STREAM_TEST: u64 = 4;
 const STREAM_NOISE: u64 = 5;
 
 /// Relative weights of the noise kinds among the noisy web texts.
+///
+/// ```
+/// use blip_world::{NoiseMix, WorldConfig};
+///
+/// let mix = NoiseMix::default();
+/// assert!((mix.other_image + mix.wrong_attribute + mix.unrelated + mix.truncated - 1.0).abs() < 1e-12);
+/// let config = WorldConfig { noise_mix: NoiseMix { unrelated: -1.0, ..mix }, ..WorldConfig::small() };
+/// assert!(config.validate().is_err()); // weights must be non-negative
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NoiseMix {
     /// A correct caption of another (different-looking) image.
@@ -57,6 +66,15 @@ impl NoiseMix {
 }
 
 /// What a web text is, for evaluation only (`web_labels.jsonl`).
+///
+/// ```
+/// use blip_world::NoiseKind;
+///
+/// assert_eq!(NoiseKind::ALL[0], NoiseKind::None);
+/// assert_eq!(NoiseKind::WrongAttribute.name(), "wrong_attribute");
+/// assert_eq!(serde_json::to_value(NoiseKind::OtherImage)?, NoiseKind::OtherImage.name());
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NoiseKind {
@@ -95,6 +113,15 @@ impl NoiseKind {
 }
 
 /// Settings of a world. Everything written is a function of these alone.
+///
+/// ```
+/// use blip_world::WorldConfig;
+///
+/// let config = WorldConfig { clean_images: 3, web_images: 4, test_images: 2, ..WorldConfig::small() };
+/// assert!(config.validate().is_ok());
+/// assert_eq!(config.first_indices(), [0, 3, 7]); // clean, web, test
+/// assert!(WorldConfig { image_size: 32, ..config }.validate().is_err());
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorldConfig {
     /// The world seed.
@@ -195,6 +222,18 @@ impl WorldConfig {
 }
 
 /// An entry of `clean.json` / `web.json` (BLIP's pre-training annotation format).
+///
+/// ```
+/// use blip_world::{Annotation, WorldConfig, generate};
+///
+/// let dir = tempfile::tempdir()?;
+/// let config = WorldConfig { clean_images: 2, web_images: 4, test_images: 1, shard_size: 2, ..WorldConfig::small() };
+/// generate(&config, dir.path())?;
+/// let clean: Vec<Annotation> = serde_json::from_slice(&std::fs::read(dir.path().join("clean.json"))?)?;
+/// assert_eq!(clean.len(), config.clean_images * config.clean_captions_per_image);
+/// assert!(clean.iter().all(|a| dir.path().join(&a.image).is_file()));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Annotation {
     /// Image path relative to the world directory.
@@ -204,6 +243,19 @@ pub struct Annotation {
 }
 
 /// An entry of `test.json`: an image and all its reference captions.
+///
+/// ```
+/// use blip_world::{TestAnnotation, WorldConfig, caption_mentions, generate, image_index, scene};
+///
+/// let dir = tempfile::tempdir()?;
+/// let config = WorldConfig { clean_images: 2, web_images: 4, test_images: 1, shard_size: 2, ..WorldConfig::small() };
+/// generate(&config, dir.path())?;
+/// let test: Vec<TestAnnotation> = serde_json::from_slice(&std::fs::read(dir.path().join("test.json"))?)?;
+/// assert_eq!(test[0].caption.len(), config.test_captions_per_image);
+/// let s = scene(config.seed, image_index(&test[0].image).unwrap(), config.image_size);
+/// assert!(test[0].caption.iter().all(|c| caption_mentions(&s, c).is_exact()));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestAnnotation {
     /// Image path relative to the world directory.
@@ -213,6 +265,22 @@ pub struct TestAnnotation {
 }
 
 /// A line of `web_labels.jsonl`: a web text and the truth about it.
+///
+/// ```
+/// use blip_world::{NoiseKind, WebLabel, WorldConfig, generate};
+///
+/// let dir = tempfile::tempdir()?;
+/// let config = WorldConfig { clean_images: 2, web_images: 4, test_images: 1, shard_size: 2, ..WorldConfig::small() };
+/// generate(&config, dir.path())?;
+/// let labels = std::fs::read_to_string(dir.path().join("web_labels.jsonl"))?;
+/// let labels: Vec<WebLabel> = labels.lines().map(|line| serde_json::from_str(line)).collect::<Result<_, _>>()?;
+/// assert_eq!(labels.len(), config.web_images);
+/// for label in &labels {
+///     assert_eq!(label.noisy, label.noise != NoiseKind::None);
+///     assert_eq!(label.attribute.is_some(), label.noise == NoiseKind::WrongAttribute);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebLabel {
     /// Image path relative to the world directory.
@@ -232,6 +300,19 @@ pub struct WebLabel {
 }
 
 /// A line of `test_attributes.jsonl`: a test image's ground truth.
+///
+/// ```
+/// use blip_world::{TestRecord, WorldConfig, generate, image_index, scene};
+///
+/// let dir = tempfile::tempdir()?;
+/// let config = WorldConfig { clean_images: 2, web_images: 4, test_images: 1, shard_size: 2, ..WorldConfig::small() };
+/// generate(&config, dir.path())?;
+/// let lines = std::fs::read_to_string(dir.path().join("test_attributes.jsonl"))?;
+/// let record: TestRecord = serde_json::from_str(lines.lines().next().unwrap())?;
+/// assert_eq!(image_index(&record.image), Some(record.index));
+/// assert_eq!(&record.attributes, scene(config.seed, record.index, config.image_size).attributes());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TestRecord {
     /// Image path relative to the world directory.
@@ -244,6 +325,20 @@ pub struct TestRecord {
 }
 
 /// Counts of what [`generate`] wrote.
+///
+/// ```
+/// use blip_world::{WorldConfig, generate};
+///
+/// let dir = tempfile::tempdir()?;
+/// let config = WorldConfig { clean_images: 2, web_images: 4, test_images: 1, shard_size: 2, ..WorldConfig::small() };
+/// let summary = generate(&config, dir.path())?;
+/// assert_eq!(summary.web_noisy, 2); // 40 % of 4 web texts, rounded
+/// assert_eq!(summary.noise.values().sum::<usize>(), config.web_images);
+/// assert_eq!((summary.shards, summary.test_captions), (2, 5));
+/// assert!(summary.files.iter().any(|f| f == "world.json"));
+/// assert!(summary.to_string().starts_with("clean: 2 images, 4 pairs"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorldSummary {
     /// Images of the clean split.
@@ -296,6 +391,16 @@ impl fmt::Display for WorldSummary {
 }
 
 /// Why [`generate`] failed.
+///
+/// ```
+/// use blip_world::{WorldConfig, WorldError, generate};
+///
+/// let config = WorldConfig { image_size: 32, ..WorldConfig::small() };
+/// // The config is checked before anything is written.
+/// let err = generate(&config, std::path::Path::new("not-written")).unwrap_err();
+/// assert!(matches!(err, WorldError::InvalidConfig(_)));
+/// assert_eq!(err.to_string(), "invalid world config: image_size 32 is outside 64..=96");
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum WorldError {
     /// A setting is out of range.
@@ -349,12 +454,26 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WorldError> {
 }
 
 /// The relative path of image `index` of `split` ("clean", "web" or "test").
+///
+/// ```
+/// use blip_world::{image_index, image_path};
+///
+/// assert_eq!(image_path("web", 512), "images/web/000512.png");
+/// assert_eq!(image_index(&image_path("test", 7)), Some(7));
+/// ```
 pub fn image_path(split: &str, index: u64) -> String {
     format!("images/{split}/{index:06}.png")
 }
 
 /// The scene index of an image path written by [`generate`] (`images/web/000512.png` →
 /// 512), `None` for other paths.
+///
+/// ```
+/// use blip_world::image_index;
+///
+/// assert_eq!(image_index("images/web/000512.png"), Some(512));
+/// assert_eq!(image_index("images/web/cat.jpg"), None);
+/// ```
 pub fn image_index(path: &str) -> Option<u64> {
     let name = path.rsplit('/').next()?;
     name.strip_suffix(".png")?.parse().ok()
@@ -554,6 +673,21 @@ fn shard_bytes(
 ///
 /// Each file is written to a temporary name and renamed into place. The same config gives
 /// byte-identical files.
+///
+/// ```
+/// use blip_world::{WorldConfig, generate};
+///
+/// let config = WorldConfig { clean_images: 2, web_images: 4, test_images: 1, shard_size: 2, ..WorldConfig::small() };
+/// let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+/// let summary = generate(&config, a.path())?;
+/// generate(&config, b.path())?;
+/// assert!(a.path().join("web-shards/00001.tar").is_file());
+/// // The same config writes the same bytes.
+/// for file in &summary.files {
+///     assert_eq!(std::fs::read(a.path().join(file))?, std::fs::read(b.path().join(file))?);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn generate(config: &WorldConfig, out: &Path) -> Result<WorldSummary, WorldError> {
     config.validate()?;
     for dir in ["images/clean", "images/web", "images/test", "web-shards"] {
