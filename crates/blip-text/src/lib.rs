@@ -50,6 +50,8 @@ pub use med::{
     CrossInput, KeyValue, TextAttention, TextAttentionOutput, TextEmbeddings, TextEncoder,
     TextIntermediate, TextLayer, TextModel, TextOutput, TextSelfAttention, linear,
 };
-pub use models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity, l2_normalize};
+pub use models::{
+    CaptioningModel, RetrievalModel, VqaModel, cosine_similarity, first_token_state, l2_normalize,
+};
 pub use tasks::{Caption, Captioner, FirstToken, Matcher, QuestionAnswerer, Ranked, RankedAnswer};
 pub use tokenizer::{BlipTokenizer, Encoded, Padding, ids_tensor, with_first_token};

@@ -206,19 +206,12 @@ impl RetrievalModel {
             attention_mask,
             image_input(image_embeds),
         )?;
-        let [b, _, d] = states.dims();
-        Ok(self
-            .itm_head
-            .forward(states.narrow(1, 0, 1).reshape([b, d])))
+        Ok(self.itm_head.forward(first_token_state(states)))
     }
 
     /// L2-normalised ITC image features `[B, 256]` from the class token.
     pub fn image_features(&self, image_embeds: Tensor<3>) -> Tensor<2> {
-        let [b, _, d] = image_embeds.dims();
-        l2_normalize(
-            self.vision_proj
-                .forward(image_embeds.narrow(1, 0, 1).reshape([b, d])),
-        )
+        l2_normalize(self.vision_proj.forward(first_token_state(image_embeds)))
     }
 
     /// L2-normalised ITC text features `[B, 256]` from the unimodal encoder's `[CLS]`.
@@ -228,12 +221,26 @@ impl RetrievalModel {
         attention_mask: Option<Tensor<2, Int>>,
     ) -> Result<Tensor<2>> {
         let states = self.text_encoder.encode_text(input_ids, attention_mask)?;
-        let [b, _, d] = states.dims();
         Ok(l2_normalize(
-            self.text_proj
-                .forward(states.narrow(1, 0, 1).reshape([b, d])),
+            self.text_proj.forward(first_token_state(states)),
         ))
     }
+}
+
+/// The state of each row's first token, `[B, L, D]` → `[B, D]`: the pooling of every BLIP
+/// head (the ViT's class token for ITC, the text's `[CLS]` for ITC and `[ENC]` for ITM).
+///
+/// ```
+/// use blip_text::first_token_state;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let states = Tensor::<3>::from_floats([[[1.0, 2.0], [3.0, 4.0]]], &Device::flex());
+/// let pooled = first_token_state(states).into_data().to_vec::<f32>().unwrap();
+/// assert_eq!(pooled, [1.0, 2.0]);
+/// ```
+pub fn first_token_state(states: Tensor<3>) -> Tensor<2> {
+    let [b, _, d] = states.dims();
+    states.narrow(1, 0, 1).reshape([b, d])
 }
 
 /// Cosine similarities `[images, texts]` of normalised features (no temperature), as

@@ -13,7 +13,7 @@ use blip_core::checkpoint::KeyMap;
 use blip_text::{
     BlipConfig, BlipTokenizer, CaptioningModel, CrossInput, Decoder, Encoded, LmPredictionHead,
     RetrievalModel, SpecialTokens, TextAttention, TextConfig, TextLmHeadModel, TextModel,
-    ids_tensor, l2_normalize, linear, with_first_token,
+    first_token_state, ids_tensor, l2_normalize, linear, with_first_token,
 };
 use blip_vision::{VisionConfig, VisionTransformer};
 use burn::config::Config;
@@ -371,11 +371,6 @@ pub struct MomentumEncoders {
     pub text_proj_m: Linear,
 }
 
-fn first_token(states: Tensor<3>) -> Tensor<2> {
-    let [b, _, d] = states.dims();
-    states.narrow(1, 0, 1).reshape([b, d])
-}
-
 impl BlipPretrain {
     /// The momentum encoders, initialised as copies of the online ones (`copy_params`) and
     /// excluded from gradient tracking.
@@ -401,14 +396,16 @@ impl BlipPretrain {
 
     /// L2-normalised ITC image features `[B, 256]`.
     pub fn image_features(&self, image_embeds: Tensor<3>) -> Tensor<2> {
-        l2_normalize(self.vision_proj.forward(first_token(image_embeds)))
+        l2_normalize(self.vision_proj.forward(first_token_state(image_embeds)))
     }
 
     /// L2-normalised ITC text features `[B, 256]` (unimodal encoder, `[CLS]` first).
     pub fn text_features(&self, text: &Encoded, device: &Device) -> Result<Tensor<2>> {
         let (ids, mask) = text.to_tensors(device);
         let states = self.text_encoder.encode_text(ids, Some(mask))?;
-        Ok(l2_normalize(self.text_proj.forward(first_token(states))))
+        Ok(l2_normalize(
+            self.text_proj.forward(first_token_state(states)),
+        ))
     }
 
     /// The text encoder cross-attending to `image_embeds`, the ids' first token replaced by
@@ -453,7 +450,7 @@ impl BlipPretrain {
             self.enc_token_id,
             None,
         )?;
-        Ok(self.itm_head.forward(first_token(states)))
+        Ok(self.itm_head.forward(first_token_state(states)))
     }
 
     /// Decoder logits `[B, L, vocab]` for captions (`[CLS]` replaced by `[DEC]`), causal,
@@ -576,13 +573,13 @@ impl MomentumEncoders {
     /// Momentum image features `[B, 256]` (no gradient).
     pub fn image_features(&self, pixel_values: Tensor<4>) -> Result<Tensor<2>> {
         let embeds = self.visual_encoder_m.forward(pixel_values)?;
-        Ok(l2_normalize(self.vision_proj_m.forward(first_token(embeds))).detach())
+        Ok(l2_normalize(self.vision_proj_m.forward(first_token_state(embeds))).detach())
     }
 
     /// Momentum text features `[B, 256]` (no gradient).
     pub fn text_features(&self, text: &Encoded, device: &Device) -> Result<Tensor<2>> {
         let (ids, mask) = text.to_tensors(device);
         let states = self.text_encoder_m.encode_text(ids, Some(mask))?;
-        Ok(l2_normalize(self.text_proj_m.forward(first_token(states))).detach())
+        Ok(l2_normalize(self.text_proj_m.forward(first_token_state(states))).detach())
     }
 }

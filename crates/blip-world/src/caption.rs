@@ -1,59 +1,11 @@
 //! Caption plans (structured captions), their rendering, and the noisy web-text variants.
 
-use serde::{Deserialize, Serialize};
-
 use crate::parse::caption_mentions;
 use crate::scene::SceneAttributes;
-use crate::vocab::{Background, Colour, Position, Relation, Shape, Size, Texture, count_word};
+use crate::vocab::{
+    AttributeKind, Background, Colour, Position, Relation, Shape, Size, Texture, count_word,
+};
 use blip_core::SplitMix64;
-
-/// An attribute a caption can get wrong (the kinds a `wrong_attribute` web text swaps).
-///
-/// ```
-/// use blip_world::{AttributeKind, caption_mentions, scene};
-///
-/// assert_eq!(AttributeKind::Colour.name(), "colour");
-/// let s = scene(7, 0, 64);
-/// let o = &s.objects()[0];
-/// let m = caption_mentions(&s, &format!("a {} {}", o.colour.name(), o.shape.name()));
-/// assert_eq!((m.tally(AttributeKind::Colour).correct, m.tally(AttributeKind::Size).mentions()), (1, 0));
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttributeKind {
-    /// An object's shape.
-    Shape,
-    /// An object's colour.
-    Colour,
-    /// An object's size.
-    Size,
-    /// An object's position.
-    Position,
-    /// The relation between two objects.
-    Relation,
-}
-
-impl AttributeKind {
-    /// Every kind.
-    pub const ALL: [AttributeKind; 5] = [
-        AttributeKind::Shape,
-        AttributeKind::Colour,
-        AttributeKind::Size,
-        AttributeKind::Position,
-        AttributeKind::Relation,
-    ];
-
-    /// The canonical name, as in the labels file.
-    pub fn name(self) -> &'static str {
-        match self {
-            AttributeKind::Shape => "shape",
-            AttributeKind::Colour => "colour",
-            AttributeKind::Size => "size",
-            AttributeKind::Position => "position",
-            AttributeKind::Relation => "relation",
-        }
-    }
-}
 
 /// A value and the index of the synonym that names it.
 type Worded<T> = (T, usize);
@@ -547,6 +499,30 @@ pub(crate) fn unrelated(rng: &mut SplitMix64) -> String {
             rng.pick(&WHEN)
         ),
         _ => format!("{} - {}", rng.pick(&PRODUCT), rng.pick(&DEAL)),
+    }
+}
+
+/// A scene's correct captions live with the templates that write them.
+impl crate::scene::Scene {
+    /// Correct captions of this scene, each different, drawn with `rng` from varied
+    /// templates and synonyms (five of them; see [`Scene::captions_n`]).
+    pub fn captions(&self, rng: &mut SplitMix64) -> Vec<String> {
+        self.captions_n(rng, 5)
+    }
+
+    /// Up to `n` distinct correct captions (fewer only if the templates run dry, which
+    /// does not happen for `n <= 20`).
+    pub fn captions_n(&self, rng: &mut SplitMix64, n: usize) -> Vec<String> {
+        let mut out: Vec<String> = Vec::with_capacity(n);
+        let mut tries = 0;
+        while out.len() < n && tries < 50 * n.max(1) {
+            tries += 1;
+            let caption = random_plan(self.attributes(), rng).render();
+            if !out.contains(&caption) {
+                out.push(caption);
+            }
+        }
+        out
     }
 }
 

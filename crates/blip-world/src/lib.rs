@@ -36,11 +36,10 @@ mod vocab;
 mod world;
 
 pub use blip_core::SplitMix64;
-pub use caption::AttributeKind;
 pub use cider::{cider, cider_scores, cider_tokenize};
 pub use parse::{AttributeMatch, Tally, caption_mentions};
 pub use scene::{ObjectAttributes, RelationFact, Scene, SceneAttributes, scene};
-pub use vocab::{Background, Colour, Position, Relation, Shape, Size, Texture};
+pub use vocab::{AttributeKind, Background, Colour, Position, Relation, Shape, Size, Texture};
 pub use world::{
     Annotation, NoiseKind, NoiseMix, TestAnnotation, TestRecord, WebLabel, WorldConfig, WorldError,
     WorldSummary, generate, image_index, image_path,

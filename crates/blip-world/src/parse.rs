@@ -2,9 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::caption::AttributeKind;
 use crate::scene::SceneAttributes;
-use crate::vocab::{Background, COUNT_WORDS, Colour, Position, Relation, Shape, Size, Texture};
+use crate::vocab::{
+    AttributeKind, Background, COUNT_WORDS, Colour, Position, Relation, Shape, Size, Texture,
+};
 
 /// How many mentions of one attribute kind were right and how many wrong.
 ///

@@ -4,7 +4,7 @@ use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::vocab::{Background, Colour, Position, Relation, Shape, Size, Texture};
-use blip_core::{SplitMix64, split_mix64 as mix64};
+use blip_core::split_mix64 as mix64;
 
 /// Stream tag of the scene layout draws (see [`SplitMix64::derive`]).
 pub(crate) const STREAM_SCENE: u64 = 1;
@@ -317,27 +317,6 @@ impl Scene {
             }
         }
         img
-    }
-
-    /// Correct captions of this scene, each different, drawn with `rng` from varied
-    /// templates and synonyms (five of them; see [`Scene::captions_n`]).
-    pub fn captions(&self, rng: &mut SplitMix64) -> Vec<String> {
-        self.captions_n(rng, 5)
-    }
-
-    /// Up to `n` distinct correct captions (fewer only if the templates run dry, which
-    /// does not happen for `n <= 20`).
-    pub fn captions_n(&self, rng: &mut SplitMix64, n: usize) -> Vec<String> {
-        let mut out: Vec<String> = Vec::with_capacity(n);
-        let mut tries = 0;
-        while out.len() < n && tries < 50 * n.max(1) {
-            tries += 1;
-            let caption = crate::caption::random_plan(&self.attributes, rng).render();
-            if !out.contains(&caption) {
-                out.push(caption);
-            }
-        }
-        out
     }
 }
 

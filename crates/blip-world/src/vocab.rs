@@ -398,3 +398,51 @@ pub(crate) fn count_word(n: usize) -> &'static str {
         _ => "three",
     }
 }
+
+/// An attribute a caption can get wrong (the kinds a `wrong_attribute` web text swaps).
+///
+/// ```
+/// use blip_world::{AttributeKind, caption_mentions, scene};
+///
+/// assert_eq!(AttributeKind::Colour.name(), "colour");
+/// let s = scene(7, 0, 64);
+/// let o = &s.objects()[0];
+/// let m = caption_mentions(&s, &format!("a {} {}", o.colour.name(), o.shape.name()));
+/// assert_eq!((m.tally(AttributeKind::Colour).correct, m.tally(AttributeKind::Size).mentions()), (1, 0));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttributeKind {
+    /// An object's shape.
+    Shape,
+    /// An object's colour.
+    Colour,
+    /// An object's size.
+    Size,
+    /// An object's position.
+    Position,
+    /// The relation between two objects.
+    Relation,
+}
+
+impl AttributeKind {
+    /// Every kind.
+    pub const ALL: [AttributeKind; 5] = [
+        AttributeKind::Shape,
+        AttributeKind::Colour,
+        AttributeKind::Size,
+        AttributeKind::Position,
+        AttributeKind::Relation,
+    ];
+
+    /// The canonical name, as in the labels file.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttributeKind::Shape => "shape",
+            AttributeKind::Colour => "colour",
+            AttributeKind::Size => "size",
+            AttributeKind::Position => "position",
+            AttributeKind::Relation => "relation",
+        }
+    }
+}

@@ -10,10 +10,10 @@ use image::codecs::png::PngEncoder;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::caption::{self, AttributeKind};
+use crate::caption;
 use crate::parse::caption_mentions;
 use crate::scene::{SceneAttributes, scene};
-use crate::vocab::{Background, Colour, Position, Relation, Shape, Size, Texture};
+use crate::vocab::{AttributeKind, Background, Colour, Position, Relation, Shape, Size, Texture};
 use blip_core::SplitMix64;
 
 const STREAM_CLEAN: u64 = 2;
