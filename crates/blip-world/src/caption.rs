@@ -505,7 +505,7 @@ pub(crate) fn unrelated(rng: &mut SplitMix64) -> String {
 /// A scene's correct captions live with the templates that write them.
 impl crate::scene::Scene {
     /// Correct captions of this scene, each different, drawn with `rng` from varied
-    /// templates and synonyms (five of them; see [`Scene::captions_n`]).
+    /// templates and synonyms (five of them; see [`Self::captions_n`]).
     pub fn captions(&self, rng: &mut SplitMix64) -> Vec<String> {
         self.captions_n(rng, 5)
     }
