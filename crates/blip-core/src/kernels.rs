@@ -483,6 +483,109 @@ multiversion! {
     }
 }
 
+/// Label-smoothed cross-entropy of the rows of `logits` (`[M, V]`, plain flex, f32) against
+/// `targets` (`M` ids, `ignore` for rows without a label), averaged over the labelled rows:
+/// the loss and its gradient `G = ∂loss/∂logits`, in two passes over each row (the
+/// exponentials computed once, vectorised) instead of the dozen full-size tensors that
+/// `log_softmax` + `gather` + `mean` and their backward passes write.
+///
+/// `None` where it does not apply (another device, a strided view, a target out of range).
+pub fn smoothed_cross_entropy(
+    logits: &Tensor<2>,
+    targets: &[i64],
+    ignore: i64,
+    smoothing: f32,
+) -> Option<(f64, Tensor<2>)> {
+    let [rows, vocab] = logits.dims();
+    let view = Strided::new(logits).filter(|v| v.strides == [vocab, 1])?;
+    if targets.len() != rows
+        || vocab == 0
+        || targets
+            .iter()
+            .any(|&t| t != ignore && !(0..vocab as i64).contains(&t))
+    {
+        return None;
+    }
+    let z = &view.values()[view.offset..][..rows * vocab];
+    let labelled = targets.iter().filter(|&&t| t != ignore).count();
+    // PyTorch's mean over no labelled row: 0/0.
+    let scale = 1.0 / labelled as f32;
+    let mut grad = vec![0.0f32; rows * vocab];
+    let losses: Vec<f64> = grad
+        .par_chunks_mut(vocab)
+        .zip(z.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .map(|((g, z), &target)| {
+            if target == ignore {
+                return 0.0;
+            }
+            let (max, sum, total) = exp_shifted_row(z, g);
+            let lse = max + sum.ln();
+            let y = target as usize;
+            let loss = lse - (1.0 - smoothing) * z[y] - smoothing * total / vocab as f32;
+            scale_row(g, scale / sum, scale * smoothing / vocab as f32);
+            g[y] -= scale * (1.0 - smoothing);
+            f64::from(loss)
+        })
+        .collect();
+    let loss = losses.iter().sum::<f64>() / labelled as f64;
+    Some((loss, flex_tensor(grad, [rows, vocab])))
+}
+
+multiversion! {
+    /// `g = exp(z − max z)`; returns (max z, Σ g, Σ z).
+    fn exp_shifted_row_into(z: &[f32], g: &mut [f32], out: &mut (f32, f32, f32)) {
+        const L: usize = 16;
+        let mut lanes = [f32::NEG_INFINITY; L];
+        let mut totals = [0.0f32; L];
+        let mut chunks = z.chunks_exact(L);
+        for c in &mut chunks {
+            for i in 0..L {
+                lanes[i] = lanes[i].max(c[i]);
+                totals[i] += c[i];
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        let mut total = 0.0;
+        for &x in chunks.remainder() {
+            max = max.max(x);
+            total += x;
+        }
+        let max = lanes.iter().fold(max, |m, &x| m.max(x));
+        let total = total + totals.iter().sum::<f32>();
+        let mut sums = [0.0f32; L];
+        let mut pairs = g.chunks_exact_mut(L).zip(z.chunks_exact(L));
+        for (g, z) in &mut pairs {
+            for i in 0..L {
+                g[i] = exp(z[i] - max);
+                sums[i] += g[i];
+            }
+        }
+        let tail = z.len() - z.len() % L;
+        let mut sum = 0.0;
+        for (g, &x) in g[tail..].iter_mut().zip(&z[tail..]) {
+            *g = exp(x - max);
+            sum += *g;
+        }
+        *out = (max, sum + sums.iter().sum::<f32>(), total);
+    }
+}
+
+fn exp_shifted_row(z: &[f32], g: &mut [f32]) -> (f32, f32, f32) {
+    let mut out = (0.0, 0.0, 0.0);
+    exp_shifted_row_into(z, g, &mut out);
+    out
+}
+
+multiversion! {
+    /// `g = g·a − b`, element-wise.
+    fn scale_row(g: &mut [f32], a: f32, b: f32) {
+        for x in g.iter_mut() {
+            *x = *x * a - b;
+        }
+    }
+}
+
 /// `eˣ` to about 2.5e-7 relative, in straight-line arithmetic that vectorises:
 /// `2ⁿ · p(r)` with `x = n·ln2 + r`, `|r| ≤ ln2/2`, `p` the degree-6 Taylor polynomial.
 #[inline(always)]

@@ -142,6 +142,58 @@ impl LmPredictionHead {
     }
 }
 
+impl LmPredictionHead {
+    /// [`crate::lm_loss`] of [`Self::forward`]'s logits for decoder states `hidden`
+    /// (`[B, L, D]`) against `labels` (`[B, L]`, as [`crate::lm_labels`] builds them): the
+    /// same value and gradients, with the `[B·L, vocab]` logits computed once outside the
+    /// autodiff graph ([`blip_core::ops::linear_smoothed_cross_entropy`]). What training
+    /// uses: at BLIP's 30524-token vocabulary the logits dominate a small model's step.
+    ///
+    /// ```
+    /// use blip_text::{IGNORE_INDEX, TextConfig, lm_loss};
+    /// use burn::tensor::{Device, Distribution, Int, Tensor};
+    ///
+    /// let device = Device::flex();
+    /// let mut text = TextConfig::base(16);
+    /// (text.vocab_size, text.hidden_size) = (50, 16);
+    /// let head = text.init_lm_prediction_head(&device);
+    /// let embeddings = Tensor::<2>::random([50, 16], Distribution::Normal(0.0, 1.0), &device);
+    /// let hidden = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device);
+    /// let labels = Tensor::<2, Int>::from_ints([[IGNORE_INDEX, 5, 6, 7], [IGNORE_INDEX, 8, 9, IGNORE_INDEX]], &device);
+    /// let fused = head.loss(hidden.clone(), embeddings.clone(), labels.clone(), 0.1).into_scalar::<f32>();
+    /// let plain = lm_loss(head.forward(hidden, embeddings), labels, 0.1).into_scalar::<f32>();
+    /// assert!((fused - plain).abs() < 1e-5);
+    /// ```
+    pub fn loss(
+        &self,
+        hidden: Tensor<3>,
+        word_embeddings: Tensor<2>,
+        labels: Tensor<2, Int>,
+        label_smoothing: f64,
+    ) -> Tensor<1> {
+        let [b, l, d] = hidden.dims();
+        if l < 2 {
+            return crate::lm_loss(
+                self.forward(hidden, word_embeddings),
+                labels,
+                label_smoothing,
+            );
+        }
+        let h = self
+            .transform
+            .layer_norm
+            .forward(gelu(dense(&self.transform.dense, hidden)));
+        blip_core::ops::linear_smoothed_cross_entropy(
+            h.reshape([b * l, d]),
+            word_embeddings,
+            self.bias.val(),
+            crate::loss::next_token_targets(labels),
+            crate::IGNORE_INDEX,
+            label_smoothing,
+        )
+    }
+}
+
 impl TextLmHeadModel {
     /// Decoder logits `[B, L, vocab]` for `input_ids` (first token `[DEC]`), causal, with
     /// cross-attention to `cross`.

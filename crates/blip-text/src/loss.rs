@@ -60,8 +60,34 @@ pub fn lm_labels(text: &Encoded, prompt_length: usize, device: &Device) -> Tenso
 /// assert!((loss - 4f32.ln()).abs() < 1e-5);
 /// ```
 pub fn lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>, label_smoothing: f64) -> Tensor<1> {
-    let (per_token, weight) = token_losses(logits, labels, label_smoothing);
-    (per_token * weight.clone()).sum() / weight.sum()
+    let [b, l, v] = logits.dims();
+    if l < 2 {
+        // No position has a next token: 0/0, as PyTorch's mean over nothing.
+        let (per_token, weight) = token_losses(logits, labels, label_smoothing);
+        return (per_token * weight.clone()).sum() / weight.sum();
+    }
+    blip_core::ops::smoothed_cross_entropy(
+        logits.reshape([b * l, v]),
+        next_token_targets(labels),
+        IGNORE_INDEX,
+        label_smoothing,
+    )
+}
+
+/// The target of every position, `[B·L]`: position `t` predicts `labels[t + 1]`, the last
+/// position nothing ([`IGNORE_INDEX`]). Shifting the labels rather than cutting the logits
+/// keeps the logits one contiguous `[B·L, V]`. `L` must be at least 2.
+pub(crate) fn next_token_targets(labels: Tensor<2, Int>) -> Tensor<1, Int> {
+    let [b, l] = labels.dims();
+    let device = labels.device();
+    Tensor::cat(
+        vec![
+            labels.narrow(1, 1, l - 1),
+            Tensor::full([b, 1], IGNORE_INDEX, &device),
+        ],
+        1,
+    )
+    .reshape([b * l])
 }
 
 /// As [`lm_loss`], but summed over each sequence's supervised tokens instead of averaged

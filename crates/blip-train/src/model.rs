@@ -19,7 +19,7 @@ use blip_vision::{VisionConfig, VisionTransformer};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::{Result, TrainError};
 
@@ -462,17 +462,46 @@ impl BlipPretrain {
         input_ids: &[Vec<u32>],
         attention_mask: &[Vec<u32>],
     ) -> Result<Tensor<3>> {
-        let hidden = self.image_grounded(
+        let hidden = self.decoder_states(image_embeds, input_ids, attention_mask)?;
+        Ok(self.text_decoder.lm_head.forward(
+            hidden,
+            self.text_encoder.embeddings.word_embeddings.weight.val(),
+        ))
+    }
+
+    /// The decoder's last hidden states `[B, L, D]`, before the LM head: what
+    /// [`Self::decoder_logits`] projects, and what the LM loss reads
+    /// ([`blip_text::LmPredictionHead::loss`]).
+    pub fn decoder_states(
+        &self,
+        image_embeds: Tensor<3>,
+        input_ids: &[Vec<u32>],
+        attention_mask: &[Vec<u32>],
+    ) -> Result<Tensor<3>> {
+        self.image_grounded(
             image_embeds,
             input_ids,
             attention_mask,
             self.dec_token_id,
             Some(&self.text_decoder.attention),
-        )?;
-        Ok(self.text_decoder.lm_head.forward(
-            hidden,
+        )
+    }
+
+    /// The LM loss of captions (`labels` from [`blip_text::lm_labels`]), label-smoothed by
+    /// `label_smoothing`: [`blip_text::lm_loss`] of [`Self::decoder_logits`], computed
+    /// without the logits entering the autodiff graph.
+    pub fn decoder_loss(
+        &self,
+        states: Tensor<3>,
+        labels: Tensor<2, Int>,
+        label_smoothing: f64,
+    ) -> Tensor<1> {
+        self.text_decoder.lm_head.loss(
+            states,
             self.text_encoder.embeddings.word_embeddings.weight.val(),
-        ))
+            labels,
+            label_smoothing,
+        )
     }
 
     /// The captioning model of the HF layout: this ViT and the decoder (shared weights

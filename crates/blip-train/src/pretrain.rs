@@ -2,7 +2,7 @@
 //! and with image ids `BLIP_Retrieval.forward`), combined by [`crate::LossWeights`].
 
 use blip_core::SplitMix64;
-use blip_text::{Encoded, lm_loss};
+use blip_text::Encoded;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -165,8 +165,8 @@ impl Losses {
 ///     }
 ///     fn terms(&mut self, step: &StepOutputs<'_>) -> Result<Vec<Term>> {
 ///         assert!(step.itm_logits.is_none() && step.image_features.is_none()); // ITC/ITM off
-///         let logits = step.decoder_logits.as_ref().expect("LM ran");
-///         assert_eq!(logits.dims(), [2, 4, 30524]); // [B, L, vocab]
+///         let states = step.decoder_states.as_ref().expect("LM ran");
+///         assert_eq!(states.dims(), [2, 4, 64]); // [B, L, D]
 ///         Ok(vec![])
 ///     }
 /// }
@@ -209,8 +209,9 @@ pub struct StepOutputs<'a> {
     /// ITM logits `[3B, 2]` of (text, image), (text, negative image), (negative text,
     /// image), when ITM ran.
     pub itm_logits: Option<Tensor<2>>,
-    /// Decoder logits `[B, L, V]` on `[DEC]` + caption, when LM ran.
-    pub decoder_logits: Option<Tensor<3>>,
+    /// Decoder states `[B, L, D]` on `[DEC]` + caption, before the LM head, when LM ran
+    /// (`model.text_decoder.lm_head.forward(states, word_embeddings)` gives the logits).
+    pub decoder_states: Option<Tensor<3>>,
 }
 
 /// One named, weighted loss term: `weight · loss` joins the step's total, and `name`
@@ -370,7 +371,7 @@ fn select_rows(rows: &[Vec<u32>], index: &[usize]) -> Vec<Vec<u32>> {
 /// 4. ITM: one hard negative image per text and one hard negative text per image, drawn
 ///    from `rng` ([`hard_negative_weights`]; with image ids, every same-image pair is
 ///    excluded instead of only the diagonal), [`itm_loss`] on positives + negatives;
-/// 5. LM: decoder on `[DEC]` + caption, [`lm_loss`] with the config's label smoothing;
+/// 5. LM: decoder on `[DEC]` + caption, [`blip_text::lm_loss`] (computed by [`BlipPretrain::decoder_loss`]) with the config's label smoothing;
 /// 6. enqueue `v_m`, `t_m` (and the image ids).
 ///
 /// An objective whose weight is 0 is skipped; ITC/ITM need `distillation`.
@@ -495,7 +496,7 @@ pub fn compute_losses_with(
         text_features: None,
         temperature: None,
         itm_logits: None,
-        decoder_logits: None,
+        decoder_states: None,
     };
 
     if contrastive {
@@ -625,16 +626,16 @@ pub fn compute_losses_with(
     }
 
     if w.lm != 0.0 {
-        let logits = model.decoder_logits(
+        let states = model.decoder_states(
             image_embeds,
             &batch.text.input_ids,
             &batch.text.attention_mask,
         )?;
         let labels = lm_labels(&batch.text, batch.prompt_length, &device);
-        outputs.decoder_logits = Some(logits.clone());
+        outputs.decoder_states = Some(states.clone());
         terms.push((
             "lm".into(),
-            lm_loss(logits, labels, config.label_smoothing),
+            model.decoder_loss(states, labels, config.label_smoothing),
             w.lm,
         ));
     }
