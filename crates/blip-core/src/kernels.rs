@@ -519,7 +519,10 @@ pub fn smoothed_cross_entropy(
             if target == ignore {
                 return 0.0;
             }
-            let (max, sum, total) = exp_shifted_row(z, g);
+            g.copy_from_slice(z);
+            let mut stats = (0.0, 0.0, 0.0);
+            exp_in_place(g, &mut stats);
+            let (max, sum, total) = stats;
             let lse = max + sum.ln();
             let y = target as usize;
             let loss = lse - (1.0 - smoothing) * z[y] - smoothing * total / vocab as f32;
@@ -532,9 +535,176 @@ pub fn smoothed_cross_entropy(
     Some((loss, flex_tensor(grad, [rows, vocab])))
 }
 
+/// [`smoothed_cross_entropy`] of the linear head `z = x·wᵀ + b` (`x: [N, D]`, `w: [V, D]`,
+/// `b: [V]`, plain flex, f32, contiguous), with its gradients with respect to `x`, `w` and
+/// `b`: `(loss, ∂x, ∂w, ∂b)`.
+///
+/// The labelled rows go through in blocks of [`HEAD_BLOCK`]: a block's logits (`[64, V]`,
+/// 7.8 MB at BLIP's vocabulary) are computed, turned into their gradient in place, and used
+/// for the block's share of the three gradients before the next block reuses the buffer. The
+/// full `[N, V]` logits never exist, and rows without a label cost nothing.
+pub fn linear_smoothed_cross_entropy(
+    x: &Tensor<2>,
+    w: &Tensor<2>,
+    b: &Tensor<1>,
+    targets: &[i64],
+    ignore: i64,
+    smoothing: f32,
+) -> Option<(f64, Tensor<2>, Tensor<2>, Tensor<1>)> {
+    let [rows, d] = x.dims();
+    let [vocab, w_d] = w.dims();
+    let x = Strided::new(x).filter(|v| v.strides == [d, 1])?;
+    let w = Strided::new(w).filter(|v| v.strides == [w_d, 1])?;
+    let b = Strided::new(b).filter(|v| v.strides == [1])?;
+    if w_d != d
+        || b.tensor.layout().shape()[0] != vocab
+        || targets.len() != rows
+        || vocab == 0
+        || d == 0
+        || targets
+            .iter()
+            .any(|&t| t != ignore && !(0..vocab as i64).contains(&t))
+    {
+        return None;
+    }
+    let xs = &x.values()[x.offset..][..rows * d];
+    let ws = &w.values()[w.offset..][..vocab * d];
+    let bs = &b.values()[b.offset..][..vocab];
+    let labelled: Vec<usize> = (0..rows).filter(|&r| targets[r] != ignore).collect();
+    // PyTorch's mean over no labelled row: 0/0.
+    let scale = 1.0 / labelled.len() as f32;
+    let (mut grad_x, mut grad_w, mut grad_b) = (
+        vec![0.0f32; rows * d],
+        vec![0.0f32; vocab * d],
+        vec![0.0f32; vocab],
+    );
+    let mut loss = 0.0f64;
+    let mut block = vec![0.0f32; HEAD_BLOCK.min(labelled.len().max(1)) * vocab];
+    let mut x_block = vec![0.0f32; HEAD_BLOCK * d];
+    let mut gx_block = vec![0.0f32; HEAD_BLOCK * d];
+    for chunk in labelled.chunks(HEAD_BLOCK) {
+        let c = chunk.len();
+        for (i, &r) in chunk.iter().enumerate() {
+            x_block[i * d..][..d].copy_from_slice(&xs[r * d..][..d]);
+        }
+        let z = &mut block[..c * vocab];
+        for row in z.chunks_exact_mut(vocab) {
+            row.copy_from_slice(bs);
+        }
+        // SAFETY: every pointer and stride stays inside its slice: z is [c, V] row-major,
+        // x_block [c, D], w [V, D] read as wᵀ through swapped strides.
+        unsafe {
+            gemm(
+                c,
+                vocab,
+                d,
+                z.as_mut_ptr(),
+                1,
+                vocab as isize,
+                true,
+                x_block.as_ptr(),
+                1,
+                d as isize,
+                ws.as_ptr(),
+                d as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            );
+        }
+        loss += z
+            .par_chunks_mut(vocab)
+            .zip(chunk.par_iter())
+            .map(|(g, &r)| {
+                let y = targets[r] as usize;
+                let z_y = g[y];
+                let mut stats = (0.0, 0.0, 0.0);
+                exp_in_place(g, &mut stats);
+                let (max, sum, total) = stats;
+                let loss =
+                    max + sum.ln() - (1.0 - smoothing) * z_y - smoothing * total / vocab as f32;
+                scale_row(g, scale / sum, scale * smoothing / vocab as f32);
+                g[y] -= scale * (1.0 - smoothing);
+                f64::from(loss)
+            })
+            .sum::<f64>();
+        let g = &block[..c * vocab];
+        // SAFETY: as above; gx_block is [c, D], grad_w [V, D] (Gᵀ read through swapped
+        // strides), accumulated across blocks.
+        unsafe {
+            gemm(
+                c,
+                d,
+                vocab,
+                gx_block.as_mut_ptr(),
+                1,
+                d as isize,
+                false,
+                g.as_ptr(),
+                1,
+                vocab as isize,
+                ws.as_ptr(),
+                1,
+                d as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            );
+            gemm(
+                vocab,
+                d,
+                c,
+                grad_w.as_mut_ptr(),
+                1,
+                d as isize,
+                true,
+                g.as_ptr(),
+                vocab as isize,
+                1,
+                x_block.as_ptr(),
+                1,
+                d as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            );
+        }
+        for (i, &r) in chunk.iter().enumerate() {
+            grad_x[r * d..][..d].copy_from_slice(&gx_block[i * d..][..d]);
+        }
+        grad_b
+            .par_chunks_mut(4096)
+            .enumerate()
+            .for_each(|(j, out)| {
+                for row in g.chunks_exact(vocab) {
+                    add_into(out, &row[j * 4096..][..out.len()]);
+                }
+            });
+    }
+    Some((
+        loss / labelled.len() as f64,
+        flex_tensor(grad_x, [rows, d]),
+        flex_tensor(grad_w, [vocab, d]),
+        flex_tensor(grad_b, [vocab]),
+    ))
+}
+
+/// Rows of logits per block in [`linear_smoothed_cross_entropy`].
+const HEAD_BLOCK: usize = 64;
+
 multiversion! {
-    /// `g = exp(z − max z)`; returns (max z, Σ g, Σ z).
-    fn exp_shifted_row_into(z: &[f32], g: &mut [f32], out: &mut (f32, f32, f32)) {
+    /// `z = exp(z − max z)` in place; `out` = (max z, Σ exp, Σ z) of the row as it was.
+    fn exp_in_place(z: &mut [f32], out: &mut (f32, f32, f32)) {
         const L: usize = 16;
         let mut lanes = [f32::NEG_INFINITY; L];
         let mut totals = [0.0f32; L];
@@ -554,27 +724,20 @@ multiversion! {
         let max = lanes.iter().fold(max, |m, &x| m.max(x));
         let total = total + totals.iter().sum::<f32>();
         let mut sums = [0.0f32; L];
-        let mut pairs = g.chunks_exact_mut(L).zip(z.chunks_exact(L));
-        for (g, z) in &mut pairs {
+        let mut chunks = z.chunks_exact_mut(L);
+        for c in &mut chunks {
             for i in 0..L {
-                g[i] = exp(z[i] - max);
-                sums[i] += g[i];
+                c[i] = exp(c[i] - max);
+                sums[i] += c[i];
             }
         }
-        let tail = z.len() - z.len() % L;
         let mut sum = 0.0;
-        for (g, &x) in g[tail..].iter_mut().zip(&z[tail..]) {
-            *g = exp(x - max);
-            sum += *g;
+        for x in chunks.into_remainder() {
+            *x = exp(*x - max);
+            sum += *x;
         }
         *out = (max, sum + sums.iter().sum::<f32>(), total);
     }
-}
-
-fn exp_shifted_row(z: &[f32], g: &mut [f32]) -> (f32, f32, f32) {
-    let mut out = (0.0, 0.0, 0.0);
-    exp_shifted_row_into(z, g, &mut out);
-    out
 }
 
 multiversion! {

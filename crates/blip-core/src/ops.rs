@@ -74,15 +74,55 @@ pub fn linear_smoothed_cross_entropy(
     smoothing: f64,
 ) -> Tensor<1> {
     let (xp, wp, bp) = (x.clone().inner(), w.clone().inner(), b.clone().inner());
-    let vocab = bp.dims()[0];
-    let logits = matmul_by_transpose(xp.clone(), wp.clone()) + bp.clone().reshape([1, vocab]);
-    let (loss, grad) = loss_and_gradient(logits, targets, ignore, smoothing);
-    let grad_x = grad.clone().matmul(wp.clone());
-    let grad_w = grad.clone().transpose().matmul(xp.clone());
-    let grad_b = grad.sum_dim(0).reshape([vocab]);
+    let (loss, grad_x, grad_w, grad_b) = head_loss_and_gradients(
+        xp.clone(),
+        wp.clone(),
+        bp.clone(),
+        targets,
+        ignore,
+        smoothing,
+    );
     let untracked =
         (xp * grad_x.clone()).sum() + (wp * grad_w.clone()).sum() + (bp * grad_b.clone()).sum();
     (x * grad_x).sum() + (w * grad_w).sum() + (b * grad_b).sum() - untracked + loss
+}
+
+/// The loss and its gradients with respect to the untracked `x`, `w` and `b`: the blocked
+/// kernel on flex, the full logits through burn's ops elsewhere.
+fn head_loss_and_gradients(
+    x: Tensor<2>,
+    w: Tensor<2>,
+    b: Tensor<1>,
+    targets: Tensor<1, Int>,
+    ignore: i64,
+    smoothing: f64,
+) -> (Tensor<1>, Tensor<2>, Tensor<2>, Tensor<1>) {
+    #[cfg(feature = "flex")]
+    if crate::kernels::is_plain_flex(&x.device())
+        && let Ok(host) = targets.clone().into_data().try_into_vec_as::<i64>()
+        && let Some((loss, grad_x, grad_w, grad_b)) = crate::kernels::linear_smoothed_cross_entropy(
+            &x,
+            &w,
+            &b,
+            &host,
+            ignore,
+            smoothing as f32,
+        )
+    {
+        return (
+            Tensor::from_floats([loss as f32], &x.device()),
+            grad_x,
+            grad_w,
+            grad_b,
+        );
+    }
+    let vocab = b.dims()[0];
+    let logits = matmul_by_transpose(x.clone(), w.clone()) + b.reshape([1, vocab]);
+    let (loss, grad) = loss_and_gradient(logits, targets, ignore, smoothing);
+    let grad_x = grad.clone().matmul(w);
+    let grad_w = grad.clone().transpose().matmul(x);
+    let grad_b = grad.sum_dim(0).reshape([vocab]);
+    (loss, grad_x, grad_w, grad_b)
 }
 
 /// The loss (`[1]`) and its gradient with respect to the untracked `logits`: the fused
@@ -287,7 +327,8 @@ mod tests {
     fn linear_smoothed_cross_entropy_equals_burns_ops_in_value_and_gradients() {
         let device = Device::flex();
         // 40 rows: past the few-rows kernel, as in training.
-        for (rows, vocab, d) in [(3, 11, 4), (40, 301, 8)] {
+        // 150 rows: three blocks of the flex kernel, accumulating ∂w and ∂b.
+        for (rows, vocab, d) in [(3, 11, 4), (40, 301, 8), (150, 97, 8)] {
             device.seed(rows as u64);
             let normal = Distribution::Normal(0.0, 1.0);
             let x = Tensor::<2>::random([rows, d], normal, &device);
@@ -302,14 +343,20 @@ mod tests {
                     }
                 })
                 .collect();
-            let run = |fused: bool| {
+            // `strided`: `w` as a transposed view, which takes the burn-ops path.
+            let run = |fused: bool, strided: bool| {
                 let x = x.clone().autodiff().require_grad();
                 let w = w.clone().autodiff().require_grad();
                 let b = b.clone().autodiff().require_grad();
                 let loss = if fused {
                     let t = TensorData::new(targets.clone(), [rows]);
                     let t = Tensor::<1, Int>::from_data(t, &x.device());
-                    linear_smoothed_cross_entropy(x.clone(), w.clone(), b.clone(), t, IGNORE, 0.1)
+                    let w_in = if strided {
+                        (w.clone().transpose() * 1.0).transpose()
+                    } else {
+                        w.clone()
+                    };
+                    linear_smoothed_cross_entropy(x.clone(), w_in, b.clone(), t, IGNORE, 0.1)
                 } else {
                     let logits =
                         x.clone().matmul(w.clone().transpose()) + b.clone().reshape([1, vocab]);
@@ -329,16 +376,18 @@ mod tests {
                         .unwrap(),
                 )
             };
-            let (want, want_x, want_w, want_b) = run(false);
-            let (got, got_x, got_w, got_b) = run(true);
-            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-            for (name, a, b) in [
-                ("x", got_x, want_x),
-                ("w", got_w, want_w),
-                ("b", got_b, want_b),
-            ] {
-                let diff = max_diff(&a, &b);
-                assert!(diff < 1e-6, "{vocab}: ∂{name} max |Δ| {diff}");
+            let (want, want_x, want_w, want_b) = run(false, false);
+            for strided in [false, true] {
+                let (got, got_x, got_w, got_b) = run(true, strided);
+                assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+                for (name, a, b) in [
+                    ("x", got_x, &want_x),
+                    ("w", got_w, &want_w),
+                    ("b", got_b, &want_b),
+                ] {
+                    let diff = max_diff(&a, b);
+                    assert!(diff < 1e-6, "{vocab} {strided}: ∂{name} max |Δ| {diff}");
+                }
             }
         }
     }

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Training throughput, ours and PyTorch's, side by side in one run: one BLIP pre-training
+# step (ITC with momentum encoders and queue, ITM with hard negatives, LM, AdamW; text
+# dropout 0.1) on the same machine, same threads, same batch and caption length.
+#
+#   scripts/bench_train.sh [--python PATH] [--base] [--runs N]
+#
+# Rows: tiny with a 264-token vocabulary, tiny with BLIP's 30524-token vocabulary, and with
+# --base BLIP-base at 224 px, batch 4 (0.9 GB of weights, a few minutes). Ours is
+# `examples/pretrain --augment none` on generated images and 24-28-word captions; PyTorch is
+# scripts/bench_pretrain_torch.py (transformers' BLIP modules) on random ids of the same
+# length. Both skip the first (warm-up) step. Prints a Markdown table with samples/s and peak
+# resident memory; PyTorch needs torch and transformers (scripts/requirements.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=python3
+BASE=0
+RUNS=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) PYTHON="$2"; shift 2 ;;
+    --base) BASE=1; shift ;;
+    --runs) RUNS="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+THREADS=2
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
+
+TARGET="${CARGO_TARGET_DIR:-target}"
+cargo build --release --quiet --example pretrain --features train
+BIN="$TARGET/release/examples/pretrain"
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# Images and captions (the words are single WordPiece tokens), and a 262-word vocabulary
+# (264 with [DEC] and [ENC]) for the small-vocabulary row.
+"$PYTHON" - "$WORK" <<'EOF'
+import json, random, sys, zlib, struct
+root = sys.argv[1]
+random.seed(0)
+words = ("a the red blue green dog cat car tree house man woman sits on near with under "
+         "over big small old new bright dark sky road water field table chair").split()
+
+def png(path, size):
+    # An RGB PNG of random pixels, written without PIL.
+    raw = b"".join(b"\0" + bytes(random.getrandbits(8) for _ in range(3 * size))
+                   for _ in range(size))
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+for name, size, count in [("tiny", 64, 256), ("base", 224, 16)]:
+    ann = []
+    for i in range(count):
+        png(f"{root}/{name}-{i:04}.png", size)
+        caption = " ".join(random.choice(words) for _ in range(random.randint(24, 28)))
+        ann.append({"image": f"{name}-{i:04}.png", "caption": caption, "image_id": str(i)})
+    json.dump(ann, open(f"{root}/{name}.json", "w"))
+specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+filler = [f"w{i}" for i in range(262 - len(specials) - len(words))]
+open(f"{root}/vocab.txt", "w").write("\n".join(specials + words + filler) + "\n")
+EOF
+
+# samples/s over the steps after the first, from our metrics file.
+ours_rate() {
+  "$PYTHON" - "$1" <<'EOF'
+import json, sys
+steps = [json.loads(l) for l in open(sys.argv[1])][1:]
+samples = 0; seconds = 0.0
+for s in steps:
+    n = s["samples_per_second"]
+    # batch / (batch / rate): every step of a run has the same batch
+    seconds += 1.0 / n; samples += 1
+print(f"{samples / seconds:.1f}")
+EOF
+}
+
+ours() { # size batch data [tokenizer]
+  local size=$1 batch=$2 data=$3 tok=${4:-}
+  local out="$WORK/ours" args=()
+  [ -n "$tok" ] && args=(--tokenizer "$tok")
+  rm -rf "$out" "$WORK/metrics.jsonl"
+  /usr/bin/time -f "%M" -o "$WORK/rss" "$BIN" --annotations "$WORK/$data.json" --size "$size" \
+    --batch-size "$batch" --max-steps "$STEPS" --augment none --checkpoint-dir "$out" \
+    --checkpoint-every 100000 --metrics "$WORK/metrics.jsonl" "${args[@]}" >/dev/null 2>&1
+  echo "$(ours_rate "$WORK/metrics.jsonl") $(( $(cat "$WORK/rss") / 1024 ))"
+}
+
+torch() { # size batch vocab
+  "$PYTHON" scripts/bench_pretrain_torch.py --size "$1" --batch-size "$2" --vocab "$3" \
+    --steps "$STEPS" --threads "$THREADS" 2>/dev/null | "$PYTHON" -c \
+    'import json,sys; d=json.loads(sys.stdin.read()); print(f"{d[\"samples_per_second\"]:.1f} {d[\"peak_rss_mb\"]:.0f}")'
+}
+
+row() { # label size batch data vocab [tokenizer]
+  local label=$1 size=$2 batch=$3 data=$4 vocab=$5 tok=${6:-}
+  local a=() b=() ra=0 rb=0
+  for _ in $(seq "$RUNS"); do
+    read -r r m < <(ours "$size" "$batch" "$data" "$tok"); a+=("$r"); ra=$m
+    read -r r m < <(torch "$size" "$batch" "$vocab"); b+=("$r"); rb=$m
+  done
+  echo "| $label | $batch | ${a[*]} | ${b[*]} | $ra MB / $rb MB |"
+}
+
+echo "| model | batch | ours (samples/s, per run) | PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') | peak RSS ours / PyTorch |"
+echo "|---|---|---|---|---|"
+STEPS=12
+row "tiny, 264-token vocabulary" tiny 32 tiny world "$WORK/vocab.txt"
+row "tiny, 30524-token vocabulary" tiny 32 tiny bert
+if [ "$BASE" = 1 ]; then
+  STEPS=4
+  row "BLIP-base, 224 px" base 4 base bert
+fi
