@@ -72,12 +72,8 @@ ours_rate() {
   "$PYTHON" - "$1" <<'EOF'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[1])][1:]
-samples = 0; seconds = 0.0
-for s in steps:
-    n = s["samples_per_second"]
-    # batch / (batch / rate): every step of a run has the same batch
-    seconds += 1.0 / n; samples += 1
-print(f"{samples / seconds:.1f}")
+# Every step has the same batch B: samples/s = steps·B / Σ(B / rate) = steps / Σ(1 / rate).
+print(f"{len(steps) / sum(1.0 / s['samples_per_second'] for s in steps):.1f}")
 EOF
 }
 
@@ -94,8 +90,10 @@ ours() { # size batch data [tokenizer]
 
 torch() { # size batch vocab
   "$PYTHON" scripts/bench_pretrain_torch.py --size "$1" --batch-size "$2" --vocab "$3" \
-    --steps "$STEPS" --threads "$THREADS" 2>/dev/null | "$PYTHON" -c \
-    'import json,sys; d=json.loads(sys.stdin.read()); print(f"{d[\"samples_per_second\"]:.1f} {d[\"peak_rss_mb\"]:.0f}")'
+    --steps "$STEPS" --threads "$THREADS" 2>/dev/null | "$PYTHON" -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+print("%.1f %.0f" % (d["samples_per_second"], d["peak_rss_mb"]))'
 }
 
 row() { # label size batch data vocab [tokenizer]
