@@ -41,17 +41,45 @@ pub fn matmul_by_transpose(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// gradient `G = (softmax(z_r) − (1 − ε)·onehot(y_r) − ε/V) / #labelled` are computed
 /// together, outside the autodiff graph (in one fused pass per row on flex), and enter it as
 /// `Σ z·G + (L − Σ z·G)`: the value is `L`, the gradient `G`, and backward does one
-/// multiplication where `log_softmax`'s graph did a dozen full-size passes. Targets out of
-/// `0..V` take burn's ops, which report them as those do.
+/// multiplication where `log_softmax`'s graph did a dozen full-size passes.
+///
+/// `targets` of another length than the rows, or an empty vocabulary, is an
+/// [`Error::InputShape`](crate::Error::InputShape). Target ids are those of validated inputs
+/// (`lm_labels` of ids the text model checked).
 pub fn smoothed_cross_entropy(
     logits: Tensor<2>,
     targets: Tensor<1, Int>,
     ignore: i64,
     smoothing: f64,
-) -> Tensor<1> {
+) -> crate::Result<Tensor<1>> {
+    let [rows, vocab] = logits.dims();
+    check_shape("logits", "[rows ≥ 0, V ≥ 1]", &logits.dims(), vocab > 0)?;
+    check_shape(
+        "targets",
+        &format!("[{rows}]"),
+        &targets.dims(),
+        targets.dims() == [rows],
+    )?;
     let plain = logits.clone().inner();
     let (loss, grad) = loss_and_gradient(plain.clone(), targets, ignore, smoothing);
-    surrogate(logits, plain, grad, loss)
+    Ok(surrogate(logits, plain, grad, loss))
+}
+
+/// `Ok` when `fine`, else an [`Error::InputShape`](crate::Error::InputShape) naming `what`.
+fn check_shape(
+    what: &'static str,
+    expected: &str,
+    found: &[usize],
+    fine: bool,
+) -> crate::Result<()> {
+    if fine {
+        return Ok(());
+    }
+    Err(crate::Error::InputShape {
+        what,
+        expected: expected.to_string(),
+        found: found.to_vec(),
+    })
 }
 
 /// [`smoothed_cross_entropy`] of the linear head `z = x·wᵀ + b` (`x: [N, D]`, `w: [V, D]`,
@@ -65,6 +93,10 @@ pub fn smoothed_cross_entropy(
 /// gradients those. The full `[N, V]` logits exist once, outside the graph, instead of as the
 /// half-dozen tracked tensors (logits, bias sum, log-probabilities, their gradients) that
 /// the head and `log_softmax` leave for backward.
+///
+/// Shapes that do not fit together (`w` of another width than `x`, `b` of another length
+/// than `w`'s rows, `targets` of another length than `x`'s rows, an empty vocabulary) are an
+/// [`Error::InputShape`](crate::Error::InputShape).
 pub fn linear_smoothed_cross_entropy(
     x: Tensor<2>,
     w: Tensor<2>,
@@ -72,7 +104,21 @@ pub fn linear_smoothed_cross_entropy(
     targets: Tensor<1, Int>,
     ignore: i64,
     smoothing: f64,
-) -> Tensor<1> {
+) -> crate::Result<Tensor<1>> {
+    let ([rows, d], [vocab, w_d]) = (x.dims(), w.dims());
+    check_shape(
+        "w",
+        &format!("[V ≥ 1, {d}]"),
+        &w.dims(),
+        w_d == d && vocab > 0,
+    )?;
+    check_shape("b", &format!("[{vocab}]"), &b.dims(), b.dims() == [vocab])?;
+    check_shape(
+        "targets",
+        &format!("[{rows}]"),
+        &targets.dims(),
+        targets.dims() == [rows],
+    )?;
     let (xp, wp, bp) = (x.clone().inner(), w.clone().inner(), b.clone().inner());
     let (loss, grad_x, grad_w, grad_b) = head_loss_and_gradients(
         xp.clone(),
@@ -84,7 +130,7 @@ pub fn linear_smoothed_cross_entropy(
     );
     let untracked =
         (xp * grad_x.clone()).sum() + (wp * grad_w.clone()).sum() + (bp * grad_b.clone()).sum();
-    (x * grad_x).sum() + (w * grad_w).sum() + (b * grad_b).sum() - untracked + loss
+    Ok((x * grad_x).sum() + (w * grad_w).sum() + (b * grad_b).sum() - untracked + loss)
 }
 
 /// The loss and its gradients with respect to the untracked `x`, `w` and `b`: the blocked
@@ -268,7 +314,7 @@ mod tests {
             } else {
                 x
             };
-            smoothed_cross_entropy(x, targets, IGNORE, smoothing)
+            smoothed_cross_entropy(x, targets, IGNORE, smoothing).unwrap()
         }
     }
 
@@ -357,6 +403,7 @@ mod tests {
                         w.clone()
                     };
                     linear_smoothed_cross_entropy(x.clone(), w_in, b.clone(), t, IGNORE, 0.1)
+                        .unwrap()
                 } else {
                     let logits =
                         x.clone().matmul(w.clone().transpose()) + b.clone().reshape([1, vocab]);
@@ -390,6 +437,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_typed_errors_naming_the_input() {
+        let device = Device::flex();
+        let ids = |n: usize| Tensor::<1, Int>::zeros([n], &device);
+        let what = |r: crate::Result<Tensor<1>>| match r {
+            Err(crate::Error::InputShape { what, .. }) => what,
+            other => panic!("{other:?}"),
+        };
+        let z = Tensor::<2>::zeros([3, 5], &device);
+        assert_eq!(
+            what(smoothed_cross_entropy(z.clone(), ids(4), IGNORE, 0.1)),
+            "targets"
+        );
+        let empty = Tensor::<2>::zeros([3, 0], &device);
+        assert_eq!(
+            what(smoothed_cross_entropy(empty, ids(3), IGNORE, 0.1)),
+            "logits"
+        );
+        let (x, w, b) = (
+            Tensor::<2>::zeros([3, 4], &device),
+            Tensor::<2>::zeros([5, 4], &device),
+            Tensor::<1>::zeros([5], &device),
+        );
+        let head = |x: Tensor<2>, w: Tensor<2>, b: Tensor<1>, n: usize| {
+            what(linear_smoothed_cross_entropy(x, w, b, ids(n), IGNORE, 0.1))
+        };
+        assert_eq!(
+            head(x.clone(), Tensor::zeros([5, 6], &device), b.clone(), 3),
+            "w"
+        );
+        assert_eq!(
+            head(x.clone(), w.clone(), Tensor::zeros([4], &device), 3),
+            "b"
+        );
+        assert_eq!(head(x, w, b, 2), "targets");
     }
 
     #[test]

@@ -160,8 +160,8 @@ impl LmPredictionHead {
     /// let embeddings = Tensor::<2>::random([50, 16], Distribution::Normal(0.0, 1.0), &device);
     /// let hidden = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device);
     /// let labels = Tensor::<2, Int>::from_ints([[IGNORE_INDEX, 5, 6, 7], [IGNORE_INDEX, 8, 9, IGNORE_INDEX]], &device);
-    /// let fused = head.loss(hidden.clone(), embeddings.clone(), labels.clone(), 0.1).into_scalar::<f32>();
-    /// let plain = lm_loss(head.forward(hidden, embeddings), labels, 0.1).into_scalar::<f32>();
+    /// let fused = head.loss(hidden.clone(), embeddings.clone(), labels.clone(), 0.1).unwrap().into_scalar::<f32>();
+    /// let plain = lm_loss(head.forward(hidden, embeddings), labels, 0.1).unwrap().into_scalar::<f32>();
     /// assert!((fused - plain).abs() < 1e-5);
     /// ```
     pub fn loss(
@@ -170,9 +170,9 @@ impl LmPredictionHead {
         word_embeddings: Tensor<2>,
         labels: Tensor<2, Int>,
         label_smoothing: f64,
-    ) -> Tensor<1> {
+    ) -> Result<Tensor<1>> {
         let [b, l, d] = hidden.dims();
-        if l < 2 {
+        if labels.dims() != [b, l] || l < 2 {
             return crate::lm_loss(
                 self.forward(hidden, word_embeddings),
                 labels,
@@ -183,14 +183,14 @@ impl LmPredictionHead {
             .transform
             .layer_norm
             .forward(gelu(dense(&self.transform.dense, hidden)));
-        blip_core::ops::linear_smoothed_cross_entropy(
+        Ok(blip_core::ops::linear_smoothed_cross_entropy(
             h.reshape([b * l, d]),
             word_embeddings,
             self.bias.val(),
             crate::loss::next_token_targets(labels),
             crate::IGNORE_INDEX,
             label_smoothing,
-        )
+        )?)
     }
 }
 

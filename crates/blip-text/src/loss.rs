@@ -3,6 +3,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::error::Result;
 use crate::tokenizer::Encoded;
 
 /// Label used for positions excluded from the loss (padding, prompt), as in PyTorch.
@@ -46,7 +47,8 @@ pub fn lm_labels(text: &Encoded, prompt_length: usize, device: &Device) -> Tenso
 ///
 /// which is PyTorch's `CrossEntropyLoss(ignore_index=-100, label_smoothing=ε)` on
 /// `logits[:, :-1]` vs `labels[:, 1:]` — the original BLIP decoder (ε = 0.1) and transformers
-/// (ε from the config, 0.0 in hub configs). Returns a 1-element tensor.
+/// (ε from the config, 0.0 in hub configs). Returns a 1-element tensor; labels of another
+/// shape than the logits' `[B, L]` are an input-shape error.
 ///
 /// ```
 /// use blip_text::{IGNORE_INDEX, lm_loss};
@@ -56,22 +58,34 @@ pub fn lm_labels(text: &Encoded, prompt_length: usize, device: &Device) -> Tenso
 /// // Uniform logits over 4 tokens: every supervised position costs ln 4.
 /// let logits = Tensor::<3>::zeros([1, 3, 4], &device);
 /// let labels = Tensor::<2, Int>::from_ints([[IGNORE_INDEX, 2, 1]], &device);
-/// let loss = lm_loss(logits, labels, 0.0).into_scalar::<f32>();
+/// let loss = lm_loss(logits, labels, 0.0).unwrap().into_scalar::<f32>();
 /// assert!((loss - 4f32.ln()).abs() < 1e-5);
 /// ```
-pub fn lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>, label_smoothing: f64) -> Tensor<1> {
+pub fn lm_loss(
+    logits: Tensor<3>,
+    labels: Tensor<2, Int>,
+    label_smoothing: f64,
+) -> Result<Tensor<1>> {
     let [b, l, v] = logits.dims();
+    if labels.dims() != [b, l] {
+        return Err(blip_core::Error::InputShape {
+            what: "labels",
+            expected: format!("[{b}, {l}] (the logits' batch and length)"),
+            found: labels.dims().to_vec(),
+        }
+        .into());
+    }
     if l < 2 {
         // No position has a next token: 0/0, as PyTorch's mean over nothing.
         let (per_token, weight) = token_losses(logits, labels, label_smoothing);
-        return (per_token * weight.clone()).sum() / weight.sum();
+        return Ok((per_token * weight.clone()).sum() / weight.sum());
     }
-    blip_core::ops::smoothed_cross_entropy(
+    Ok(blip_core::ops::smoothed_cross_entropy(
         logits.reshape([b * l, v]),
         next_token_targets(labels),
         IGNORE_INDEX,
         label_smoothing,
-    )
+    )?)
 }
 
 /// The target of every position, `[B·L]`: position `t` predicts `labels[t + 1]`, the last

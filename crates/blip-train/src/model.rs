@@ -495,13 +495,13 @@ impl BlipPretrain {
         states: Tensor<3>,
         labels: Tensor<2, Int>,
         label_smoothing: f64,
-    ) -> Tensor<1> {
-        self.text_decoder.lm_head.loss(
+    ) -> Result<Tensor<1>> {
+        Ok(self.text_decoder.lm_head.loss(
             states,
             self.text_encoder.embeddings.word_embeddings.weight.val(),
             labels,
             label_smoothing,
-        )
+        )?)
     }
 
     /// The captioning model of the HF layout: this ViT and the decoder (shared weights

@@ -635,7 +635,7 @@ pub fn compute_losses_with(
         outputs.decoder_states = Some(states.clone());
         terms.push((
             "lm".into(),
-            model.decoder_loss(states, labels, config.label_smoothing),
+            model.decoder_loss(states, labels, config.label_smoothing)?,
             w.lm,
         ));
     }
