@@ -539,7 +539,7 @@ pub fn smoothed_cross_entropy(
 /// `b: [V]`, plain flex, f32, contiguous), with its gradients with respect to `x`, `w` and
 /// `b`: `(loss, ∂x, ∂w, ∂b)`.
 ///
-/// The labelled rows go through in blocks of [`HEAD_BLOCK`]: a block's logits (`[64, V]`,
+/// The labelled rows go through in blocks of 64: a block's logits (`[64, V]`,
 /// 7.8 MB at BLIP's vocabulary) are computed, turned into their gradient in place, and used
 /// for the block's share of the three gradients before the next block reuses the buffer. The
 /// full `[N, V]` logits never exist, and rows without a label cost nothing.
