@@ -444,42 +444,12 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// In-place softmax of each `t`-long row.
-    fn softmax_rows(s: &mut [f32], t: usize) {
-        // 16 partial maxima and sums so the reductions vectorise.
-        const L: usize = 16;
-        for row in s.chunks_exact_mut(t) {
-            let mut lanes = [f32::NEG_INFINITY; L];
-            let mut chunks = row.chunks_exact(L);
-            for c in &mut chunks {
-                for i in 0..L {
-                    lanes[i] = lanes[i].max(c[i]);
-                }
-            }
-            let max = chunks
-                .remainder()
-                .iter()
-                .chain(&lanes)
-                .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sums = [0.0f32; L];
-            let mut chunks = row.chunks_exact_mut(L);
-            for c in &mut chunks {
-                for i in 0..L {
-                    c[i] = exp(c[i] - max);
-                    sums[i] += c[i];
-                }
-            }
-            let mut sum = 0.0;
-            for x in chunks.into_remainder() {
-                *x = exp(*x - max);
-                sum += *x;
-            }
-            let inv = 1.0 / (sum + sums.iter().sum::<f32>());
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
-        }
+/// In-place softmax of each `t`-long row.
+fn softmax_rows(s: &mut [f32], t: usize) {
+    for row in s.chunks_exact_mut(t) {
+        let mut stats = (0.0, 0.0, 0.0);
+        exp_in_place(row, &mut stats);
+        scale_row(row, 1.0 / stats.1, 0.0);
     }
 }
 
@@ -498,12 +468,7 @@ pub fn smoothed_cross_entropy(
 ) -> Option<(f64, Tensor<2>)> {
     let [rows, vocab] = logits.dims();
     let view = Strided::new(logits).filter(|v| v.strides == [vocab, 1])?;
-    if targets.len() != rows
-        || vocab == 0
-        || targets
-            .iter()
-            .any(|&t| t != ignore && !(0..vocab as i64).contains(&t))
-    {
+    if targets.len() != rows || !labels_fit(targets, ignore, vocab) {
         return None;
     }
     let z = &view.values()[view.offset..][..rows * vocab];
@@ -559,11 +524,8 @@ pub fn linear_smoothed_cross_entropy(
     if w_d != d
         || b.tensor.layout().shape()[0] != vocab
         || targets.len() != rows
-        || vocab == 0
         || d == 0
-        || targets
-            .iter()
-            .any(|&t| t != ignore && !(0..vocab as i64).contains(&t))
+        || !labels_fit(targets, ignore, vocab)
     {
         return None;
     }
@@ -697,6 +659,14 @@ pub fn linear_smoothed_cross_entropy(
         flex_tensor(grad_w, [vocab, d]),
         flex_tensor(grad_b, [vocab]),
     ))
+}
+
+/// Whether every target is `ignore` or a class of a non-empty vocabulary.
+fn labels_fit(targets: &[i64], ignore: i64, vocab: usize) -> bool {
+    vocab > 0
+        && targets
+            .iter()
+            .all(|&t| t == ignore || (0..vocab as i64).contains(&t))
 }
 
 /// Rows of logits per block in [`linear_smoothed_cross_entropy`].

@@ -54,15 +54,16 @@ pub fn smoothed_cross_entropy(
 ) -> crate::Result<Tensor<1>> {
     let [rows, vocab] = logits.dims();
     check_shape("logits", "[rows ≥ 0, V ≥ 1]", &logits.dims(), vocab > 0)?;
-    check_shape(
-        "targets",
-        &format!("[{rows}]"),
-        &targets.dims(),
-        targets.dims() == [rows],
-    )?;
+    check_targets(&targets, rows)?;
     let plain = logits.clone().inner();
     let (loss, grad) = loss_and_gradient(plain.clone(), targets, ignore, smoothing);
     Ok(surrogate(logits, plain, grad, loss))
+}
+
+/// `targets` must hold one id per row.
+fn check_targets(targets: &Tensor<1, Int>, rows: usize) -> crate::Result<()> {
+    let found = targets.dims();
+    check_shape("targets", &format!("[{rows}]"), &found, found == [rows])
 }
 
 /// `Ok` when `fine`, else an [`Error::InputShape`](crate::Error::InputShape) naming `what`.
@@ -113,12 +114,7 @@ pub fn linear_smoothed_cross_entropy(
         w_d == d && vocab > 0,
     )?;
     check_shape("b", &format!("[{vocab}]"), &b.dims(), b.dims() == [vocab])?;
-    check_shape(
-        "targets",
-        &format!("[{rows}]"),
-        &targets.dims(),
-        targets.dims() == [rows],
-    )?;
+    check_targets(&targets, rows)?;
     let (xp, wp, bp) = (x.clone().inner(), w.clone().inner(), b.clone().inner());
     let (loss, grad_x, grad_w, grad_b) = head_loss_and_gradients(
         xp.clone(),
@@ -275,7 +271,12 @@ mod tests {
         let device = Device::flex();
         device.seed(seed);
         let logits = Tensor::<2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), &device);
-        let targets = (0..rows)
+        (logits, targets(rows, vocab))
+    }
+
+    /// Targets for `rows` rows, every third without a label.
+    fn targets(rows: usize, vocab: usize) -> Vec<i64> {
+        (0..rows)
             .map(|r| {
                 if r % 3 == 1 {
                     IGNORE
@@ -283,8 +284,7 @@ mod tests {
                     ((r * 7 + 3) % vocab) as i64
                 }
             })
-            .collect();
-        (logits, targets)
+            .collect()
     }
 
     fn loss_and_grad(
@@ -380,15 +380,7 @@ mod tests {
             let x = Tensor::<2>::random([rows, d], normal, &device);
             let w = Tensor::<2>::random([vocab, d], normal, &device);
             let b = Tensor::<1>::random([vocab], normal, &device);
-            let targets: Vec<i64> = (0..rows)
-                .map(|r| {
-                    if r % 4 == 2 {
-                        IGNORE
-                    } else {
-                        ((r * 5 + 1) % vocab) as i64
-                    }
-                })
-                .collect();
+            let targets = targets(rows, vocab);
             // `strided`: `w` as a transposed view, which takes the burn-ops path.
             let run = |fused: bool, strided: bool| {
                 let x = x.clone().autodiff().require_grad();
