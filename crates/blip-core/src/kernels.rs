@@ -485,15 +485,7 @@ pub fn smoothed_cross_entropy(
                 return 0.0;
             }
             g.copy_from_slice(z);
-            let mut stats = (0.0, 0.0, 0.0);
-            exp_in_place(g, &mut stats);
-            let (max, sum, total) = stats;
-            let lse = max + sum.ln();
-            let y = target as usize;
-            let loss = lse - (1.0 - smoothing) * z[y] - smoothing * total / vocab as f32;
-            scale_row(g, scale / sum, scale * smoothing / vocab as f32);
-            g[y] -= scale * (1.0 - smoothing);
-            f64::from(loss)
+            row_loss_and_gradient(g, target as usize, scale, smoothing)
         })
         .collect();
     let loss = losses.iter().sum::<f64>() / labelled as f64;
@@ -581,18 +573,7 @@ pub fn linear_smoothed_cross_entropy(
         loss += z
             .par_chunks_mut(vocab)
             .zip(chunk.par_iter())
-            .map(|(g, &r)| {
-                let y = targets[r] as usize;
-                let z_y = g[y];
-                let mut stats = (0.0, 0.0, 0.0);
-                exp_in_place(g, &mut stats);
-                let (max, sum, total) = stats;
-                let loss =
-                    max + sum.ln() - (1.0 - smoothing) * z_y - smoothing * total / vocab as f32;
-                scale_row(g, scale / sum, scale * smoothing / vocab as f32);
-                g[y] -= scale * (1.0 - smoothing);
-                f64::from(loss)
-            })
+            .map(|(g, &r)| row_loss_and_gradient(g, targets[r] as usize, scale, smoothing))
             .sum::<f64>();
         let g = &block[..c * vocab];
         // SAFETY: as above; gx_block is [c, D], grad_w [V, D] (Gᵀ read through swapped
@@ -659,6 +640,21 @@ pub fn linear_smoothed_cross_entropy(
         flex_tensor(grad_w, [vocab, d]),
         flex_tensor(grad_b, [vocab]),
     ))
+}
+
+/// One labelled row: `g` holds its logits and is turned into its gradient in place,
+/// `(softmax − (1 − ε)·onehot(y) − ε/V)·scale`; returns the row's smoothed cross-entropy
+/// `lse − (1 − ε)·z_y − ε·mean(z)`.
+fn row_loss_and_gradient(g: &mut [f32], y: usize, scale: f32, smoothing: f32) -> f64 {
+    let vocab = g.len() as f32;
+    let z_y = g[y];
+    let mut stats = (0.0, 0.0, 0.0);
+    exp_in_place(g, &mut stats);
+    let (max, sum, total) = stats;
+    let loss = max + sum.ln() - (1.0 - smoothing) * z_y - smoothing * total / vocab;
+    scale_row(g, scale / sum, scale * smoothing / vocab);
+    g[y] -= scale * (1.0 - smoothing);
+    f64::from(loss)
 }
 
 /// Whether every target is `ignore` or a class of a non-empty vocabulary.

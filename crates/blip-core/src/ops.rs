@@ -57,7 +57,7 @@ pub fn smoothed_cross_entropy(
     check_targets(&targets, rows)?;
     let plain = logits.clone().inner();
     let (loss, grad) = loss_and_gradient(plain.clone(), targets, ignore, smoothing);
-    Ok(surrogate(logits, plain, grad, loss))
+    Ok(inject(logits, plain, grad) + loss)
 }
 
 /// `targets` must hold one id per row.
@@ -124,9 +124,7 @@ pub fn linear_smoothed_cross_entropy(
         ignore,
         smoothing,
     );
-    let untracked =
-        (xp * grad_x.clone()).sum() + (wp * grad_w.clone()).sum() + (bp * grad_b.clone()).sum();
-    Ok((x * grad_x).sum() + (w * grad_w).sum() + (b * grad_b).sum() - untracked + loss)
+    Ok(inject(x, xp, grad_x) + inject(w, wp, grad_w) + inject(b, bp, grad_b) + loss)
 }
 
 /// The loss and its gradients with respect to the untracked `x`, `w` and `b`: the blocked
@@ -202,11 +200,10 @@ fn loss_and_gradient(
     (loss.reshape([1]), grad)
 }
 
-/// `Σ z·G + (L − Σ z·G)`, with the second sum on the untracked copy of `z`: the same
-/// values summed the same way, so the value is `L` exactly and the gradient `G`.
-fn surrogate(logits: Tensor<2>, plain: Tensor<2>, grad: Tensor<2>, loss: Tensor<1>) -> Tensor<1> {
-    let constant = (plain * grad.clone()).sum();
-    (logits * grad).sum() - constant + loss
+/// `Σ t·G − Σ t'·G` for a tracked `t` and its untracked copy `t'`: the same values summed
+/// the same way, so the value is exactly 0 and the gradient with respect to `t` is `G`.
+fn inject<const D: usize>(tracked: Tensor<D>, plain: Tensor<D>, grad: Tensor<D>) -> Tensor<1> {
+    (tracked * grad.clone()).sum() - (plain * grad).sum()
 }
 
 /// `x` in a contiguous layout, for a view that many later calls read (cached keys and

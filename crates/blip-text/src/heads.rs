@@ -161,8 +161,11 @@ impl LmPredictionHead {
     /// let hidden = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device);
     /// let labels = Tensor::<2, Int>::from_ints([[IGNORE_INDEX, 5, 6, 7], [IGNORE_INDEX, 8, 9, IGNORE_INDEX]], &device);
     /// let fused = head.loss(hidden.clone(), embeddings.clone(), labels.clone(), 0.1).unwrap().into_scalar::<f32>();
-    /// let plain = lm_loss(head.forward(hidden, embeddings), labels, 0.1).unwrap().into_scalar::<f32>();
+    /// let plain = lm_loss(head.forward(hidden.clone(), embeddings.clone()), labels, 0.1).unwrap().into_scalar::<f32>();
     /// assert!((fused - plain).abs() < 1e-5);
+    /// // Labels of another shape than the states' [B, L] are an error, not a panic.
+    /// let short = Tensor::<2, Int>::from_ints([[IGNORE_INDEX, 5, 6]], &device);
+    /// assert!(head.loss(hidden, embeddings, short, 0.1).is_err());
     /// ```
     pub fn loss(
         &self,
@@ -172,7 +175,8 @@ impl LmPredictionHead {
         label_smoothing: f64,
     ) -> Result<Tensor<1>> {
         let [b, l, d] = hidden.dims();
-        if labels.dims() != [b, l] || l < 2 {
+        crate::loss::check_labels(&labels, b, l)?;
+        if l < 2 {
             return crate::lm_loss(
                 self.forward(hidden, word_embeddings),
                 labels,

@@ -67,14 +67,7 @@ pub fn lm_loss(
     label_smoothing: f64,
 ) -> Result<Tensor<1>> {
     let [b, l, v] = logits.dims();
-    if labels.dims() != [b, l] {
-        return Err(blip_core::Error::InputShape {
-            what: "labels",
-            expected: format!("[{b}, {l}] (the logits' batch and length)"),
-            found: labels.dims().to_vec(),
-        }
-        .into());
-    }
+    check_labels(&labels, b, l)?;
     if l < 2 {
         // No position has a next token: 0/0, as PyTorch's mean over nothing.
         let (per_token, weight) = token_losses(logits, labels, label_smoothing);
@@ -86,6 +79,19 @@ pub fn lm_loss(
         IGNORE_INDEX,
         label_smoothing,
     )?)
+}
+
+/// `labels` must be `[B, L]`, the shape of the decoder input they label.
+pub(crate) fn check_labels(labels: &Tensor<2, Int>, b: usize, l: usize) -> Result<()> {
+    if labels.dims() == [b, l] {
+        return Ok(());
+    }
+    Err(blip_core::Error::InputShape {
+        what: "labels",
+        expected: format!("[{b}, {l}] (the decoder input's batch and length)"),
+        found: labels.dims().to_vec(),
+    }
+    .into())
 }
 
 /// The target of every position, `[B·L]`: position `t` predicts `labels[t + 1]`, the last
