@@ -25,13 +25,15 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use blip::BlipTokenizer;
 use blip::train::original::OriginalCheckpoint;
 use blip::train::{
-    BatchLoader, FitOptions, LoaderConfig, PretrainConfig, TextRecipe, TrainConfig, TrainTransform,
-    Trainer, fit, load_annotations, text_config_of, vision_config_of,
+    BatchLoader, Collective, FitOptions, LoaderConfig, LocalGroup, PretrainConfig, SingleProcess,
+    TextRecipe, TrainConfig, TrainTransform, Trainer, fit, load_annotations, text_config_of,
+    vision_config_of,
 };
 use burn::module::Module;
 use clap::{Parser, ValueEnum};
@@ -55,6 +57,18 @@ enum Augment {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Distributed {
+    /// One process, one device.
+    None,
+    /// One process per rank, started by `mpirun -np N` or Slurm's `srun` (build with the
+    /// `mpi` feature); each rank drives its local rank's GPU with `--device cuda`.
+    Mpi,
+    /// One process, `--ranks` threads, one device each (`cuda:0`, `cuda:1`, ... with
+    /// `--device cuda`; CPU ranks share the cores).
+    Threads,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Size {
     /// ViT and MED of width 64, 2 layers (a few MB).
     Tiny,
@@ -64,7 +78,7 @@ enum Size {
     Large,
 }
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "Pre-train or fine-tune BLIP on a BLIP-format data set")]
 struct Args {
     /// BLIP annotation file: a JSON array or JSON lines of {"image", "caption"}. Repeat it
@@ -106,6 +120,8 @@ struct Args {
     /// Continue the run in --checkpoint-dir from its latest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Samples per optimiser step's batch, over all ranks together (each of N ranks takes
+    /// batch-size / N; N must divide it).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     #[arg(long)]
@@ -154,6 +170,13 @@ struct Args {
     /// sides, which flips and colour operations falsify) or `none`.
     #[arg(long, value_enum, default_value = "blip")]
     augment: Augment,
+    /// Data-parallel training: gradients averaged over the ranks at every step, the ITC
+    /// queues fed by every rank, checkpoints written by rank 0 in the usual format.
+    #[arg(long, value_enum, default_value = "none")]
+    distributed: Distributed,
+    /// Number of ranks with `--distributed threads`.
+    #[arg(long, default_value_t = 2)]
+    ranks: usize,
 }
 
 fn tokenizer(path: Option<&PathBuf>) -> BlipTokenizer {
@@ -170,10 +193,49 @@ fn tokenizer(path: Option<&PathBuf>) -> BlipTokenizer {
 
 fn main() {
     let args = Args::parse();
-    let device = common::device(&args.device);
+    match args.distributed {
+        Distributed::None => run(&args, Arc::new(SingleProcess)),
+        Distributed::Mpi => {
+            #[cfg(feature = "mpi")]
+            {
+                let mpi =
+                    blip::train::MpiCollective::init().unwrap_or_else(|e| fail(&e.to_string()));
+                run(&args, Arc::new(mpi));
+            }
+            #[cfg(not(feature = "mpi"))]
+            fail(
+                "--distributed mpi needs a build with the `mpi` feature (cargo build --features mpi)",
+            );
+        }
+        Distributed::Threads => {
+            if args.ranks == 0 {
+                fail("--ranks 0: at least one rank");
+            }
+            LocalGroup::run(args.ranks, |rank| run(&args, Arc::new(rank)))
+                .unwrap_or_else(|e| fail(&e.to_string()));
+        }
+    }
+}
+
+/// One rank's training (the only one without --distributed). An error ends the whole
+/// process: under mpirun, the launcher then ends the other ranks.
+fn run(args: &Args, collective: Arc<dyn Collective>) {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    // Rank r of several drives GPU r of its machine.
+    let device_name = match args.device.as_str() {
+        "cuda" if world > 1 => format!("cuda:{}", collective.local_rank()),
+        name => name.to_string(),
+    };
+    let device = common::device(&device_name);
     let train_device = device.clone().autodiff();
     let tokenizer = tokenizer(args.tokenizer.as_ref());
-    let or_fail = |e: blip::train::TrainError| -> ! { fail(&e.to_string()) };
+    let or_fail = |e: blip::train::TrainError| -> ! {
+        match world {
+            1 => fail(&e.to_string()),
+            _ => fail(&format!("rank {rank}: {e}")),
+        }
+    };
+    let main_rank = rank == 0;
 
     let (recipe, mut train) = match args.task {
         Task::Pretrain => (TextRecipe::pretrain(), TrainConfig::pretrain()),
@@ -194,13 +256,16 @@ fn main() {
         train = train.with_warmup_steps(warmup);
     }
 
+    let requested_train = train.clone();
     let resume_from = match (&args.checkpoint_dir, args.resume) {
         (Some(dir), true) => Trainer::latest_checkpoint(dir).unwrap_or_else(|e| or_fail(e)),
         (None, true) => fail("--resume needs --checkpoint-dir"),
         _ => None,
     };
     let mut trainer = if let Some(checkpoint) = &resume_from {
-        eprintln!("resuming from {}", checkpoint.display());
+        if main_rank {
+            eprintln!("resuming from {}", checkpoint.display());
+        }
         Trainer::resume(checkpoint, &train_device).unwrap_or_else(|e| or_fail(e))
     } else {
         let preset = |size: Size| {
@@ -253,12 +318,16 @@ fn main() {
                 let mut model = config.init(&device);
                 if let Some(dir) = &args.init_vision {
                     let (m, report) = model.init_vision_from(dir).unwrap_or_else(|e| or_fail(e));
-                    eprintln!("ViT: {report}");
+                    if main_rank {
+                        eprintln!("ViT: {report}");
+                    }
                     model = m;
                 }
                 if let Some(dir) = &args.init_text {
                     let (m, report) = model.init_text_from(dir).unwrap_or_else(|e| or_fail(e));
-                    eprintln!("text: {report}");
+                    if main_rank {
+                        eprintln!("text: {report}");
+                    }
                     model = m;
                 }
                 (model, config, None)
@@ -291,7 +360,7 @@ fn main() {
                 None => Ok(false),
             }
             .unwrap_or_else(|e| or_fail(e));
-            if kept {
+            if kept && main_rank {
                 eprintln!(
                     "kept the momentum encoders and queues of {} (--reset-distillation starts them afresh)",
                     init.display()
@@ -338,28 +407,51 @@ fn main() {
             ..original
         },
     };
-    let mut loader_config = LoaderConfig::new(args.batch_size);
+    let mut loader_config = LoaderConfig::new(args.batch_size).shard(rank, world);
     loader_config.workers = args.workers.max(1);
     loader_config.seed = args.seed;
     loader_config.max_words = 30;
     let loader = BatchLoader::new(annotations, transform, loader_config)
         .unwrap_or_else(|e| fail(&e.to_string()));
+    // What a resumed run, and every rank, must share besides the configs; the number of
+    // ranks, devices, workers and step limits may change.
+    let run_options = serde_json::json!({
+        "task": format!("{:?}", args.task),
+        "annotations": args.annotations,
+        "image_root": args.image_root,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "augment": format!("{:?}", args.augment),
+        "vocab_size": tokenizer.vocab_size(),
+        "train": serde_json::to_value(&requested_train).expect("configs serialise"),
+    });
+    trainer
+        .set_run_options(run_options)
+        .unwrap_or_else(|e| or_fail(e));
+    trainer.join(collective).unwrap_or_else(|e| or_fail(e));
 
     let mut options = FitOptions::new(recipe);
     options.checkpoint_dir = args.checkpoint_dir.clone();
     options.checkpoint_every = args.checkpoint_every;
     options.metrics = args.metrics.clone();
-    options.progress = Some(common::progress_sink("batches"));
+    options.progress = main_rank.then(|| common::progress_sink("batches"));
     options.max_steps = args.max_steps;
-    eprintln!(
-        "{} parameters, {} pairs, {} batches per epoch, {} epochs",
-        trainer.model.num_params(),
-        loader.annotations().len(),
-        loader.batches_per_epoch(),
-        trainer.train.epochs
-    );
+    if main_rank {
+        eprintln!(
+            "{} parameters, {} pairs, {} batches per epoch of {} samples ({} ranks), {} epochs",
+            trainer.model.num_params(),
+            loader.annotations().len(),
+            loader.batches_per_epoch(),
+            args.batch_size,
+            world,
+            trainer.train.epochs
+        );
+    }
     let start = Instant::now();
     let report = fit(&mut trainer, &loader, &tokenizer, &options).unwrap_or_else(|e| or_fail(e));
+    if !main_rank {
+        return;
+    }
     let losses: Vec<String> = report
         .last_losses
         .iter()
@@ -373,6 +465,13 @@ fn main() {
         report.samples_per_second(),
         losses.join(", ")
     );
+    if world > 1 {
+        println!(
+            "{world} ranks: {:.3} s per batch averaging gradients, {:.1} % of the model steps' time",
+            report.communication_seconds / report.batches.max(1) as f64,
+            100.0 * report.communication_seconds / report.seconds.max(1e-9)
+        );
+    }
     let blip = trainer.config.blip.clone();
     if let Some(dir) = &args.export_captioner {
         trainer

@@ -4,6 +4,13 @@ with blip-train's `compute_losses` + AdamW step (samples/second).
 
     .venv/bin/python scripts/bench_pretrain_torch.py [--size tiny|base] [--batch-size N]
         [--steps N] [--threads N] [--vocab world|bert]
+    mpirun -np 2 .venv/bin/python scripts/bench_pretrain_torch.py --distributed ...
+
+With --distributed (started by mpirun: rank and world size from Open MPI's environment),
+the ranks form a torch.distributed gloo group and train data-parallel as blip-train does:
+--batch-size is the global batch, each rank takes its share, the gradients are averaged
+after the backward pass in one flattened all-reduce, and the queues take every rank's
+momentum features (all_gather). --threads is then per rank.
 
 The step, as in blip-spec.md sections 1.3, 1.4 and 2.1-2.3 (written from the spec, not
 copied from salesforce/BLIP): clamp temp; ViT; online ITC features; momentum update
@@ -64,6 +71,8 @@ parser.add_argument("--steps", type=int, default=None,
                     help="timed steps after 1 warm-up step (default 5 tiny, 2 base)")
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--distributed", action="store_true",
+                    help="one rank of a gloo group started by mpirun")
 parser.add_argument("--vocab", choices=["world", "bert"], default=None,
                     help="text vocabulary: the world's 264 tokens (tiny's default) or BLIP's "
                          "30524 (bert-base-uncased + [DEC], [ENC]; base's)")
@@ -76,17 +85,29 @@ if args.vocab == "bert":
 elif args.vocab == "world":
     size["text"]["vocab_size"] = 264
     size["tokens"] = dict(pad=0, cls=1, sep=2, dec=262, enc=263, first_word=5)
-batch_size = args.batch_size or size["batch_size"]
+global_batch = args.batch_size or size["batch_size"]
+rank, world = 0, 1
+if args.distributed:
+    import os
+    import torch.distributed as dist
+    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+    world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if global_batch % world:
+        parser.error(f"{world} ranks do not divide the global batch {global_batch}")
+batch_size = global_batch // world
 steps = args.steps if args.steps is not None else size["steps"]
 queue_size = size["queue"]
 tok = size["tokens"]
 if steps < 1:
     parser.error("--steps must be at least 1")
-if queue_size % batch_size != 0:
+if queue_size % global_batch != 0:
     parser.error(f"the batch size ({batch_size}) must divide the queue size ({queue_size})")
 
 torch.set_num_threads(args.threads)
-torch.manual_seed(args.seed)
+torch.manual_seed(args.seed)  # the same initial weights on every rank
 
 
 class BlipPretrain(nn.Module):
@@ -183,6 +204,31 @@ params = list(model.parameters())  # deduplicated: shared tensors appear once
 optimizer = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
 
 
+communication = []
+
+
+def average_gradients():
+    """DDP's average, after the backward pass: one flattened all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    start = time.perf_counter()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    communication.append(time.perf_counter() - start)
+
+
+def gather(x):
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
 def train_step(pixel_values, ids, mask):
     global queue_ptr
     b = ids.shape[0]
@@ -244,16 +290,21 @@ def train_step(pixel_values, ids, mask):
     loss = loss_itc + loss_itm + loss_lm
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if world > 1:
+        average_gradients()
     optimizer.step()
 
     with torch.no_grad():
-        image_queue[:, queue_ptr:queue_ptr + b] = v_m.t()
-        text_queue[:, queue_ptr:queue_ptr + b] = t_m.t()
-        queue_ptr = (queue_ptr + b) % queue_size
+        v_m, t_m = gather(v_m), gather(t_m)
+        n = v_m.shape[0]
+        image_queue[:, queue_ptr:queue_ptr + n] = v_m.t()
+        text_queue[:, queue_ptr:queue_ptr + n] = t_m.t()
+        queue_ptr = (queue_ptr + n) % queue_size
     return {"itc": loss_itc.item(), "itm": loss_itm.item(), "lm": loss_lm.item(),
             "total": loss.item()}
 
 
+torch.manual_seed(args.seed + 1000 * rank)  # each rank's own data and draws
 first_losses = train_step(*random_batch())  # warm-up
 times = []
 for _ in range(steps):
@@ -264,12 +315,16 @@ for _ in range(steps):
 
 seconds_per_step = sum(times) / len(times)
 peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+if rank != 0:
+    sys.exit(0)
 print(json.dumps({
     "size": args.size,
-    "batch_size": batch_size,
+    "batch_size": global_batch,
+    "ranks": world,
+    "communication_seconds_per_step": round(sum(communication[1:]) / max(1, len(communication) - 1), 4),
     "threads": args.threads,
     "seconds_per_step": round(seconds_per_step, 4),
-    "samples_per_second": round(batch_size / seconds_per_step, 3),
+    "samples_per_second": round(global_batch / seconds_per_step, 3),
     "losses": {k: round(v, 5) for k, v in first_losses.items()},
     "torch": torch.__version__,
     "step_seconds": [round(s, 4) for s in times],

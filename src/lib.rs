@@ -123,7 +123,8 @@ pub enum DeviceError {
 pub type UnknownDevice = DeviceError;
 
 /// The device for a backend name: `cpu` (burn's flex backend), `wgpu` (GPU, or Mesa's
-/// software Vulkan), `cuda` (NVIDIA GPU 0), `ndarray` (burn's deprecated CPU backend).
+/// software Vulkan), `cuda` (NVIDIA GPU 0; `cuda:N` for GPU `N`), `ndarray` (burn's
+/// deprecated CPU backend).
 /// Binaries take it from `--device`; the library never picks one implicitly.
 ///
 /// A GPU backend is tried once with a tiny computation, so that a machine without the GPU or
@@ -133,6 +134,12 @@ pub type UnknownDevice = DeviceError;
 /// ```
 /// let err = blip::backend_device("tpu").unwrap_err();
 /// assert!(err.to_string().contains("unknown device"));
+/// if !blip::BACKENDS.contains(&"cuda") {
+///     // A build without CUDA says which feature gives it, for every GPU index.
+///     let err = blip::backend_device("cuda:1").unwrap_err();
+///     assert!(err.to_string().contains("cuda"), "{err}");
+///     assert!(matches!(err, blip::DeviceError::Disabled { feature: "cuda", .. }));
+/// }
 /// ```
 pub fn backend_device(name: &str) -> Result<Device, DeviceError> {
     match name {
@@ -142,21 +149,36 @@ pub fn backend_device(name: &str) -> Result<Device, DeviceError> {
         "wgpu" => probe(name, Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
         #[cfg(feature = "cuda")]
         "cuda" => probe(name, Device::cuda(0)),
+        // One GPU of several (a rank of data-parallel training drives its local rank's).
+        #[cfg(feature = "cuda")]
+        _ if cuda_index(name).is_some() => {
+            probe(name, Device::cuda(cuda_index(name).unwrap_or_default()))
+        }
         #[cfg(feature = "ndarray")]
         #[allow(deprecated)] // users ask for it; burn keeps it working in 0.22
         "ndarray" => Ok(Device::ndarray()),
-        _ => Err(match FEATURES.iter().find(|(n, _)| *n == name) {
-            Some(&(_, feature)) => DeviceError::Disabled {
-                name: name.to_string(),
-                feature,
-                available: BACKENDS,
+        _ => Err(
+            match FEATURES
+                .iter()
+                .find(|(n, _)| *n == name || (*n == "cuda" && cuda_index(name).is_some()))
+            {
+                Some(&(_, feature)) => DeviceError::Disabled {
+                    name: name.to_string(),
+                    feature,
+                    available: BACKENDS,
+                },
+                None => DeviceError::Unknown {
+                    name: name.to_string(),
+                    available: BACKENDS,
+                },
             },
-            None => DeviceError::Unknown {
-                name: name.to_string(),
-                available: BACKENDS,
-            },
-        }),
+        ),
     }
+}
+
+/// `N` of a device name `cuda:N`.
+fn cuda_index(name: &str) -> Option<usize> {
+    name.strip_prefix("cuda:")?.parse().ok()
 }
 
 /// Runs a tiny computation on `device`; a backend that panics (no adapter, no driver) is

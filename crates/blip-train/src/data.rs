@@ -453,11 +453,21 @@ impl Batch {
 /// let config = LoaderConfig { workers: 2, ..LoaderConfig::new(32) };
 /// assert_eq!((config.batch_size, config.max_words, config.seed), (32, 30, 42));
 /// assert!(config.drop_last);
+/// // Rank 1 of 4 in data-parallel training: 8 of every 32 samples.
+/// let shard = config.shard(1, 4);
+/// assert_eq!((shard.rank, shard.world_size, shard.rank_batch_size()), (1, 4, 8));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoaderConfig {
-    /// Samples per batch.
+    /// Samples per batch: the global batch, summed over all ranks.
     pub batch_size: usize,
+    /// This rank (data-parallel training: it loads samples `rank·b..(rank+1)·b` of every
+    /// global batch, with `b = batch_size / world_size`, as PyTorch's
+    /// `DistributedSampler`). 0 without distribution.
+    pub rank: usize,
+    /// Number of ranks sharing each batch (1 without distribution); must divide
+    /// `batch_size`.
+    pub world_size: usize,
     /// Words kept by [`pre_caption`] (30 in BLIP's pre-training and COCO/Flickr fine-tunes).
     pub max_words: usize,
     /// Seed of the shuffles and augmentations.
@@ -476,12 +486,29 @@ impl LoaderConfig {
     pub fn new(batch_size: usize) -> Self {
         Self {
             batch_size,
+            rank: 0,
+            world_size: 1,
             max_words: 30,
             seed: 42,
             drop_last: true,
             workers: thread::available_parallelism().map_or(1, |n| n.get()),
             prefetch: 2,
         }
+    }
+
+    /// This config for rank `rank` of `world_size` (see [`Self::rank`]); checked by
+    /// [`BatchLoader::new`].
+    pub fn shard(self, rank: usize, world_size: usize) -> Self {
+        Self {
+            rank,
+            world_size,
+            ..self
+        }
+    }
+
+    /// Samples this rank loads per batch.
+    pub fn rank_batch_size(&self) -> usize {
+        self.batch_size / self.world_size.max(1)
     }
 }
 
@@ -540,7 +567,8 @@ impl fmt::Debug for BatchLoader {
 
 impl BatchLoader {
     /// A loader over `annotations`. Fails on a batch size, worker count or image size of 0,
-    /// or a crop scale outside `(0, 1]`.
+    /// a crop scale outside `(0, 1]`, a world size that does not divide the batch, or a
+    /// rank outside the world.
     pub fn new(
         annotations: Vec<Annotation>,
         transform: TrainTransform,
@@ -548,6 +576,16 @@ impl BatchLoader {
     ) -> Result<Self, DataError> {
         let problem = if config.batch_size == 0 {
             Some("batch_size is 0".to_string())
+        } else if config.world_size == 0 || config.rank >= config.world_size {
+            Some(format!(
+                "rank {} is outside a world of {} ranks",
+                config.rank, config.world_size
+            ))
+        } else if !config.batch_size.is_multiple_of(config.world_size) {
+            Some(format!(
+                "a world of {} ranks does not divide the global batch of {} samples",
+                config.world_size, config.batch_size
+            ))
         } else if config.workers == 0 {
             Some("workers is 0".to_string())
         } else if transform.image_size == 0 {
@@ -582,7 +620,7 @@ impl BatchLoader {
         &self.inner.config
     }
 
-    /// Number of batches per epoch.
+    /// Number of (global) batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         let (n, b) = (self.inner.annotations.len(), self.inner.config.batch_size);
         if self.inner.config.drop_last {
@@ -674,9 +712,49 @@ impl BatchLoader {
         })
     }
 
-    /// The batches of `epoch` from batch `skip` on (to resume mid-epoch), prepared on a
-    /// background thread up to `prefetch` batches ahead. After an error the iterator ends;
-    /// dropping it stops the background work.
+    /// The annotations this rank loads for batch `step` of an epoch whose sample order is
+    /// `order`: its share of the global batch. An incomplete last batch of several ranks
+    /// (`drop_last` off) is completed from the start of the order, as PyTorch's
+    /// `DistributedSampler` pads, so every rank gets a full share.
+    ///
+    /// ```
+    /// use blip_train::{BatchLoader, LoaderConfig, TrainTransform, load_annotations};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("blip-doc-shard-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// let mut lines = String::new();
+    /// for i in 0..8 {
+    ///     image::RgbImage::new(8, 8).save(dir.join(format!("{i}.png")))?;
+    ///     lines += &format!("{{\"image\": \"{i}.png\", \"caption\": \"image {i}\"}}\n");
+    /// }
+    /// std::fs::write(dir.join("train.jsonl"), lines)?;
+    /// let annotations = load_annotations(&dir.join("train.jsonl"), &dir)?;
+    /// // Global batches of 4 shared by 2 ranks: rank 1 loads the last 2 of each.
+    /// let config = LoaderConfig::new(4).shard(1, 2);
+    /// let loader = BatchLoader::new(annotations, TrainTransform::finetune(8), config)?;
+    /// let order = loader.epoch_order(0);
+    /// assert_eq!(loader.rank_indices(&order, 1), order[6..8]);
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn rank_indices(&self, order: &[usize], step: usize) -> Vec<usize> {
+        let config = &self.inner.config;
+        let (global, share) = (config.batch_size, config.rank_batch_size());
+        let start = step * global + config.rank * share;
+        if order.is_empty() {
+            return Vec::new();
+        }
+        if config.world_size == 1 {
+            return order[start.min(order.len())..(start + share).min(order.len())].to_vec();
+        }
+        (start..start + share)
+            .map(|i| order[i % order.len()])
+            .collect()
+    }
+
+    /// This rank's batches of `epoch` from batch `skip` on (to resume mid-epoch), prepared
+    /// on a background thread up to `prefetch` batches ahead. After an error the iterator
+    /// ends; dropping it stops the background work.
     pub fn batches(&self, epoch: usize, skip: usize) -> Batches {
         let total = self.batches_per_epoch();
         let remaining = total.saturating_sub(skip);
@@ -686,10 +764,9 @@ impl BatchLoader {
             .name(format!("blip-data-epoch-{epoch}"))
             .spawn(move || {
                 let order = loader.epoch_order(epoch);
-                let b = loader.inner.config.batch_size;
                 for step in skip..total {
-                    let indices = &order[step * b..((step + 1) * b).min(order.len())];
-                    let batch = loader.load(epoch, indices);
+                    let indices = loader.rank_indices(&order, step);
+                    let batch = loader.load(epoch, &indices);
                     let failed = batch.is_err();
                     // A closed channel means the consumer dropped the iterator: stop.
                     if tx.send(batch).is_err() || failed {

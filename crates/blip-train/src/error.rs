@@ -39,6 +39,10 @@ pub enum TrainError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Ranks that cannot train together: different options, a rank that left, a world
+    /// size that does not divide the batch.
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// A training checkpoint that is missing pieces or does not fit the model.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {

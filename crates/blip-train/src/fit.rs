@@ -125,6 +125,7 @@ impl FitOptions {
 ///     samples: 80,
 ///     seconds: 4.0,
 ///     last_losses: vec![("lm".into(), 2.5)],
+///     communication_seconds: 0.0,
 /// };
 /// assert_eq!(report.samples_per_second(), 20.0);
 /// assert_eq!(FitReport::default().batches, 0);
@@ -133,12 +134,14 @@ impl FitOptions {
 pub struct FitReport {
     /// Batches trained on in this call.
     pub batches: usize,
-    /// Samples trained on in this call.
+    /// Samples trained on in this call, by all ranks together.
     pub samples: usize,
     /// Wall time spent in model steps, seconds (data preparation overlaps it).
     pub seconds: f64,
     /// The losses of the last batch.
     pub last_losses: Vec<(String, f64)>,
+    /// Of [`Self::seconds`], the time spent averaging gradients over the ranks.
+    pub communication_seconds: f64,
 }
 
 impl FitReport {
@@ -211,6 +214,10 @@ pub fn to_train_batch(
 /// Trains until `trainer.train.epochs` (or `max_steps`), continuing from
 /// `trainer.progress`: a resumed trainer skips the batches its epoch already consumed.
 ///
+/// In data-parallel training every rank calls it with its share of the data
+/// ([`crate::LoaderConfig::shard`] with the rank of [`Trainer::join`]); only rank 0 writes
+/// checkpoints and metrics and reports progress.
+///
 /// ```no_run
 /// use std::path::Path;
 ///
@@ -245,7 +252,19 @@ pub fn fit(
     options: &FitOptions,
 ) -> Result<FitReport> {
     let per_epoch = loader.batches_per_epoch();
-    let mut metrics = match &options.metrics {
+    let collective = trainer.collective();
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let shard = loader.config();
+    if (shard.rank, shard.world_size) != (rank, world) {
+        return Err(TrainError::Distributed(format!(
+            "the loader is rank {} of {}, the trainer rank {rank} of {world}: shard the \
+             loader's config with the trainer's rank",
+            shard.rank, shard.world_size
+        )));
+    }
+    trainer.set_global_batch(shard.batch_size)?;
+    let main = trainer.is_main_rank();
+    let mut metrics = match options.metrics.as_ref().filter(|_| main) {
         Some(path) => Some({
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(|source| TrainError::Io {
@@ -266,7 +285,7 @@ pub fn fit(
     };
     let total = (trainer.train.epochs * per_epoch) as u64;
     let report_progress = |trainer: &Trainer, message: &str, finished: bool| {
-        if let Some(sink) = &options.progress {
+        if let Some(sink) = options.progress.as_ref().filter(|_| main) {
             sink.report(Progress {
                 done: (trainer.progress.epoch * per_epoch + trainer.progress.batch) as u64,
                 total,
@@ -304,9 +323,10 @@ pub fn fit(
             })?;
             let seconds = start.elapsed().as_secs_f64();
             report.batches += 1;
-            report.samples += batch.len();
+            report.samples += batch.len() * world;
             report.seconds += seconds;
             report.last_losses = step.losses.clone();
+            report.communication_seconds += step.communication_seconds;
             let losses: String = step
                 .losses
                 .iter()
@@ -325,7 +345,8 @@ pub fn fit(
                     "loss": step.total,
                     "grad_norm": step.grad_norm,
                     "temp": trainer.model.temperature(),
-                    "samples_per_second": batch.len() as f64 / seconds.max(1e-9),
+                    "samples_per_second": (batch.len() * world) as f64 / seconds.max(1e-9),
+                    "communication_seconds": step.communication_seconds,
                 });
                 for (name, value) in &step.losses {
                     line[format!("loss_{name}")] = json!(value);

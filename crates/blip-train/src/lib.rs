@@ -26,6 +26,7 @@
 
 mod augment;
 mod data;
+mod distributed;
 mod error;
 pub mod fit;
 pub mod init;
@@ -44,6 +45,11 @@ pub use blip_core::{SplitMix64, pre_caption, pre_question};
 pub use blip_text::{lm_labels, lm_loss};
 pub use data::{
     Annotation, Batch, BatchLoader, Batches, DataError, LoaderConfig, Location, load_annotations,
+};
+#[cfg(feature = "mpi")]
+pub use distributed::MpiCollective;
+pub use distributed::{
+    Collective, LocalGroup, SingleProcess, all_reduce_mean_gradients, broadcast_module,
 };
 pub use error::{Result, TrainError};
 pub use fit::{FitOptions, FitReport, TextRecipe, fit};

@@ -63,6 +63,11 @@ pub struct PretrainConfig {
     /// How the objectives are combined.
     #[config(default = "LossWeights::new()")]
     pub weights: LossWeights,
+    /// Retrieval fine-tuning across ranks: draw ITM's hard negatives from every rank's
+    /// images and texts, not only this rank's (`negative_all_rank`, on in the original's
+    /// COCO retrieval config, off for Flickr30k). No effect on one rank.
+    #[config(default = false)]
+    pub negative_all_rank: bool,
 }
 
 /// The original's training-time settings on a ViT/MED size: ViT LayerNorm eps 1e-6 and

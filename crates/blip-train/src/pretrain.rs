@@ -6,6 +6,7 @@ use blip_text::Encoded;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::distributed::{Collective, SingleProcess};
 use crate::error::{Result, TrainError};
 use crate::losses::{hard_negative_weights, itc_loss, itm_loss, sample_negatives};
 use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
@@ -134,8 +135,22 @@ pub struct Losses {
     /// `(name, loss)` of each computed objective (`"itc"`, `"itm"`, `"lm"`, then those of
     /// extra [`Objective`]s), each `[1]`.
     pub terms: Vec<(String, Tensor<1>)>,
-    /// `Σ weight·loss`, what is differentiated.
+    /// `Σ weight·loss`, what is differentiated. Differentiate it with
+    /// [`Self::gradients`]: in retrieval across ranks (`negative_all_rank`) part of the
+    /// image encoder's gradient comes from the other ranks' losses.
     pub total: Tensor<1>,
+    /// The image tokens other ranks drew negatives from, when they did.
+    shared_images: Option<SharedImages>,
+}
+
+/// The original's `all_gather_with_grad` of the image tokens: the losses of this step
+/// saw this rank's tokens as the leaf `leaf` (cut from the ViT's graph at `tracked`) and
+/// the other ranks' as the leaves `others` (rank order, this rank's slot `None`).
+#[derive(Debug, Clone)]
+struct SharedImages {
+    tracked: Tensor<3>,
+    leaf: Tensor<3>,
+    others: Vec<Option<Tensor<3>>>,
 }
 
 impl Losses {
@@ -146,6 +161,87 @@ impl Losses {
             .map(|(name, t)| (name.clone(), t.clone().into_scalar::<f32>() as f64))
             .collect()
     }
+
+    /// The gradients of `scale · total` for `model`'s parameters (not yet averaged over
+    /// ranks). Where other ranks drew hard negatives from this rank's images, their
+    /// gradients with respect to those image tokens are summed here through `collective`
+    /// and carried back through the ViT, as the original's `GatherLayer` does; every
+    /// rank must then call this at the same point.
+    ///
+    /// ```
+    /// use blip_train::{Distillation, PretrainConfig, SingleProcess, SplitMix64, compute_losses};
+    /// # use blip_text::Encoded;
+    /// # use blip_train::TrainBatch;
+    /// # use burn::tensor::{Device, Tensor};
+    ///
+    /// let device = Device::flex().autodiff();
+    /// let config = PretrainConfig::tiny(30524);
+    /// let model = config.init(&device);
+    /// let mut state = Distillation::new(&model, &config, &device);
+    /// # let s = config.blip.vision.image_size;
+    /// # let batch = TrainBatch {
+    /// #     pixel_values: Tensor::zeros([2, 3, s, s], &device),
+    /// #     text: Encoded {
+    /// #         input_ids: vec![vec![101, 1037, 3899, 102], vec![101, 4937, 102, 0]],
+    /// #         attention_mask: vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]],
+    /// #     },
+    /// #     image_ids: None,
+    /// #     prompt_length: 0,
+    /// # };
+    /// // `batch`: two images and their captions (see `TrainBatch`).
+    /// let mut rng = SplitMix64::new(0);
+    /// let losses = compute_losses(&model, Some(&mut state), &config, &batch, 0.4, &mut rng)?;
+    /// // Half the gradient, as for one of two accumulated batches.
+    /// let grads = losses.gradients(&model, 0.5, &SingleProcess)?;
+    /// assert!(grads.get::<1>(model.temp.id).is_some());
+    /// # Ok::<(), blip_train::TrainError>(())
+    /// ```
+    pub fn gradients(
+        self,
+        model: &BlipPretrain,
+        scale: f64,
+        collective: &dyn Collective,
+    ) -> Result<burn::optim::GradientsParams> {
+        use burn::optim::GradientsParams;
+        let grads = (self.total * scale).backward();
+        let Some(shared) = self.shared_images else {
+            return Ok(GradientsParams::from_grads(grads, model));
+        };
+        let dims = shared.leaf.dims();
+        let per_rank: usize = dims.iter().product();
+        let world = collective.world_size();
+        let mut sent = vec![0f32; per_rank * world];
+        for (rank, other) in shared.others.iter().enumerate() {
+            if let Some(g) = other.as_ref().and_then(|t| t.grad(&grads)) {
+                let values = g
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .map_err(|e| TrainError::Distributed(format!("image token gradient: {e:?}")))?;
+                sent[rank * per_rank..(rank + 1) * per_rank].copy_from_slice(&values);
+            }
+        }
+        collective.all_reduce_sum(&mut sent)?;
+        let rank = collective.rank();
+        let plain = shared.leaf.device().inner();
+        let received = Tensor::<3>::from_data(
+            TensorData::new(sent[rank * per_rank..(rank + 1) * per_rank].to_vec(), dims),
+            &plain,
+        );
+        let own = match shared.leaf.grad(&grads) {
+            Some(g) => g + received,
+            None => received,
+        };
+        let params = GradientsParams::from_grads(grads, model);
+        let device = shared.tracked.device();
+        let upstream = Tensor::<3>::from_data(own.into_data(), &device);
+        let encoder = (shared.tracked * upstream).sum().backward();
+        let encoder = GradientsParams::from_grads(encoder, model);
+        let mut accumulator = burn::optim::GradientsAccumulator::<BlipPretrain>::new();
+        accumulator.accumulate(model, params);
+        accumulator.accumulate(model, encoder);
+        Ok(accumulator.grads())
+    }
 }
 
 /// What one step computed, handed to every extra [`Objective`] after BLIP's three. The
@@ -153,7 +249,9 @@ impl Losses {
 /// built from them trains what produced them.
 ///
 /// ```
-/// use blip_train::{Objective, Result, SplitMix64, StepOutputs, Term, compute_losses_with};
+/// use blip_train::{
+///     Objective, Result, SingleProcess, SplitMix64, StepOutputs, Term, compute_losses_with,
+/// };
 /// # use blip_train::{LossWeights, PretrainConfig};
 ///
 /// /// Checks what an LM-only step hands over.
@@ -189,15 +287,19 @@ impl Losses {
 /// # let model = config.init(&device);
 /// // `config` (LM only), `model` and `batch` as in the `TrainBatch` example.
 /// let mut extra: Vec<Box<dyn Objective>> = vec![Box::new(Inspect)];
-/// compute_losses_with(&model, None, &config, &batch, 0.0, &mut SplitMix64::new(0), &mut extra)?;
+/// let mut rng = SplitMix64::new(0);
+/// compute_losses_with(&model, None, &config, &batch, 0.0, &mut rng, &mut extra, &SingleProcess)?;
 /// # Ok::<(), blip_train::TrainError>(())
 /// ```
 #[derive(Debug)]
 pub struct StepOutputs<'a> {
     /// The model, as the step ran it.
     pub model: &'a BlipPretrain,
-    /// The batch.
+    /// The batch (this rank's share, in data-parallel training).
     pub batch: &'a TrainBatch,
+    /// The ranks training together ([`SingleProcess`] for one): an objective that needs
+    /// every rank's values (a larger pool of negatives) gathers them here.
+    pub collective: &'a dyn Collective,
     /// ViT tokens `[B, 1 + N, D]`.
     pub image_embeds: Tensor<3>,
     /// Online ITC features `v` `[B, 256]` (L2-normalised), when ITC or ITM ran.
@@ -218,7 +320,9 @@ pub struct StepOutputs<'a> {
 /// (`loss_<name>` in the metrics) its reports.
 ///
 /// ```
-/// use blip_train::{Objective, Result, SplitMix64, StepOutputs, Term, compute_losses_with};
+/// use blip_train::{
+///     Objective, Result, SingleProcess, SplitMix64, StepOutputs, Term, compute_losses_with,
+/// };
 /// # use blip_train::{LossWeights, PretrainConfig};
 ///
 /// /// Reports its term under a name BLIP's LM already has.
@@ -253,7 +357,8 @@ pub struct StepOutputs<'a> {
 /// // `config` (LM only), `model` and `batch` as in the `TrainBatch` example.
 /// let mut extra: Vec<Box<dyn Objective>> = vec![Box::new(Clash)];
 /// let mut rng = SplitMix64::new(0);
-/// let err = compute_losses_with(&model, None, &config, &batch, 0.0, &mut rng, &mut extra);
+/// let one = SingleProcess;
+/// let err = compute_losses_with(&model, None, &config, &batch, 0.0, &mut rng, &mut extra, &one);
 /// assert!(err.unwrap_err().to_string().contains("already taken"));
 /// ```
 #[derive(Debug, Clone)]
@@ -362,6 +467,124 @@ fn select_rows(rows: &[Vec<u32>], index: &[usize]) -> Vec<Vec<u32>> {
     index.iter().map(|&i| rows[i].clone()).collect()
 }
 
+/// What ITM's hard negatives are drawn from: this rank's image tokens and texts, or every
+/// rank's in rank order.
+struct Candidates {
+    images: Tensor<3>,
+    text: Encoded,
+}
+
+impl Candidates {
+    fn local(images: &Tensor<3>, text: &Encoded) -> Self {
+        Self {
+            images: images.clone(),
+            text: text.clone(),
+        }
+    }
+}
+
+/// `[B, D]` rows of every rank, concatenated in rank order (`concat_all_gather`: values
+/// only, no gradient).
+fn all_gather_rows(rows: Tensor<2>, collective: &dyn Collective) -> Result<Tensor<2>> {
+    if collective.world_size() == 1 {
+        return Ok(rows);
+    }
+    let [_, d] = rows.dims();
+    let device = rows.device();
+    let values = rows.detach().into_data().convert::<f32>();
+    let values = values
+        .as_slice::<f32>()
+        .map_err(|e| TrainError::Distributed(format!("features to gather: {e:?}")))?;
+    let all = collective.all_gather_f32(values)?;
+    let n = all.len() / d.max(1);
+    Ok(Tensor::from_data(TensorData::new(all, [n, d]), &device))
+}
+
+/// Every rank's image tokens `[W·B, L, D]` in rank order: this rank's are `own` (in the
+/// graph), the others' are new leaves whose gradients [`Losses::gradients`] sends back.
+fn gather_image_tokens(
+    own: &Tensor<3>,
+    collective: &dyn Collective,
+) -> Result<(Tensor<3>, Vec<Option<Tensor<3>>>)> {
+    let dims = own.dims();
+    let device = own.device();
+    let values = own.clone().detach().into_data().convert::<f32>();
+    let values = values
+        .as_slice::<f32>()
+        .map_err(|e| TrainError::Distributed(format!("image tokens to gather: {e:?}")))?;
+    let all = collective.all_gather_f32(values)?;
+    let per_rank = values.len();
+    let mut parts = Vec::new();
+    let mut others = Vec::new();
+    for (rank, chunk) in all.chunks(per_rank.max(1)).enumerate() {
+        if rank == collective.rank() {
+            parts.push(own.clone());
+            others.push(None);
+        } else {
+            let leaf = Tensor::<3>::from_data(TensorData::new(chunk.to_vec(), dims), &device)
+                .require_grad();
+            parts.push(leaf.clone());
+            others.push(Some(leaf));
+        }
+    }
+    Ok((Tensor::cat(parts, 0), others))
+}
+
+/// Every rank's captions in rank order, padded to the longest rank's width.
+fn gather_text(text: &Encoded, collective: &dyn Collective) -> Result<Encoded> {
+    let width = text.input_ids.first().map_or(0, Vec::len);
+    let mut bytes = (width as u64).to_le_bytes().to_vec();
+    for row in text.input_ids.iter().chain(&text.attention_mask) {
+        bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    let parts = collective.all_gather_bytes(&bytes)?;
+    let mut ids = Vec::new();
+    let mut masks = Vec::new();
+    for (rank, part) in parts.iter().enumerate() {
+        let malformed = || TrainError::Distributed(format!("captions of rank {rank}: malformed"));
+        let (head, body) = part.split_at_checked(8).ok_or_else(malformed)?;
+        let w = u64::from_le_bytes(head.try_into().map_err(|_| malformed())?) as usize;
+        let values: Vec<u32> = body
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if w == 0 || !values.len().is_multiple_of(2 * w) {
+            return Err(malformed());
+        }
+        let rows: Vec<Vec<u32>> = values.chunks(w).map(<[u32]>::to_vec).collect();
+        let (i, m) = rows.split_at(rows.len() / 2);
+        ids.extend_from_slice(i);
+        masks.extend_from_slice(m);
+    }
+    let widest = ids.iter().map(Vec::len).max().unwrap_or(0);
+    Ok(pad_rows(
+        &Encoded {
+            input_ids: ids,
+            attention_mask: masks,
+        },
+        widest,
+    ))
+}
+
+/// `text` with every row padded to `width` (id 0, mask 0); wider rows are kept.
+fn pad_rows(text: &Encoded, width: usize) -> Encoded {
+    let pad = |rows: &[Vec<u32>]| -> Vec<Vec<u32>> {
+        rows.iter()
+            .map(|r| {
+                let mut r = r.clone();
+                if r.len() < width {
+                    r.resize(width, 0);
+                }
+                r
+            })
+            .collect()
+    };
+    Encoded {
+        input_ids: pad(&text.input_ids),
+        attention_mask: pad(&text.attention_mask),
+    }
+}
+
 /// Computes the weighted objectives of one batch, updating the momentum encoders first and
 /// the queues last, in the original order:
 ///
@@ -416,13 +639,27 @@ pub fn compute_losses(
     alpha: f64,
     rng: &mut SplitMix64,
 ) -> Result<Losses> {
-    compute_losses_with(model, distillation, config, batch, alpha, rng, &mut [])
+    compute_losses_with(
+        model,
+        distillation,
+        config,
+        batch,
+        alpha,
+        rng,
+        &mut [],
+        &SingleProcess,
+    )
 }
 
-/// [`compute_losses`], then the terms of each extra objective, added to the total.
+/// [`compute_losses`], then the terms of each extra objective, added to the total; across
+/// the ranks of `collective` ([`SingleProcess`] for one), the queues take every rank's
+/// momentum features and, with `negative_all_rank`, retrieval draws its negatives from
+/// every rank (see [`crate::Collective`]).
 ///
 /// ```
-/// use blip_train::{Objective, Result, SplitMix64, StepOutputs, Term, compute_losses_with};
+/// use blip_train::{
+///     Objective, Result, SingleProcess, SplitMix64, StepOutputs, Term, compute_losses_with,
+/// };
 /// # use blip_train::{LossWeights, PretrainConfig};
 ///
 /// /// A small penalty on the image tokens' magnitude.
@@ -457,13 +694,19 @@ pub fn compute_losses(
 /// // `config` (LM only), `model` and `batch` as in the `TrainBatch` example.
 /// let mut extra: Vec<Box<dyn Objective>> = vec![Box::new(Norm)];
 /// let mut rng = SplitMix64::new(0);
-/// let losses = compute_losses_with(&model, None, &config, &batch, 0.0, &mut rng, &mut extra)?;
+/// let one = SingleProcess;
+/// let losses =
+///     compute_losses_with(&model, None, &config, &batch, 0.0, &mut rng, &mut extra, &one)?;
 /// let values = losses.values(); // BLIP's (here LM only), then the extra terms
 /// assert_eq!((values[0].0.as_str(), values[1].0.as_str()), ("lm", "norm"));
 /// let total: f32 = losses.total.into_scalar();
 /// assert!((f64::from(total) - (values[0].1 + 0.5 * values[1].1)).abs() < 1e-3);
 /// # Ok::<(), blip_train::TrainError>(())
 /// ```
+// Each argument is state the step reads or changes on its own terms (the distillation
+// state and the generator are updated, the collective is shared with the trainer); a struct
+// bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn compute_losses_with(
     model: &BlipPretrain,
     distillation: Option<&mut Distillation>,
@@ -472,6 +715,7 @@ pub fn compute_losses_with(
     alpha: f64,
     rng: &mut SplitMix64,
     objectives: &mut [Box<dyn Objective>],
+    collective: &dyn Collective,
 ) -> Result<Losses> {
     let [b, _, _, _] = batch.pixel_values.dims();
     model.check_text(&batch.text, b)?;
@@ -486,11 +730,31 @@ pub fn compute_losses_with(
     let device = batch.pixel_values.device();
     let w = &config.weights;
     let contrastive = w.itc != 0.0 || w.itm != 0.0;
+    let world = collective.world_size();
     let image_embeds = model.image_embeds(batch.pixel_values.clone())?;
+    // Negatives from every rank: this step's losses see the image tokens as a leaf, so
+    // the gradient other ranks send for them can join before the ViT's backward pass.
+    let negatives_everywhere = world > 1
+        && config.negative_all_rank
+        && w.itm != 0.0
+        && batch.image_ids.is_some()
+        && device.is_autodiff();
+    let (image_embeds, mut shared_images) = if negatives_everywhere {
+        let leaf = image_embeds.clone().detach().require_grad();
+        let shared = SharedImages {
+            tracked: image_embeds,
+            leaf: leaf.clone(),
+            others: Vec::new(),
+        };
+        (leaf, Some(shared))
+    } else {
+        (image_embeds, None)
+    };
     let mut terms: Vec<(String, Tensor<1>, f64)> = Vec::new();
     let mut outputs = StepOutputs {
         model,
         batch,
+        collective,
         image_embeds: image_embeds.clone(),
         image_features: None,
         text_features: None,
@@ -506,8 +770,13 @@ pub fn compute_losses_with(
             ));
         };
         let k = state.image_queue.len();
-        if b == 0 || !k.is_multiple_of(b) {
-            return Err(crate::momentum::QueueSizeError { queue: k, batch: b }.into());
+        // Every rank's momentum features enter the queue: the global batch must divide it.
+        if b == 0 || !k.is_multiple_of(b * world) {
+            return Err(crate::momentum::QueueSizeError {
+                queue: k,
+                batch: b * world,
+            }
+            .into());
         }
         let temp = model.temp.val();
         let image_feat = model.image_features(image_embeds.clone());
@@ -545,7 +814,28 @@ pub fn compute_losses_with(
 
         if w.itm != 0.0 {
             let inv_temp = temp.detach().recip().reshape([1, 1]);
+            // Negatives are drawn from the candidates of every rank (`negative_all_rank`)
+            // or of this one.
+            let mut candidates = Candidates::local(&image_embeds, &batch.text);
             let (w_i2t, w_t2i) = match &batch.image_ids {
+                Some(ids) if negatives_everywhere => {
+                    let all_ids = collective.all_gather_i64(ids)?;
+                    let keep = same_image(ids, &all_ids, &device).neg() + 1.0;
+                    let image_world = all_gather_rows(image_feat.clone().detach(), collective)?;
+                    let text_world = all_gather_rows(text_feat.clone().detach(), collective)?;
+                    let i2t = image_feat.clone().detach().matmul(text_world.transpose())
+                        * inv_temp.clone();
+                    let t2i = text_feat.clone().detach().matmul(image_world.transpose()) * inv_temp;
+                    let (tokens, others) = gather_image_tokens(&image_embeds, collective)?;
+                    if let Some(shared) = shared_images.as_mut() {
+                        shared.others = others;
+                    }
+                    candidates = Candidates {
+                        images: tokens,
+                        text: gather_text(&batch.text, collective)?,
+                    };
+                    (softmax(i2t, 1) * keep.clone(), softmax(t2i, 1) * keep)
+                }
                 None => (
                     hard_negative_weights(
                         image_feat
@@ -594,22 +884,24 @@ pub fn compute_losses_with(
             let images = Tensor::cat(
                 vec![
                     image_embeds.clone(),
-                    image_embeds.clone().select(0, neg_index),
+                    candidates.images.select(0, neg_index),
                     image_embeds.clone(),
                 ],
                 0,
             );
-            let text = &batch.text;
+            // Candidate texts may be padded longer than this rank's: one width for all rows.
+            let width = candidates.text.input_ids.first().map_or(0, Vec::len);
+            let own = pad_rows(&batch.text, width);
             let ids = [
-                text.input_ids.clone(),
-                text.input_ids.clone(),
-                select_rows(&text.input_ids, &negative_texts),
+                own.input_ids.clone(),
+                own.input_ids.clone(),
+                select_rows(&candidates.text.input_ids, &negative_texts),
             ]
             .concat();
             let mask = [
-                text.attention_mask.clone(),
-                text.attention_mask.clone(),
-                select_rows(&text.attention_mask, &negative_texts),
+                own.attention_mask.clone(),
+                own.attention_mask.clone(),
+                select_rows(&candidates.text.attention_mask, &negative_texts),
             ]
             .concat();
             let logits = model.itm_logits(images, &ids, &mask)?;
@@ -617,11 +909,19 @@ pub fn compute_losses_with(
             terms.push(("itm".into(), itm_loss(logits), w.itm));
         }
 
-        state.image_queue.enqueue(image_feat_m)?;
-        state.text_queue.enqueue(text_feat_m)?;
+        // `concat_all_gather`: every rank enqueues the momentum features of all, in rank
+        // order, so the queues stay identical across ranks.
+        state
+            .image_queue
+            .enqueue(all_gather_rows(image_feat_m, collective)?)?;
+        state
+            .text_queue
+            .enqueue(all_gather_rows(text_feat_m, collective)?)?;
         if let Some(ids) = batch.image_ids.as_ref().filter(|_| k > 0) {
-            let ptr = (state.idx_queue.len() + state.image_queue.ptr - b) % state.idx_queue.len();
-            state.idx_queue[ptr..ptr + b].copy_from_slice(ids);
+            let ids = collective.all_gather_i64(ids)?;
+            let n = state.idx_queue.len();
+            let ptr = (n + state.image_queue.ptr - ids.len()) % n;
+            state.idx_queue[ptr..ptr + ids.len()].copy_from_slice(&ids);
         }
     }
 
@@ -674,5 +974,6 @@ pub fn compute_losses_with(
             .map(|(name, loss, _)| (name, loss))
             .collect(),
         total,
+        shared_images,
     })
 }

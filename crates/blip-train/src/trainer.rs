@@ -3,7 +3,9 @@
 //!
 //! burn's `Learner` cannot drive BLIP (its step cannot update momentum encoders or queues),
 //! so [`Trainer`] owns everything a step changes and [`Trainer::save`] /
-//! [`Trainer::resume`] write and read all of it.
+//! [`Trainer::resume`] write and read all of it. In data-parallel training
+//! ([`Trainer::join`]) each rank owns a `Trainer`; rank 0 writes the checkpoints, which
+//! resume on any number of ranks.
 //!
 //! A checkpoint is a directory `step-NNNNNNNN/` under the checkpoint root, written as
 //! `step-NNNNNNNN.partial/` and renamed when complete; the file `latest` (replaced
@@ -15,10 +17,11 @@
 //! | `model.safetensors` | [`BlipPretrain`], original key names (`text_decoder.attention.N.*` are the decoder's own self-attention blocks) |
 //! | `momentum.safetensors` | the `*_m` encoders, queues (`image_queue`, `text_queue`) |
 //! | `optimizer.bpk` | AdamW moments (burnpack, burn's optimiser record) |
-//! | `state.json` | step, epoch, position in the epoch, RNG, queue pointer and ids, configs, parameter ids |
+//! | `state.json` | step, epoch, position in the epoch (and the global batch it counts), each rank's RNG, queue pointer and ids, configs, run options, parameter ids |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use blip_core::SplitMix64;
 use blip_core::checkpoint::{SafetensorsHeader, load_safetensors, save_safetensors};
@@ -27,11 +30,15 @@ use crate::model::PRETRAIN_KEYS;
 use blip_core::dropout;
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use serde_json::json;
 
 use crate::data::DROPOUT_STREAM;
+use crate::distributed::{
+    Collective, SingleProcess, all_reduce_mean_gradients, broadcast_module, fingerprint,
+    json_differences,
+};
 use crate::error::{Result, TrainError};
 use crate::losses::alpha_ramp;
 use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
@@ -237,6 +244,8 @@ pub struct StepReport {
     pub lr: Option<f64>,
     /// Global gradient norm before clipping, when a step was taken.
     pub grad_norm: Option<f64>,
+    /// Seconds spent averaging the gradients over the ranks (0 on one rank).
+    pub communication_seconds: f64,
 }
 
 /// The model, its distillation state and optimiser, and the position in training.
@@ -294,6 +303,14 @@ pub struct Trainer {
     /// Objectives a resumed checkpoint was trained with, by name, with their saved
     /// state: each must be added again before training goes on.
     awaited: BTreeMap<String, serde_json::Value>,
+    /// The ranks training together.
+    collective: Arc<dyn Collective>,
+    /// Each rank's negative-sampling state, as a resumed checkpoint saved them.
+    saved_rngs: Vec<u64>,
+    /// Samples per (global) batch of the data [`Self::progress`] counts, once known.
+    global_batch: Option<usize>,
+    /// What else defines the run (data, batch size, task), saved in checkpoints.
+    run_options: serde_json::Value,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -334,7 +351,222 @@ impl Trainer {
             device: device.clone(),
             objectives: Vec::new(),
             awaited: BTreeMap::new(),
+            collective: Arc::new(SingleProcess),
+            saved_rngs: Vec::new(),
+            global_batch: None,
+            run_options: serde_json::Value::Null,
         }
+    }
+
+    /// Records what else defines this run besides the configs (the data files, the global
+    /// batch, the task: whatever a resumed run must keep). They are saved in checkpoints,
+    /// and a trainer resumed from a checkpoint that recorded other options refuses them,
+    /// naming what differs: that checkpoint belongs to another run. [`Self::join`]
+    /// compares them across ranks.
+    ///
+    /// ```
+    /// use blip_train::{PretrainConfig, TrainConfig, Trainer};
+    /// use burn::tensor::Device;
+    /// use serde_json::json;
+    ///
+    /// # fn main() -> blip_train::Result<()> {
+    /// let config = PretrainConfig::tiny(30524);
+    /// let device = Device::flex().autodiff();
+    /// let mut trainer = Trainer::new(config.init(&Device::flex()), config, TrainConfig::new(), &device);
+    /// trainer.set_run_options(json!({"data": "coco.json", "batch": 64}))?;
+    /// let root = std::env::temp_dir().join(format!("blip-doc-options-{}", std::process::id()));
+    /// let checkpoint = trainer.save(&root)?;
+    /// let mut resumed = Trainer::resume(&checkpoint, &device)?;
+    /// let err = resumed.set_run_options(json!({"data": "cc3m.json", "batch": 64})).unwrap_err();
+    /// assert!(err.to_string().contains("data: \"coco.json\" vs \"cc3m.json\""), "{err}");
+    /// resumed.set_run_options(json!({"data": "coco.json", "batch": 64}))?;
+    /// # std::fs::remove_dir_all(&root).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_run_options(&mut self, options: serde_json::Value) -> Result<()> {
+        if !self.run_options.is_null() {
+            let differences = json_differences(&self.run_options, &options, 8);
+            if !differences.is_empty() {
+                return Err(TrainError::Distributed(format!(
+                    "the checkpoint was written by another run: {} (checkpoint vs now)",
+                    differences.join(", ")
+                )));
+            }
+        }
+        self.run_options = options;
+        Ok(())
+    }
+
+    /// Makes this trainer one rank of data-parallel training over `collective` (before its
+    /// first step, on every rank at once):
+    ///
+    /// 1. the ranks' settings are compared by hash: the model and training configs, the
+    ///    position in training, and the [run options](Self::set_run_options). Ranks started
+    ///    differently are refused, with what differs;
+    /// 2. rank 0's weights, momentum encoders and queues are copied to every rank;
+    /// 3. each rank draws its own hard negatives and dropout masks (rank 0 keeps the
+    ///    single-process streams; a resumed run takes the streams its checkpoint saved).
+    ///
+    /// From then on every optimiser step averages the gradients over the ranks, the queues
+    /// take every rank's momentum features, and only rank 0 writes checkpoints.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use blip_train::{Collective, LocalGroup, PretrainConfig, TrainConfig, Trainer};
+    /// use burn::tensor::Device;
+    /// use serde_json::json;
+    ///
+    /// let config = PretrainConfig::tiny(30524).with_queue_size(8);
+    /// let device = Device::flex().autodiff();
+    /// // Two ranks as threads; the second was started with another learning rate.
+    /// let errors: Vec<String> = std::thread::scope(|s| {
+    ///     let handles: Vec<_> = LocalGroup::ranks(2)
+    ///         .into_iter()
+    ///         .map(|rank| {
+    ///             let (config, device) = (config.clone(), device.clone());
+    ///             s.spawn(move || {
+    ///                 let lr = if rank.rank() == 0 { 3e-4 } else { 1e-4 };
+    ///                 let train = TrainConfig::new().with_init_lr(lr);
+    ///                 let model = config.init(&Device::flex());
+    ///                 let mut trainer = Trainer::new(model, config, train, &device);
+    ///                 trainer.set_run_options(json!({"batch": 8})).unwrap();
+    ///                 trainer.join(Arc::new(rank)).unwrap_err().to_string()
+    ///             })
+    ///         })
+    ///         .collect();
+    ///     handles.into_iter().map(|h| h.join().unwrap()).collect()
+    /// });
+    /// assert!(errors[1].contains("train.init_lr: 0.0003 vs 0.0001"), "{}", errors[1]);
+    /// ```
+    pub fn join(&mut self, collective: Arc<dyn Collective>) -> Result<()> {
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let settings = json!({
+            "config": serde_json::to_value(&self.config).expect("configs serialise"),
+            "train": serde_json::to_value(&self.train).expect("configs serialise"),
+            "progress": [self.progress.epoch, self.progress.batch, self.progress.step],
+            "objectives": self.objective_names(),
+            "options": self.run_options,
+        });
+        let text = serde_json::to_string(&settings).expect("JSON serialises");
+        let hashes = collective.all_gather_i64(&[fingerprint(text.as_bytes()) as i64])?;
+        if hashes.iter().any(|&h| h != hashes[0]) {
+            // Rare: the full settings are exchanged only to say what differs.
+            let all = collective.all_gather_bytes(text.as_bytes())?;
+            let reference: serde_json::Value =
+                serde_json::from_slice(&all[0]).unwrap_or(serde_json::Value::Null);
+            let mut message = Vec::new();
+            for (other, bytes) in all.iter().enumerate().skip(1) {
+                let theirs = serde_json::from_slice(bytes).unwrap_or(serde_json::Value::Null);
+                let differences = json_differences(&reference, &theirs, 8);
+                if !differences.is_empty() {
+                    message.push(format!(
+                        "rank {other} differs from rank 0 in {}",
+                        differences.join(", ")
+                    ));
+                }
+            }
+            return Err(TrainError::Distributed(format!(
+                "the ranks were started with different settings: {} (this is rank {rank})",
+                message.join("; ")
+            )));
+        }
+        // Handed over as `new` takes a fresh model: plain values, forked and marked trainable.
+        self.model = broadcast_module(self.model.clone(), collective.as_ref(), 0)?
+            .fork(&self.device)
+            .map(&mut Trainable)
+            .train();
+        if let Some(d) = &self.distillation {
+            let record = broadcast_module(DistillationRecord::of(d), collective.as_ref(), 0)?;
+            let received = Distillation {
+                momentum: record.momentum,
+                image_queue: FeatureQueue {
+                    features: record.image_queue.val(),
+                    ptr: d.image_queue.ptr,
+                },
+                text_queue: FeatureQueue {
+                    features: record.text_queue.val(),
+                    ptr: d.text_queue.ptr,
+                },
+                idx_queue: d.idx_queue.clone(),
+            };
+            self.adopt_distillation(received)?;
+        }
+        self.rng = match self.saved_rngs.get(rank) {
+            Some(&state) if self.saved_rngs.len() == world => SplitMix64::new(state),
+            _ if rank == 0 => self.rng.clone(),
+            _ => SplitMix64::new(derive_seed(
+                self.train.seed,
+                &[RANK_STREAM, rank as u64, self.progress.step as u64],
+            )),
+        };
+        self.collective = collective;
+        Ok(())
+    }
+
+    /// The ranks this trainer trains with ([`SingleProcess`] unless [`Self::join`]ed).
+    ///
+    /// ```
+    /// use blip_train::{PretrainConfig, TrainConfig, Trainer};
+    /// use burn::tensor::Device;
+    ///
+    /// let config = PretrainConfig::tiny(30524);
+    /// let device = Device::flex().autodiff();
+    /// let trainer = Trainer::new(config.init(&Device::flex()), config, TrainConfig::new(), &device);
+    /// assert_eq!(trainer.collective().world_size(), 1);
+    /// assert!(trainer.is_main_rank()); // rank 0 writes checkpoints
+    /// assert_eq!(trainer.global_batch(), None); // until `fit` or `set_global_batch`
+    /// ```
+    pub fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
+    /// Whether this rank writes checkpoints, metrics and progress (rank 0).
+    pub fn is_main_rank(&self) -> bool {
+        self.collective.rank() == 0
+    }
+
+    /// Samples per global batch of the data [`Self::progress`] counts, when known (set by
+    /// [`Self::set_global_batch`], saved in checkpoints).
+    pub fn global_batch(&self) -> Option<usize> {
+        self.global_batch
+    }
+
+    /// Declares the global batch the next batches have (what [`crate::fit`] does with its
+    /// loader's). A resumed run whose checkpoint counted batches of another size (another
+    /// number of ranks, or batch size) has its position in the epoch rescaled to the
+    /// samples consumed, rounded down to whole batches: at most one batch of samples is
+    /// seen twice.
+    ///
+    /// ```
+    /// use blip_train::{PretrainConfig, TrainConfig, Trainer};
+    /// use burn::tensor::Device;
+    ///
+    /// let config = PretrainConfig::tiny(30524);
+    /// let device = Device::flex().autodiff();
+    /// let mut trainer = Trainer::new(config.init(&Device::flex()), config, TrainConfig::new(), &device);
+    /// trainer.set_global_batch(16)?;
+    /// trainer.progress.batch = 3; // 48 samples of this epoch consumed
+    /// trainer.set_global_batch(32)?; // resumed with twice the ranks
+    /// assert_eq!(trainer.progress.batch, 1);
+    /// # Ok::<(), blip_train::TrainError>(())
+    /// ```
+    pub fn set_global_batch(&mut self, global_batch: usize) -> Result<()> {
+        if global_batch == 0 {
+            return Err(TrainError::Batch("a global batch of 0 samples".into()));
+        }
+        if let Some(old) = self.global_batch.filter(|&old| old != global_batch) {
+            if self.pending != 0 {
+                return Err(TrainError::Batch(format!(
+                    "the global batch changes from {old} to {global_batch} with accumulated \
+                     batches pending"
+                )));
+            }
+            self.progress.batch = self.progress.batch * old / global_batch;
+        }
+        self.global_batch = Some(global_batch);
+        Ok(())
     }
 
     /// Adds a loss to BLIP's three for every following step (see [`Objective`]). Its
@@ -402,6 +634,7 @@ impl Trainer {
         }
         let model = clamp_model_temperature(self.model.clone());
         let rates = self.config.dropout_rates()?;
+        let collective = self.collective.clone();
         let losses = dropout::train(rates, self.dropout_key(), || {
             compute_losses_with(
                 &model,
@@ -411,13 +644,13 @@ impl Trainer {
                 alpha,
                 &mut self.rng,
                 &mut self.objectives,
+                collective.as_ref(),
             )
         })?;
         let accumulation = self.train.grad_accumulation.max(1);
         let values = losses.values();
         let total = losses.total.clone().into_scalar::<f32>() as f64;
-        let grads = (losses.total / accumulation as f64).backward();
-        let grads = GradientsParams::from_grads(grads, &model);
+        let grads = losses.gradients(&model, 1.0 / accumulation as f64, collective.as_ref())?;
         self.accumulator.accumulate(&model, grads);
         self.model = model;
         self.pending += 1;
@@ -427,10 +660,18 @@ impl Trainer {
             alpha,
             lr: None,
             grad_norm: None,
+            communication_seconds: 0.0,
         };
         if self.pending == accumulation {
             let lr = self.learning_rate();
-            let grads = self.accumulator.grads();
+            // DDP: one average over the ranks per optimiser step, after accumulation.
+            let start = std::time::Instant::now();
+            let grads = all_reduce_mean_gradients(
+                &self.model,
+                self.accumulator.grads(),
+                collective.as_ref(),
+            )?;
+            report.communication_seconds = start.elapsed().as_secs_f64();
             let (grads, norm) = match self.train.clip_grad_norm {
                 Some(max) => clip_grad_norm(&self.model, grads, max),
                 None => (grads, f64::NAN),
@@ -447,12 +688,14 @@ impl Trainer {
 
     /// The dropout stream of the next batch: a function of the seed and the position in
     /// training only, so a resumed run draws the masks an uninterrupted one would.
+    /// Ranks other than 0 draw their own masks (rank 0 keeps the single-process stream).
     fn dropout_key(&self) -> u64 {
         let Progress { epoch, batch, .. } = self.progress;
-        derive_seed(
-            self.train.seed,
-            &[DROPOUT_STREAM, epoch as u64, batch as u64],
-        )
+        let position = [DROPOUT_STREAM, epoch as u64, batch as u64];
+        match self.collective.rank() {
+            0 => derive_seed(self.train.seed, &position),
+            rank => derive_seed(self.train.seed, &[&position[..], &[rank as u64]].concat()),
+        }
     }
 
     /// Marks the end of an epoch (the data loader starts the next one from its first batch).
@@ -464,6 +707,10 @@ impl Trainer {
     /// Writes a checkpoint of everything a step changes under `root` and points `latest` at
     /// it. Only between optimiser steps: gradients accumulated for an unfinished step are
     /// not part of a checkpoint.
+    ///
+    /// In data-parallel training every rank calls it at the same step (each rank's
+    /// negative-sampling state is gathered into it) and rank 0 alone writes; the others
+    /// return the directory rank 0 writes.
     pub fn save(&self, root: &Path) -> Result<PathBuf> {
         if self.pending != 0 {
             return Err(TrainError::Checkpoint {
@@ -474,13 +721,17 @@ impl Trainer {
                 ),
             });
         }
+        let rngs = self.collective.all_gather_i64(&[self.rng.state() as i64])?;
+        let name = format!("step-{:08}", self.progress.step);
+        let final_dir = root.join(&name);
+        if !self.is_main_rank() {
+            return Ok(final_dir);
+        }
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TrainError::Io { path, source }
         };
         std::fs::create_dir_all(root).map_err(io(root))?;
-        let name = format!("step-{:08}", self.progress.step);
-        let final_dir = root.join(&name);
         let partial = root.join(format!("{name}.partial"));
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
@@ -510,6 +761,10 @@ impl Trainer {
         let state = json!({
             "progress": {"epoch": self.progress.epoch, "batch": self.progress.batch, "step": self.progress.step},
             "rng": self.rng.state().to_string(),
+            "rngs": rngs.iter().map(|&r| (r as u64).to_string()).collect::<Vec<_>>(),
+            "world_size": self.collective.world_size(),
+            "global_batch": self.global_batch,
+            "options": self.run_options,
             "queue_ptr": self.distillation.as_ref().map(|d| d.image_queue.ptr),
             "idx_queue": self.distillation.as_ref().map(|d| d.idx_queue.clone()),
             "param_ids": param_ids(&self.model).iter().map(|id| id.val().to_string()).collect::<Vec<_>>(),
@@ -629,6 +884,16 @@ impl Trainer {
                 })?;
         trainer.progress = progress;
         trainer.rng = rng;
+        trainer.global_batch = state["global_batch"].as_u64().map(|n| n as usize);
+        trainer.run_options = state["options"].clone();
+        trainer.saved_rngs = match state["rngs"].as_array() {
+            Some(rngs) => rngs
+                .iter()
+                .map(|v| v.as_str().and_then(|s| s.parse().ok()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("state.json: malformed `rngs`".into()))?,
+            None => Vec::new(),
+        };
         if let Some(objectives) = state["objectives"].as_object() {
             trainer.awaited = objectives
                 .iter()
@@ -702,6 +967,9 @@ impl Trainer {
         &self.device
     }
 }
+
+/// Stream tag of the negative-sampling generators of ranks other than 0.
+const RANK_STREAM: u64 = 4;
 
 /// A checkpoint's `state.json` and the model config it records.
 fn read_state(dir: &Path) -> Result<(serde_json::Value, PretrainConfig)> {

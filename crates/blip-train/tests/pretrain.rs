@@ -1,6 +1,8 @@
 //! The pre-training model and trainer on a tiny configuration: weight sharing, objective
 //! selection, over-fitting a batch, and checkpoints that resume exactly.
 
+mod common;
+
 use blip_text::Encoded;
 use blip_train::{
     BlipPretrain, LossWeights, PretrainConfig, TrainBatch, TrainConfig, Trainer, compute_losses,
@@ -10,16 +12,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
 
-const VOCAB: usize = 40;
-
-fn config() -> PretrainConfig {
-    let mut config = PretrainConfig::tiny(VOCAB);
-    let text = &mut config.blip.text;
-    (text.pad_token_id, text.cls_token_id, text.sep_token_id) = (0, 1, 2);
-    (text.bos_token_id, text.enc_token_id) = (3, 4);
-    config.blip.vision.image_size = 32;
-    config.with_queue_size(8)
-}
+use common::tiny_config as config;
 
 /// Four captions `[CLS] w… [SEP] [PAD]…` of different lengths over ids 5..40.
 fn captions() -> Encoded {

@@ -7,6 +7,20 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
+/// Vocabulary size of [`tiny_config`]: ids 0..5 are the special tokens, 5.. words.
+pub const VOCAB: usize = 40;
+
+/// The tiny pre-training config on a 40-token vocabulary ([PAD] 0, [CLS] 1, [SEP] 2,
+/// [DEC] 3, [ENC] 4), 32-px images and queues of 8.
+pub fn tiny_config() -> blip_train::PretrainConfig {
+    let mut config = blip_train::PretrainConfig::tiny(VOCAB);
+    let text = &mut config.blip.text;
+    (text.pad_token_id, text.cls_token_id, text.sep_token_id) = (0, 1, 2);
+    (text.bos_token_id, text.enc_token_id) = (3, 4);
+    config.blip.vision.image_size = 32;
+    config.with_queue_size(8)
+}
+
 /// The repository's `tests/fixtures/`.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
