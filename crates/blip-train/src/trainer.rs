@@ -533,7 +533,7 @@ impl Trainer {
         self.global_batch
     }
 
-    /// Declares the global batch the next batches have (what [`crate::fit`] does with its
+    /// Declares the global batch the next batches have (what [`crate::fit()`] does with its
     /// loader's). A resumed run whose checkpoint counted batches of another size (another
     /// number of ranks, or batch size) has its position in the epoch rescaled to the
     /// samples consumed, rounded down to whole batches: at most one batch of samples is
