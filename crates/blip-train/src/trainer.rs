@@ -984,8 +984,16 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PretrainConfig)> {
     })?;
     let state: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
-    let config = serde_json::from_value(state["config"].clone())
-        .map_err(|e| bad(format!("state.json `config`: {e}")))?;
+    let mut config = state["config"].clone();
+    // Checkpoints written before `negative_all_rank` existed trained without it (burn's
+    // configs do not fill in missing fields).
+    if let Some(fields) = config.as_object_mut() {
+        fields
+            .entry("negative_all_rank")
+            .or_insert(serde_json::Value::Bool(false));
+    }
+    let config =
+        serde_json::from_value(config).map_err(|e| bad(format!("state.json `config`: {e}")))?;
     Ok((state, config))
 }
 

@@ -428,6 +428,30 @@ fn a_checkpoint_of_two_ranks_resumes_on_one() {
 }
 
 #[test]
+fn a_checkpoint_written_before_distributed_training_still_resumes() {
+    // Its state.json has no run options, no global batch, one RNG and a config without
+    // `negative_all_rank`.
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = initial_checkpoint(&config(), dir.path());
+    let path = checkpoint.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let fields = state.as_object_mut().unwrap();
+    for key in ["rngs", "world_size", "global_batch", "options"] {
+        assert!(fields.remove(key).is_some(), "{key}");
+    }
+    let config = fields["config"].as_object_mut().unwrap();
+    assert!(config.remove("negative_all_rank").is_some());
+    std::fs::write(&path, serde_json::to_string(&state).unwrap()).unwrap();
+    let mut resumed = Trainer::resume(&checkpoint, &Device::flex().autodiff()).unwrap();
+    assert!(!resumed.config.negative_all_rank);
+    assert_eq!(resumed.global_batch(), None);
+    resumed
+        .set_run_options(serde_json::json!({"batch": 4}))
+        .unwrap();
+}
+
+#[test]
 fn ranks_share_each_global_batch_and_refuse_a_batch_they_cannot_divide() {
     let dir = tempfile::tempdir().unwrap();
     let mut lines = String::new();
