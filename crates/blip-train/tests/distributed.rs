@@ -428,6 +428,61 @@ fn a_checkpoint_of_two_ranks_resumes_on_one() {
 }
 
 #[test]
+fn a_checkpoint_of_one_rank_resumes_on_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = initial_checkpoint(&config(), &dir.path().join("init"));
+    let device = Device::flex().autodiff();
+    let mut one = trainer_from(&init, train());
+    for step in 0..2 {
+        let both = [
+            batch(0, step, false, &device),
+            batch(1, step, false, &device),
+        ];
+        let pixels = Tensor::cat(
+            vec![both[0].pixel_values.clone(), both[1].pixel_values.clone()],
+            0,
+        );
+        let text = Encoded {
+            input_ids: [
+                both[0].text.input_ids.clone(),
+                both[1].text.input_ids.clone(),
+            ]
+            .concat(),
+            attention_mask: [
+                both[0].text.attention_mask.clone(),
+                both[1].text.attention_mask.clone(),
+            ]
+            .concat(),
+        };
+        let batch = TrainBatch {
+            pixel_values: pixels,
+            text,
+            image_ids: None,
+            prompt_length: 0,
+        };
+        one.train_batch(&batch, 100).unwrap();
+    }
+    one.set_global_batch(2 * B).unwrap();
+    let checkpoint = one.save(&dir.path().join("run")).unwrap();
+    let saved = RankState::of(&one, vec![flatten(&one.model)]);
+    let ranks = threads(2, |c| {
+        let mut trainer = Trainer::resume(&checkpoint, &Device::flex().autodiff()).unwrap();
+        trainer.join(c.clone()).unwrap();
+        let resumed = RankState::of(&trainer, vec![flatten(&trainer.model)]);
+        let device = trainer.device().clone();
+        trainer
+            .train_batch(&batch(c.rank(), 2, false, &device), 100)
+            .unwrap();
+        (resumed, trainer.progress.step, flatten(&trainer.model))
+    });
+    for (resumed, step, _) in &ranks {
+        assert_eq!(resumed, &saved); // model, momentum encoders, queues, pointer
+        assert_eq!(*step, 3);
+    }
+    assert_eq!(ranks[0].2, ranks[1].2);
+}
+
+#[test]
 fn a_checkpoint_written_before_distributed_training_still_resumes() {
     // Its state.json has no run options, no global batch, one RNG and a config without
     // `negative_all_rank`.
