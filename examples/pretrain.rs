@@ -193,6 +193,20 @@ fn tokenizer(path: Option<&PathBuf>) -> BlipTokenizer {
 
 fn main() {
     let args = Args::parse();
+    // Processes started by a launcher without --distributed mpi would each train alone
+    // and overwrite each other's checkpoints.
+    // (Set by the launcher for the processes it starts; a Slurm batch script's own
+    // environment has none of them.)
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|k| Some((*k, std::env::var(k).ok()?.parse::<usize>().ok()?)))
+        .filter(|&(_, n)| n > 1);
+    if let (Some((variable, n)), false) = (launched, args.distributed == Distributed::Mpi) {
+        fail(&format!(
+            "started as one of {n} processes ({variable}={n}) without --distributed mpi: \
+             each would train alone; pass --distributed mpi"
+        ));
+    }
     match args.distributed {
         Distributed::None => run(&args, Arc::new(SingleProcess)),
         Distributed::Mpi => {
