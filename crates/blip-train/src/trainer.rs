@@ -307,6 +307,9 @@ pub struct Trainer {
     collective: Arc<dyn Collective>,
     /// Each rank's negative-sampling state, as a resumed checkpoint saved them.
     saved_rngs: Vec<u64>,
+    /// Every rank's negative-sampling state after the last optimiser step (several ranks
+    /// only), so that rank 0 can save them without another exchange.
+    rank_rngs: Vec<u64>,
     /// Samples per (global) batch of the data [`Self::progress`] counts, once known.
     global_batch: Option<usize>,
     /// What else defines the run (data, batch size, task), saved in checkpoints.
@@ -353,6 +356,7 @@ impl Trainer {
             awaited: BTreeMap::new(),
             collective: Arc::new(SingleProcess),
             saved_rngs: Vec::new(),
+            rank_rngs: Vec::new(),
             global_batch: None,
             run_options: serde_json::Value::Null,
         }
@@ -679,6 +683,10 @@ impl Trainer {
             self.model = self.optimizer.step(lr, self.model.clone(), grads);
             self.pending = 0;
             self.progress.step += 1;
+            if collective.world_size() > 1 {
+                let states = collective.all_gather_i64(&[self.rng.state() as i64])?;
+                self.rank_rngs = states.into_iter().map(|s| s as u64).collect();
+            }
             report.lr = Some(lr);
             report.grad_norm = norm.is_finite().then_some(norm);
         }
@@ -708,9 +716,10 @@ impl Trainer {
     /// it. Only between optimiser steps: gradients accumulated for an unfinished step are
     /// not part of a checkpoint.
     ///
-    /// In data-parallel training every rank calls it at the same step (each rank's
-    /// negative-sampling state is gathered into it) and rank 0 alone writes; the others
-    /// return the directory rank 0 writes.
+    /// In data-parallel training rank 0 alone writes (with every rank's negative-sampling
+    /// state, gathered at each optimiser step); on the other ranks it writes nothing and
+    /// returns the directory rank 0 writes. It exchanges nothing, so calling it on rank 0
+    /// only is fine too.
     pub fn save(&self, root: &Path) -> Result<PathBuf> {
         if self.pending != 0 {
             return Err(TrainError::Checkpoint {
@@ -721,7 +730,10 @@ impl Trainer {
                 ),
             });
         }
-        let rngs = self.collective.all_gather_i64(&[self.rng.state() as i64])?;
+        let rngs = match self.rank_rngs.len() {
+            n if n > 1 && n == self.collective.world_size() => self.rank_rngs.clone(),
+            _ => vec![self.rng.state()],
+        };
         let name = format!("step-{:08}", self.progress.step);
         let final_dir = root.join(&name);
         if !self.is_main_rank() {
@@ -761,7 +773,7 @@ impl Trainer {
         let state = json!({
             "progress": {"epoch": self.progress.epoch, "batch": self.progress.batch, "step": self.progress.step},
             "rng": self.rng.state().to_string(),
-            "rngs": rngs.iter().map(|&r| (r as u64).to_string()).collect::<Vec<_>>(),
+            "rngs": rngs.iter().map(u64::to_string).collect::<Vec<_>>(),
             "world_size": self.collective.world_size(),
             "global_batch": self.global_batch,
             "options": self.run_options,

@@ -133,7 +133,8 @@ fn trainer_from(init: &Path, train: TrainConfig) -> Trainer {
 
 /// One rank of `steps` steps. Rank 0 starts from `init`; the others from their own random
 /// initialisation, which [`Trainer::join`] must replace by rank 0's. With `checkpoint`,
-/// every rank calls `save` after the last step.
+/// rank 0 alone calls `save` after the last step, as PyTorch scripts guard theirs (`fit`
+/// calls it on every rank; both work).
 fn run_rank(
     collective: Arc<dyn Collective>,
     init: &Path,
@@ -158,7 +159,7 @@ fn run_rank(
             .unwrap();
         weights.push(flatten(&trainer.model));
     }
-    if let Some(dir) = checkpoint {
+    if let Some(dir) = checkpoint.filter(|_| rank == 0) {
         trainer.save(dir).unwrap();
     }
     RankState::of(&trainer, weights)
@@ -406,6 +407,12 @@ fn a_checkpoint_of_two_ranks_resumes_on_one() {
     let ranks = threads(2, |c| run_rank(c, &init, 2, Some(&checkpoints)));
     let dir = checkpoints;
     let checkpoint = Trainer::latest_checkpoint(&dir).unwrap().unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json")).unwrap())
+            .unwrap();
+    let rngs = state["rngs"].as_array().unwrap();
+    assert_eq!(rngs.len(), 2, "both ranks' negative-sampling states");
+    assert_ne!(rngs[0], rngs[1]);
     let device = Device::flex().autodiff();
     let mut resumed = Trainer::resume(&checkpoint, &device).unwrap();
     assert_eq!(resumed.progress.step, 2);
