@@ -346,6 +346,79 @@ impl SendPtr {
     }
 }
 
+/// A matrix operand of [`matmul`]: element `(i, j)` is at `ptr + i·row + j·col`, so one
+/// buffer can be read as itself (`col` 1) or as its transpose (`row` 1).
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    row: isize,
+    col: isize,
+}
+
+impl View {
+    /// Row-major rows `stride` apart.
+    fn rows(ptr: *const f32, stride: usize) -> Self {
+        Self {
+            ptr,
+            row: stride as isize,
+            col: 1,
+        }
+    }
+
+    /// The transpose of row-major rows `stride` apart.
+    fn transposed(ptr: *const f32, stride: usize) -> Self {
+        Self {
+            ptr,
+            row: 1,
+            col: stride as isize,
+        }
+    }
+}
+
+/// `dst = scale · lhs·rhs`, or `dst += scale · lhs·rhs` when `accumulate`: `lhs` `[m, k]`,
+/// `rhs` `[k, n]`, `dst` `[m, n]` row-major with rows `dst_stride` apart.
+///
+/// # Safety
+///
+/// Every element the shapes and strides reach must lie inside its operand's allocation,
+/// and `dst` must not overlap `lhs` or `rhs` nor be written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)] // a GEMM: three shapes, three operands, two factors
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_stride: usize,
+    lhs: View,
+    rhs: View,
+    scale: f32,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    // SAFETY: the caller's contract is gemm's.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_stride as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.col,
+            lhs.row,
+            rhs.ptr,
+            rhs.col,
+            rhs.row,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// The kernel of [`self_attention`] on host slices.
 fn attention_qkv(qkv: &[f32], batch: usize, t: usize, heads: usize, hd: usize, out: &mut [f32]) {
     let d = heads * hd;
@@ -353,7 +426,7 @@ fn attention_qkv(qkv: &[f32], batch: usize, t: usize, heads: usize, hd: usize, o
     assert_eq!(out.len(), batch * t * d);
     let scale = 1.0 / (hd as f32).sqrt();
     let out = SendPtr(out.as_mut_ptr());
-    let (row, t_stride) = (3 * d as isize, t as isize);
+    let row = 3 * d;
     (0..batch * heads).into_par_iter().for_each_init(
         || vec![0.0f32; t * t],
         |scores, job| {
@@ -364,47 +437,25 @@ fn attention_qkv(qkv: &[f32], batch: usize, t: usize, heads: usize, hd: usize, o
             // stride 3·D from this head's offset in `qkv`, stride T in `scores`, stride D
             // from this head's columns in `out`, which no other job writes.
             unsafe {
-                // scores = scale · q kᵀ (kᵀ read through swapped strides).
-                gemm(
-                    t,
-                    t,
-                    hd,
+                // scores = scale · q kᵀ
+                matmul(
+                    (t, t, hd),
                     scores.as_mut_ptr(),
-                    1,
-                    t_stride,
-                    false,
-                    q,
-                    1,
-                    row,
-                    k,
-                    row,
-                    1,
-                    0.0,
+                    t,
+                    View::rows(q, row),
+                    View::transposed(k, row),
                     scale,
-                    false,
-                    false,
                     false,
                     Parallelism::None,
                 );
                 softmax_rows(scores, t);
-                gemm(
-                    t,
-                    hd,
-                    t,
+                matmul(
+                    (t, hd, t),
                     out.get().add(b * t * d + h * hd),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    t_stride,
-                    v,
-                    1,
-                    row,
-                    0.0,
+                    d,
+                    View::rows(scores.as_ptr(), t),
+                    View::rows(v, row),
                     1.0,
-                    false,
-                    false,
                     false,
                     Parallelism::None,
                 );
@@ -548,25 +599,14 @@ pub fn linear_smoothed_cross_entropy(
         // SAFETY: every pointer and stride stays inside its slice: z is [c, V] row-major,
         // x_block [c, D], w [V, D] read as wᵀ through swapped strides.
         unsafe {
-            gemm(
-                c,
-                vocab,
-                d,
+            matmul(
+                (c, vocab, d),
                 z.as_mut_ptr(),
-                1,
-                vocab as isize,
+                vocab,
+                View::rows(x_block.as_ptr(), d),
+                View::transposed(ws.as_ptr(), d),
+                1.0,
                 true,
-                x_block.as_ptr(),
-                1,
-                d as isize,
-                ws.as_ptr(),
-                d as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
                 Parallelism::Rayon(0),
             );
         }
@@ -579,46 +619,24 @@ pub fn linear_smoothed_cross_entropy(
         // SAFETY: as above; gx_block is [c, D], grad_w [V, D] (Gᵀ read through swapped
         // strides), accumulated across blocks.
         unsafe {
-            gemm(
-                c,
-                d,
-                vocab,
+            matmul(
+                (c, d, vocab),
                 gx_block.as_mut_ptr(),
-                1,
-                d as isize,
-                false,
-                g.as_ptr(),
-                1,
-                vocab as isize,
-                ws.as_ptr(),
-                1,
-                d as isize,
-                0.0,
+                d,
+                View::rows(g.as_ptr(), vocab),
+                View::rows(ws.as_ptr(), d),
                 1.0,
-                false,
-                false,
                 false,
                 Parallelism::Rayon(0),
             );
-            gemm(
-                vocab,
-                d,
-                c,
+            matmul(
+                (vocab, d, c),
                 grad_w.as_mut_ptr(),
-                1,
-                d as isize,
+                d,
+                View::transposed(g.as_ptr(), vocab),
+                View::rows(x_block.as_ptr(), d),
+                1.0,
                 true,
-                g.as_ptr(),
-                vocab as isize,
-                1,
-                x_block.as_ptr(),
-                1,
-                d as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
                 Parallelism::Rayon(0),
             );
         }

@@ -74,25 +74,12 @@ pub trait Collective: Send + Sync + fmt::Debug {
 
     /// Every rank's `values`, concatenated in rank order. Each rank passes the same length.
     fn all_gather_f32(&self, values: &[f32]) -> Result<Vec<f32>> {
-        let parts = self.all_gather_bytes(bytemuck::cast_slice(values))?;
-        same_lengths(&parts, values.len() * 4, "all_gather_f32")?;
-        Ok(parts
-            .iter()
-            .flat_map(|p| p.chunks_exact(4))
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        gather_equal(self, values, "all_gather_f32")
     }
 
     /// Every rank's `values`, concatenated in rank order. Each rank passes the same length.
     fn all_gather_i64(&self, values: &[i64]) -> Result<Vec<i64>> {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let parts = self.all_gather_bytes(&bytes)?;
-        same_lengths(&parts, bytes.len(), "all_gather_i64")?;
-        Ok(parts
-            .iter()
-            .flat_map(|p| p.chunks_exact(8))
-            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .collect())
+        gather_equal(self, values, "all_gather_i64")
     }
 
     /// Replaces `values` on every rank by rank `root`'s.
@@ -102,6 +89,29 @@ pub trait Collective: Send + Sync + fmt::Debug {
         }
         self.all_reduce_sum(values)
     }
+}
+
+/// Every rank's `values` (as many on each), concatenated in rank order.
+fn gather_equal<C: Collective + ?Sized, T: bytemuck::Pod>(
+    collective: &C,
+    values: &[T],
+    what: &str,
+) -> Result<Vec<T>> {
+    let parts = collective.all_gather_bytes(bytemuck::cast_slice(values))?;
+    same_lengths(&parts, std::mem::size_of_val(values), what)?;
+    Ok(parts
+        .iter()
+        .flat_map(|p| bytemuck::pod_collect_to_vec::<u8, T>(p))
+        .collect())
+}
+
+/// The values of `T` a rank sent as `bytes` (`bytemuck::cast_slice` of them), or `None`
+/// when the bytes are not whole values.
+pub(crate) fn values_of<T: bytemuck::Pod>(bytes: &[u8]) -> Option<Vec<T>> {
+    bytes
+        .len()
+        .is_multiple_of(std::mem::size_of::<T>())
+        .then(|| bytemuck::pod_collect_to_vec(bytes))
 }
 
 fn same_lengths(parts: &[Vec<u8>], expected: usize, what: &str) -> Result<()> {
@@ -326,13 +336,16 @@ impl Collective for LocalGroup {
             return Ok(());
         }
         let all = self.exchange(bytemuck::cast_slice(values).to_vec())?;
-        same_lengths(&all, values.len() * 4, "all_reduce_sum")?;
+        same_lengths(&all, std::mem::size_of_val(values), "all_reduce_sum")?;
         // Summed in rank order from zero on every rank: the same result everywhere, and
         // the one MPI's reduction of two ranks gives.
         values.fill(0.0);
         for part in all.iter() {
-            for (v, b) in values.iter_mut().zip(part.chunks_exact(4)) {
-                *v += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            for (v, x) in values
+                .iter_mut()
+                .zip(bytemuck::pod_collect_to_vec::<u8, f32>(part))
+            {
+                *v += x;
             }
         }
         Ok(())
@@ -558,7 +571,8 @@ impl burn::module::ModuleMapper for Unflatten {
     }
 }
 
-/// A 64-bit FNV-1a hash of `bytes`, for comparing the ranks' options at start.
+/// A 64-bit FNV-1a hash of `bytes`: the ranks' options compared at start, image ids made
+/// numeric.
 pub(crate) fn fingerprint(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

@@ -153,10 +153,7 @@ impl FitReport {
 
 /// A stable numeric id for an image id string (FNV-1a), for the ITC/ITM positives.
 fn numeric_id(id: &str) -> i64 {
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (hash >> 1) as i64
+    (crate::distributed::fingerprint(id.as_bytes()) >> 1) as i64
 }
 
 /// Tokenizes a loader batch per `recipe` onto the trainer's device.

@@ -6,7 +6,7 @@ use blip_text::Encoded;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::distributed::{Collective, SingleProcess};
+use crate::distributed::{Collective, SingleProcess, values_of};
 use crate::error::{Result, TrainError};
 use crate::losses::{hard_negative_weights, itc_loss, itm_loss, sample_negatives};
 use crate::model::{BlipPretrain, MomentumEncoders, PretrainConfig};
@@ -533,21 +533,19 @@ fn gather_image_tokens(
 /// Every rank's captions in rank order, padded to the longest rank's width.
 fn gather_text(text: &Encoded, collective: &dyn Collective) -> Result<Encoded> {
     let width = text.input_ids.first().map_or(0, Vec::len);
-    let mut bytes = (width as u64).to_le_bytes().to_vec();
+    // [width, ids row by row, masks row by row]
+    let mut sent = vec![width as u32];
     for row in text.input_ids.iter().chain(&text.attention_mask) {
-        bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+        sent.extend_from_slice(row);
     }
-    let parts = collective.all_gather_bytes(&bytes)?;
+    let parts = collective.all_gather_bytes(bytemuck::cast_slice(&sent))?;
     let mut ids = Vec::new();
     let mut masks = Vec::new();
     for (rank, part) in parts.iter().enumerate() {
         let malformed = || TrainError::Distributed(format!("captions of rank {rank}: malformed"));
-        let (head, body) = part.split_at_checked(8).ok_or_else(malformed)?;
-        let w = u64::from_le_bytes(head.try_into().map_err(|_| malformed())?) as usize;
-        let values: Vec<u32> = body
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let received = values_of::<u32>(part).ok_or_else(malformed)?;
+        let (&w, values) = received.split_first().ok_or_else(malformed)?;
+        let w = w as usize;
         if w == 0 || !values.len().is_multiple_of(2 * w) {
             return Err(malformed());
         }
