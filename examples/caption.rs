@@ -36,9 +36,10 @@ struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Conditional captioning prompt, e.g. "a picture of".
-    #[arg(long, default_value = "")]
-    prompt: String,
+    /// Conditional captioning prompt, e.g. "a picture of". Default: none, as transformers;
+    /// with the demo captioner (no --model), the prompt it was trained with, "a picture of".
+    #[arg(long)]
+    prompt: Option<String>,
     /// Beam search with this many beams (1: greedy).
     #[arg(long, default_value_t = 1)]
     num_beams: usize,
@@ -83,6 +84,11 @@ fn main() {
         Some(spec) => common::model_dir(spec),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo/captioner"),
     };
+    let prompt = match (&args.prompt, &args.model) {
+        (Some(prompt), _) => prompt.as_str(),
+        (None, None) => blip_world::PROMPT.trim_end(),
+        (None, Some(_)) => "",
+    };
     let captioner = Captioner::from_pretrained(model_dir, &device)
         .unwrap_or_else(|e| common::fail(&e.to_string()));
     let config = GenerationConfig {
@@ -121,7 +127,7 @@ fn main() {
             }
         }
         if !images.is_empty() {
-            let prompts = vec![args.prompt.as_str(); images.len()];
+            let prompts = vec![prompt; images.len()];
             match captioner.caption(&images, &prompts, &config) {
                 Ok(captions) => bar.suspend(|| {
                     for (path, captions) in names.iter().zip(captions) {

@@ -133,6 +133,23 @@ fn caption_with_a_vanishing_temperature_runs_and_bad_options_fail_once() {
 }
 
 #[test]
+fn the_plain_demo_command_says_the_prompt_once() {
+    // What a new user runs first: no --model, no --prompt.
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/images");
+    let out = run("caption", &[images.as_os_str()]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 6, "{stdout}");
+    for line in lines {
+        let (_, caption) = line.split_once(": ").unwrap();
+        // The demo was trained with BLIP's prompt, and its captions follow it exactly once.
+        let rest = caption.strip_prefix("a picture of ").expect(line);
+        assert!(!rest.is_empty() && !rest.contains("picture"), "{line}");
+    }
+}
+
+#[test]
 fn a_path_that_does_not_exist_is_not_sent_to_the_hub() {
     let out = run(
         "caption",

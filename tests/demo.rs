@@ -1,72 +1,78 @@
-//! The committed demo captioner (`assets/demo/captioner`, trained by `examples/world.rs`)
-//! captions generated scenes it has never seen with the attribute accuracy the README
-//! reports.
+//! The committed demo captioner (`assets/demo/captioner`, trained by
+//! `examples/world.rs --demo`) captions 300 generated scenes it has never seen as the README
+//! says: with BLIP's prompt said once, and the attributes right as often as reported.
 
 mod common;
 
 use std::path::Path;
 
 use blip::text::{Captioner, GenerationConfig};
-use blip_world::{Tally, caption_mentions, scene};
+use blip_world::{CaptionScore, PROMPT, caption_mentions, scene};
 
-/// What the README reports for this protocol (`cargo test --test demo -- --nocapture` prints
-/// it): the share of the objects the captions mention whose colour, and whose shape, is right.
-const REPORTED_COLOUR: f64 = 0.86;
-const REPORTED_SHAPE: f64 = 0.25;
-/// Allowed shortfall: the protocol is deterministic, so only a changed model (or a changed
-/// numeric path on another backend) moves the figures.
-const MARGIN: f64 = 0.05;
+/// What the committed model measures on this protocol (the README's figures: colour right
+/// 0.954, shape right 0.325, every attribute right in 0.120 of captions), less about two
+/// mentions' worth for another CPU's rounding deciding a near-tied beam. Chance is 1/6 for
+/// colours and 1/5 for shapes. The showcase asks for 0.95, 0.90 and 0.60: this model meets
+/// the first only (docs/world.md says why).
+const COLOUR: f64 = 0.945;
+const SHAPE: f64 = 0.31;
+const EVERY_ATTRIBUTE: f64 = 0.11;
+
+/// Openings that say the prompt, or a paraphrase of it, a second time.
+const REPEATS: [&str; 5] = [
+    "a picture",
+    "a photo",
+    "an image",
+    "a drawing",
+    "picture of",
+];
 
 #[test]
 fn the_demo_captioner_names_the_attributes_of_unseen_scenes() {
     let device = common::device();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/captioner");
     let captioner = Captioner::from_pretrained(&dir, &device).unwrap();
+    // The original captioner's evaluation: 3 beams, 5 to 20 tokens.
     let generation = GenerationConfig {
         num_beams: 3,
         min_length: 5,
         max_length: 20,
         ..GenerationConfig::default()
     };
-    // Seed 777 is not the world's (1): none of these scenes was trained on.
-    let scenes: Vec<_> = (0..60).map(|i| scene(777, i, 64)).collect();
-    let (mut exact, mut colour, mut shape) = (0, Tally::default(), Tally::default());
-    for chunk in scenes.chunks(12) {
+    // Seed 777 is not the demo world's (1): none of these scenes was trained on.
+    let scenes: Vec<_> = (0..300).map(|i| scene(777, i, 64)).collect();
+    let mut score = CaptionScore::default();
+    for chunk in scenes.chunks(25) {
         let images: Vec<_> = chunk.iter().map(|s| s.render()).collect();
-        let prompts = vec!["a picture of"; images.len()];
+        let prompts = vec![PROMPT; images.len()];
         let captions = captioner.caption(&images, &prompts, &generation).unwrap();
         for (s, c) in chunk.iter().zip(captions) {
-            let text = c[0].text_after("a picture of");
+            let full = c[0].text.trim();
+            assert!(full.starts_with(PROMPT.trim_end()), "{full:?}");
+            let text = c[0].text_after(PROMPT);
+            assert!(
+                REPEATS.iter().all(|r| !text.contains(r)),
+                "the caption repeats its prompt: {full:?}"
+            );
             let found = caption_mentions(s, text);
-            let right = found.is_exact();
-            exact += usize::from(right);
-            colour.correct += found.colour.correct;
-            colour.wrong += found.colour.wrong;
-            shape.correct += found.shape.correct;
-            shape.wrong += found.shape.wrong;
+            score.add(&found);
             if std::env::var_os("BLIP_TEST_VERBOSE").is_some() {
-                println!("{} {text}", if right { "ok " } else { "   " });
+                println!("{} {text}", if found.is_exact() { "ok " } else { "   " });
             }
         }
     }
-    let share = |t: Tally| f64::from(t.correct) / f64::from(t.mentions().max(1));
     println!(
-        "colour right {:.3} ({} mentions), shape right {:.3} ({} mentions), every attribute right in {exact}/{} captions",
-        share(colour),
-        colour.mentions(),
-        share(shape),
-        shape.mentions(),
-        scenes.len()
+        "colour right {:.3} ({} mentions), shape right {:.3} ({} mentions), every attribute right in {:.3} of {} captions",
+        score.colour_right(),
+        score.colour.mentions(),
+        score.shape_right(),
+        score.shape.mentions(),
+        score.exact_share(),
+        score.captions
     );
-    // Chance is 1/8 for colours and 1/6 for shapes.
-    assert!(
-        share(colour) >= REPORTED_COLOUR - MARGIN,
-        "colour right {:.3}, the README reports {REPORTED_COLOUR}",
-        share(colour)
-    );
-    assert!(
-        share(shape) >= REPORTED_SHAPE - MARGIN,
-        "shape right {:.3}, the README reports {REPORTED_SHAPE}",
-        share(shape)
-    );
+    // Every caption names at least one object, so the shares are over ≥ 300 mentions.
+    assert!(score.shape.mentions() >= 300, "{score:?}");
+    assert!(score.colour_right() >= COLOUR, "{score:?}");
+    assert!(score.shape_right() >= SHAPE, "{score:?}");
+    assert!(score.exact_share() >= EVERY_ATTRIBUTE, "{score:?}");
 }

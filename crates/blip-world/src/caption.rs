@@ -39,8 +39,6 @@ enum Body {
 /// caption that is wrong in exactly that attribute.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Plan {
-    /// Index into the prefix list of the body's kind.
-    prefix: usize,
     /// A stated number of objects ("two shapes: ...").
     count: Option<(usize, usize)>,
     body: Body,
@@ -48,17 +46,6 @@ pub(crate) struct Plan {
     background: Option<(Worded<Background>, Option<Worded<Texture>>)>,
 }
 
-const SINGLE_PREFIXES: [&str; 7] = [
-    "",
-    "a photo of ",
-    "a picture of ",
-    "an image of ",
-    "a drawing of ",
-    "there is ",
-    "a simple picture showing ",
-];
-const RELATION_PREFIXES: [&str; 4] = ["", "a photo of ", "a picture of ", "there is "];
-const LIST_PREFIXES: [&str; 3] = ["", "a picture with ", "an image with "];
 const COUNT_NOUNS: [&str; 2] = ["shapes", "objects"];
 
 fn worded<T: Copy>(value: T, words: &[&str], rng: &mut SplitMix64) -> Worded<T> {
@@ -123,7 +110,6 @@ fn plan_of_kind(attrs: &SceneAttributes, rng: &mut SplitMix64, kind: BodyKind) -
             let np = noun_phrase(attrs, i, rng, true);
             let count = (n == 1 && rng.chance(0.15)).then(|| count_of(rng));
             Plan {
-                prefix: rng.below(SINGLE_PREFIXES.len()),
                 count,
                 body: Body::Single(np),
                 background: background(attrs, rng, 0.2),
@@ -145,7 +131,6 @@ fn plan_of_kind(attrs: &SceneAttributes, rng: &mut SplitMix64, kind: BodyKind) -
             let a = noun_phrase(attrs, subject, rng, false);
             let b = noun_phrase(attrs, object, rng, false);
             Plan {
-                prefix: rng.below(RELATION_PREFIXES.len()),
                 count: rng.chance(0.3).then(|| count_of(rng)),
                 body: Body::Relation {
                     subject,
@@ -165,7 +150,6 @@ fn plan_of_kind(attrs: &SceneAttributes, rng: &mut SplitMix64, kind: BodyKind) -
                 .map(|&i| noun_phrase(attrs, i, rng, true))
                 .collect();
             Plan {
-                prefix: rng.below(LIST_PREFIXES.len()),
                 count: rng.chance(0.5).then(|| count_of(rng)),
                 body: Body::List(nps),
                 background: background(attrs, rng, 0.2),
@@ -209,7 +193,51 @@ impl NounPhrase {
     }
 }
 
+impl NounPhrase {
+    fn canonical(&mut self) {
+        self.shape.1 = 0;
+        for k in [
+            self.colour.as_mut().map(|w| &mut w.1),
+            self.size.as_mut().map(|w| &mut w.1),
+            self.position.as_mut().map(|w| &mut w.1),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *k = 0;
+        }
+    }
+}
+
 impl Plan {
+    /// The caption text, with the drawn synonyms or, when `synonyms` is false, every
+    /// value's canonical word (the first of its list).
+    pub(crate) fn render_worded(&self, synonyms: bool) -> String {
+        if synonyms {
+            return self.render();
+        }
+        let mut plan = self.clone();
+        if let Some((_, noun)) = plan.count.as_mut() {
+            *noun = 0;
+        }
+        match &mut plan.body {
+            Body::Single(np) => np.canonical(),
+            Body::Relation { a, relation, b, .. } => {
+                a.canonical();
+                relation.1 = 0;
+                b.canonical();
+            }
+            Body::List(nps) => nps.iter_mut().for_each(NounPhrase::canonical),
+        }
+        if let Some(((_, k), texture)) = plan.background.as_mut() {
+            *k = 0;
+            if let Some((_, j)) = texture.as_mut() {
+                *j = 0;
+            }
+        }
+        plan.render()
+    }
+
     /// The caption text.
     pub(crate) fn render(&self) -> String {
         let mut out = String::new();
@@ -221,11 +249,10 @@ impl Plan {
                 out.push_str(COUNT_NOUNS[noun]);
                 out.push_str(": ");
             }
-            None => out.push_str(match &self.body {
-                Body::Single(_) => SINGLE_PREFIXES[self.prefix],
-                Body::Relation { .. } => RELATION_PREFIXES[self.prefix],
-                Body::List(_) => LIST_PREFIXES[self.prefix],
-            }),
+            // No "a photo of "-like opening: BLIP's captioner puts its prompt ("a picture of ")
+            // in front of every caption, and a caption that opened with a paraphrase of it
+            // would teach the captioner to say it twice.
+            None => {}
         }
         match &self.body {
             Body::Single(np) => np.render(&mut out),
@@ -340,6 +367,7 @@ impl Plan {
 pub(crate) fn wrong_attribute(
     attrs: &SceneAttributes,
     rng: &mut SplitMix64,
+    synonyms: bool,
 ) -> Option<(String, AttributeKind)> {
     let kinds: Vec<AttributeKind> = AttributeKind::ALL
         .into_iter()
@@ -358,7 +386,7 @@ pub(crate) fn wrong_attribute(
             if !plan.swap(attrs, kind, rng) {
                 continue;
             }
-            let text = plan.render();
+            let text = plan.render_worded(synonyms);
             let m = caption_mentions(attrs, &text);
             if m.wrong() == 1 && m.tally(kind).wrong == 1 {
                 return Some((text, kind));
@@ -513,11 +541,28 @@ impl crate::scene::Scene {
     /// Up to `n` distinct correct captions (fewer only if the templates run dry, which
     /// does not happen for `n <= 20`).
     pub fn captions_n(&self, rng: &mut SplitMix64, n: usize) -> Vec<String> {
+        self.captions_worded(rng, n, true)
+    }
+
+    /// Up to `n` distinct correct captions, with synonyms or, when `synonyms` is false,
+    /// each value's canonical word only (fewer distinct captions then, for small scenes).
+    ///
+    /// ```
+    /// use blip_world::{SplitMix64, scene};
+    ///
+    /// let s = scene(7, 0, 64);
+    /// for caption in s.captions_worded(&mut SplitMix64::new(1), 20, false) {
+    ///     for synonym in ["ball", "disc", "box", "block", "rhombus", "crimson", "big", "tiny"] {
+    ///         assert!(!caption.split(' ').any(|w| w == synonym), "{caption}");
+    ///     }
+    /// }
+    /// ```
+    pub fn captions_worded(&self, rng: &mut SplitMix64, n: usize, synonyms: bool) -> Vec<String> {
         let mut out: Vec<String> = Vec::with_capacity(n);
         let mut tries = 0;
         while out.len() < n && tries < 50 * n.max(1) {
             tries += 1;
-            let caption = random_plan(self.attributes(), rng).render();
+            let caption = random_plan(self.attributes(), rng).render_worded(synonyms);
             if !out.contains(&caption) {
                 out.push(caption);
             }
@@ -555,13 +600,35 @@ mod tests {
         for index in 0..300 {
             let s = scene(4, index, 64);
             let mut rng = crate::stream(4, &[7, index]);
-            let (text, kind) = wrong_attribute(s.attributes(), &mut rng).expect("a swap");
+            let (text, kind) = wrong_attribute(s.attributes(), &mut rng, true).expect("a swap");
             let m = caption_mentions(&s, &text);
             assert_eq!(m.wrong(), 1, "{text:?}");
             assert_eq!(m.tally(kind).wrong, 1, "{text:?}");
             *kinds.entry(kind).or_insert(0) += 1;
         }
         assert_eq!(kinds.len(), 5, "{kinds:?}");
+    }
+
+    #[test]
+    fn no_caption_opens_like_a_captioning_prompt() {
+        // BLIP's prompt and the openings that paraphrase it (and used to be templates here).
+        let openings = [
+            "a picture",
+            "a photo",
+            "an image",
+            "a drawing",
+            "there is",
+            "a simple picture",
+        ];
+        let mut rng = SplitMix64::new(11);
+        for index in 0..200 {
+            for caption in scene(11, index, 64).captions_n(&mut rng, 20) {
+                assert!(
+                    openings.iter().all(|o| !caption.starts_with(o)),
+                    "{caption:?}"
+                );
+            }
+        }
     }
 
     #[test]

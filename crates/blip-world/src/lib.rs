@@ -5,7 +5,7 @@
 //! diamond; red, green, blue, yellow, purple, orange; small or large) in five grid cells
 //! (left, right, top, bottom, center) on a plain or speckled white, gray or black
 //! background. Each image has many correct captions from varied templates and synonyms
-//! ("a photo of a large red circle", "there is a big crimson ball on the left", "two
+//! ("a large red circle", "a big crimson ball on the left", "two
 //! shapes: a green triangle above a small yellow square"). The web split pairs each image
 //! with one text that is, at a configurable rate, noise of the kinds the paper describes:
 //! another image's caption, a caption with one attribute wrong, unrelated text, or a
@@ -32,13 +32,31 @@ mod caption;
 mod cider;
 mod parse;
 mod scene;
+mod seeds;
 mod vocab;
 mod world;
 
 pub use blip_core::SplitMix64;
+
+/// The prompt BLIP's captioner writes before every caption (the original's
+/// `prompt = 'a picture of '`). The world's captions never open with it or a paraphrase of
+/// it, so a captioner trained with it on them does not learn to say it twice.
+///
+/// ```
+/// use blip_world::{PROMPT, SplitMix64, scene};
+///
+/// let mut rng = SplitMix64::new(3);
+/// for index in 0..50 {
+///     for caption in scene(3, index, 64).captions_n(&mut rng, 20) {
+///         assert!(!caption.starts_with(PROMPT.trim_end()), "{caption}");
+///     }
+/// }
+/// ```
+pub const PROMPT: &str = "a picture of ";
 pub use cider::{cider, cider_scores, cider_tokenize};
-pub use parse::{AttributeMatch, Tally, caption_mentions};
+pub use parse::{AttributeMatch, CaptionScore, Tally, caption_mentions};
 pub use scene::{ObjectAttributes, RelationFact, Scene, SceneAttributes, scene};
+pub use seeds::{Interval, ROW_METRICS, RUN_METRICS, SeedRun, SeedSummary};
 pub use vocab::{AttributeKind, Background, Colour, Position, Relation, Shape, Size, Texture};
 pub use world::{
     Annotation, NoiseKind, NoiseMix, TestAnnotation, TestRecord, WebLabel, WorldConfig, WorldError,

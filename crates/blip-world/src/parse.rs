@@ -123,6 +123,65 @@ impl AttributeMatch {
     }
 }
 
+/// Scores of many captions, each against its own scene: the share of mentioned colours and
+/// shapes that are right, and how many captions have every attribute right.
+///
+/// ```
+/// use blip_world::{CaptionScore, caption_mentions, scene};
+///
+/// let s = scene(7, 0, 64);
+/// let o = &s.attributes().objects[0];
+/// let right = format!("{} {}", o.colour.name(), o.shape.name());
+/// let mut score = CaptionScore::default();
+/// score.add(&caption_mentions(&s, &right));
+/// score.add(&caption_mentions(&s, "unrelated words"));
+/// assert_eq!((score.captions, score.exact), (2, 1));
+/// assert_eq!(score.colour_right(), 1.0);
+/// assert_eq!(score.exact_share(), score.exact as f64 / 2.0);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CaptionScore {
+    /// Colour mentions, summed over the captions.
+    pub colour: Tally,
+    /// Shape mentions, summed over the captions.
+    pub shape: Tally,
+    /// Captions with every attribute right ([`AttributeMatch::is_exact`]).
+    pub exact: usize,
+    /// Captions scored.
+    pub captions: usize,
+}
+
+impl CaptionScore {
+    /// Adds one caption's match.
+    pub fn add(&mut self, found: &AttributeMatch) {
+        self.colour.correct += found.colour.correct;
+        self.colour.wrong += found.colour.wrong;
+        self.shape.correct += found.shape.correct;
+        self.shape.wrong += found.shape.wrong;
+        self.exact += usize::from(found.is_exact());
+        self.captions += 1;
+    }
+
+    /// Right colour mentions over all colour mentions (0 when there are none).
+    pub fn colour_right(&self) -> f64 {
+        share(self.colour)
+    }
+
+    /// Right shape mentions over all shape mentions (0 when there are none).
+    pub fn shape_right(&self) -> f64 {
+        share(self.shape)
+    }
+
+    /// Captions with every attribute right over all captions (0 when there are none).
+    pub fn exact_share(&self) -> f64 {
+        self.exact as f64 / self.captions.max(1) as f64
+    }
+}
+
+fn share(t: Tally) -> f64 {
+    f64::from(t.correct) / f64::from(t.mentions().max(1))
+}
+
 #[derive(Clone, Debug, Default)]
 struct ParsedObject {
     shape: Option<Shape>,

@@ -23,6 +23,10 @@ const STREAM_NOISE: u64 = 5;
 
 /// Relative weights of the noise kinds among the noisy web texts.
 ///
+/// The default leans to texts that do not describe their image at all (another image's
+/// caption, unrelated text: 70 %), as the paper's web alt-texts mostly do, over the subtle
+/// kinds (one attribute wrong, a caption cut short).
+///
 /// ```
 /// use blip_world::{NoiseMix, WorldConfig};
 ///
@@ -46,10 +50,10 @@ pub struct NoiseMix {
 impl Default for NoiseMix {
     fn default() -> Self {
         Self {
-            other_image: 0.3,
-            wrong_attribute: 0.3,
-            unrelated: 0.2,
-            truncated: 0.2,
+            other_image: 0.4,
+            wrong_attribute: 0.2,
+            unrelated: 0.3,
+            truncated: 0.1,
         }
     }
 }
@@ -144,10 +148,20 @@ pub struct WorldConfig {
     pub noise_mix: NoiseMix,
     /// Web samples per WebDataset shard.
     pub shard_size: usize,
+    /// Captions use synonyms ("ball", "crimson", "at the left"); when false, every value
+    /// is named by its canonical word, as the demo model's world does: beam search ranks
+    /// a value by its words' probability, so a value with three synonyms loses to one
+    /// with a single word unless the model is three times as sure of it.
+    #[serde(default = "synonyms_default")]
+    pub synonyms: bool,
+}
+
+fn synonyms_default() -> bool {
+    true
 }
 
 impl Default for WorldConfig {
-    /// 500 clean images × 2 captions, 4000 web images at 40 % noise in shards of 1000,
+    /// 500 clean images × 2 captions, 4000 web images at 50 % noise in shards of 1000,
     /// 300 test images × 5 captions, 64 px.
     fn default() -> Self {
         Self {
@@ -158,9 +172,10 @@ impl Default for WorldConfig {
             web_images: 4000,
             test_images: 300,
             test_captions_per_image: 5,
-            noise_rate: 0.4,
+            noise_rate: 0.5,
             noise_mix: NoiseMix::default(),
             shard_size: 1000,
+            synonyms: true,
         }
     }
 }
@@ -332,7 +347,7 @@ pub struct TestRecord {
 /// let dir = tempfile::tempdir()?;
 /// let config = WorldConfig { clean_images: 2, web_images: 4, test_images: 1, shard_size: 2, ..WorldConfig::small() };
 /// let summary = generate(&config, dir.path())?;
-/// assert_eq!(summary.web_noisy, 2); // 40 % of 4 web texts, rounded
+/// assert_eq!(summary.web_noisy, 2); // 50 % of 4 web texts
 /// assert_eq!(summary.noise.values().sum::<usize>(), config.web_images);
 /// assert_eq!((summary.shards, summary.test_captions), (2, 5));
 /// assert!(summary.files.iter().any(|f| f == "world.json"));
@@ -572,7 +587,8 @@ fn web_text(
     kind: NoiseKind,
 ) -> (String, NoiseKind, Option<AttributeKind>, Option<String>) {
     let mut rng = crate::stream(config.seed, &[STREAM_WEB, index]);
-    let correct = |rng: &mut SplitMix64| caption::random_plan(attrs, rng).render();
+    let correct =
+        |rng: &mut SplitMix64| caption::random_plan(attrs, rng).render_worded(config.synonyms);
     match kind {
         NoiseKind::None => (correct(&mut rng), kind, None, None),
         NoiseKind::Truncated => {
@@ -580,18 +596,20 @@ fn web_text(
             (caption::truncate(&text, &mut rng), kind, None, None)
         }
         NoiseKind::Unrelated => (caption::unrelated(&mut rng), kind, None, None),
-        NoiseKind::WrongAttribute => match caption::wrong_attribute(attrs, &mut rng) {
-            Some((text, attribute)) => (text, kind, Some(attribute), None),
-            None => {
-                let text = correct(&mut rng);
-                (
-                    caption::truncate(&text, &mut rng),
-                    NoiseKind::Truncated,
-                    None,
-                    None,
-                )
+        NoiseKind::WrongAttribute => {
+            match caption::wrong_attribute(attrs, &mut rng, config.synonyms) {
+                Some((text, attribute)) => (text, kind, Some(attribute), None),
+                None => {
+                    let text = correct(&mut rng);
+                    (
+                        caption::truncate(&text, &mut rng),
+                        NoiseKind::Truncated,
+                        None,
+                        None,
+                    )
+                }
             }
-        },
+        }
         NoiseKind::OtherImage => {
             let [_, first_web, _] = config.first_indices();
             let n = config.web_images;
@@ -600,7 +618,8 @@ fn web_text(
                     let offset = 1 + rng.below(n - 1) as u64;
                     let other = first_web + (index - first_web + offset) % n as u64;
                     let other_scene = scene(config.seed, other, config.image_size);
-                    let text = caption::random_plan(other_scene.attributes(), &mut rng).render();
+                    let text = caption::random_plan(other_scene.attributes(), &mut rng)
+                        .render_worded(config.synonyms);
                     // Skip captions that happen to be right for this image too.
                     if !caption_mentions(attrs, &text).is_exact() {
                         return (text, kind, None, Some(image_path("web", other)));
@@ -711,7 +730,8 @@ pub fn generate(config: &WorldConfig, out: &Path) -> Result<WorldSummary, WorldE
         let s = scene(config.seed, index, size);
         let (rel, _) = write_image("clean", index, &s)?;
         let mut rng = crate::stream(config.seed, &[STREAM_CLEAN, index]);
-        for caption in s.captions_n(&mut rng, config.clean_captions_per_image) {
+        for caption in s.captions_worded(&mut rng, config.clean_captions_per_image, config.synonyms)
+        {
             clean.push(Annotation {
                 image: rel.clone(),
                 caption,
@@ -754,7 +774,7 @@ pub fn generate(config: &WorldConfig, out: &Path) -> Result<WorldSummary, WorldE
         let mut rng = crate::stream(config.seed, &[STREAM_TEST, index]);
         test.push(TestAnnotation {
             image: rel.clone(),
-            caption: s.captions_n(&mut rng, config.test_captions_per_image),
+            caption: s.captions_worded(&mut rng, config.test_captions_per_image, config.synonyms),
         });
         test_records.push(TestRecord {
             image: rel,
@@ -878,11 +898,12 @@ mod tests {
         let kinds = assign_noise(&config);
         assert_eq!(kinds.len(), 1001);
         let count = |k| kinds.iter().filter(|x| **x == k).count();
-        assert_eq!(1001 - count(NoiseKind::None), 400);
-        assert_eq!(count(NoiseKind::OtherImage), 120);
-        assert_eq!(count(NoiseKind::WrongAttribute), 120);
-        assert_eq!(count(NoiseKind::Unrelated), 80);
-        assert_eq!(count(NoiseKind::Truncated), 80);
+        // round(0.5 · 1001) = 501, split 0.4 / 0.2 / 0.3 / 0.1 by largest remainder.
+        assert_eq!(1001 - count(NoiseKind::None), 501);
+        assert_eq!(count(NoiseKind::OtherImage), 201);
+        assert_eq!(count(NoiseKind::WrongAttribute), 100);
+        assert_eq!(count(NoiseKind::Unrelated), 150);
+        assert_eq!(count(NoiseKind::Truncated), 50);
         assert_eq!(kinds, assign_noise(&config));
         let only = WorldConfig {
             web_images: 10,
