@@ -647,6 +647,7 @@ fn run_seeds(args: &Args, n: u64) {
     let mut pending: Vec<u64> = seeds.iter().rev().copied().collect();
     let mut running: Vec<(u64, std::process::Child)> = Vec::new();
     let mut failures: HashMap<u64, String> = HashMap::new();
+    let mut kept = 0;
     let start = Instant::now();
     while !pending.is_empty() || !running.is_empty() {
         while running.len() < args.jobs as usize
@@ -654,6 +655,7 @@ fn run_seeds(args: &Args, n: u64) {
         {
             if results(seed).is_file() {
                 eprintln!("== seed {seed}: done before, kept");
+                kept += 1;
                 continue;
             }
             or_fail(std::fs::create_dir_all(dir(seed)));
@@ -702,10 +704,11 @@ fn run_seeds(args: &Args, n: u64) {
     let mut md = summary.markdown();
     md += &targets(&summary);
     md += &format!(
-        "
-Wall time of this invocation: {:.1} min, {} job(s) of {threads} thread(s).
-",
+        "\nWall time of this invocation: {:.1} min for {} seed(s), {} job(s) of {threads} \
+         thread(s); {kept} seed(s) kept from earlier invocations. Minutes per seed count \
+         each seed's last invocation, with whatever else shared the cores.\n",
         start.elapsed().as_secs_f64() / 60.0,
+        seeds.len() - kept,
         args.jobs
     );
     match plot(&summary, &args.out.join("results.png")) {
@@ -759,8 +762,8 @@ fn targets(summary: &SeedSummary) -> String {
          - nucleus CapFilt above no CapFilt on TR@1, intervals apart: {}\n\
          - nucleus CapFilt above no CapFilt on CIDEr, intervals apart: {}\n\
          - nucleus captions removed more often than beam captions: {}\n\
-         - filter precision ≥ 70 %: {}\n\
-         - filter recall ≥ 70 %: {}\n",
+         - filter precision ≥ 70 % (mean): {}\n\
+         - filter recall ≥ 70 % (mean): {}\n",
         verdict(beats("TR@1")),
         verdict(beats("CIDEr")),
         verdict(noisier),
