@@ -12,13 +12,13 @@
 //!    the noise ratios.
 //!
 //! ```sh
-//! # one seed (about 20 minutes on 2 cores)
+//! # one seed (about 23 minutes on 2 cores)
 //! cargo run --release --features capfilt --example world -- --out runs/world
 //! # five seeds, two at a time: mean ± 95 % interval per metric, and a plot
 //! cargo run --release --features capfilt --example world -- --out runs/world5 --seeds 5 --jobs 2
 //! # the committed demo models (assets/demo)
 //! cargo run --release --features capfilt --example world -- --out runs/demo --demo assets/demo \
-//!     --vision-width 96 --vision-layers 3 --pretrain-epochs 6 --finetune-epochs 4 --filter-epochs 5
+//!     --vision-width 96 --vision-layers 3 --pretrain-epochs 0 --finetune-epochs 12 --filter-epochs 5
 //! ```
 //!
 //! Every stage writes its result under `--out` and is skipped when it is already there, so
