@@ -48,6 +48,7 @@ use blip_world::{
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
 use common::fail;
+use image::RgbImage;
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -217,6 +218,28 @@ fn write_vocabulary(world: &Path, path: &Path) {
 }
 
 impl Experiment {
+    /// The experiment under `args.out`: its world generated from `config` and its
+    /// vocabulary written, each unless already there.
+    fn open(args: Args, config: WorldConfig) -> Self {
+        let device = common::device(&args.device);
+        let out = args.out.clone();
+        let world = out.join("world");
+        if !world.join("world.json").is_file() {
+            eprintln!("== world: {}", or_fail(generate(&config, &world)));
+        }
+        let vocab = out.join("vocab.txt");
+        if !vocab.is_file() {
+            write_vocabulary(&world, &vocab);
+        }
+        Self {
+            out,
+            world,
+            tokenizer: or_fail(BlipTokenizer::from_vocab(&vocab)),
+            device,
+            args,
+        }
+    }
+
     fn stage(&self, name: &str) -> PathBuf {
         self.out.join(name)
     }
@@ -474,27 +497,13 @@ impl Experiment {
         })
     }
 
-    /// Captioning on the test split with a fine-tuned captioner directory: beam search
-    /// (3 beams, 5–20 tokens, prompt "a picture of"), exact attributes and CIDEr.
+    /// Captioning on the test split with a fine-tuned captioner directory (see
+    /// [`beam_captions`]): exact attributes and CIDEr.
     fn captioning(&self, captioner: &Path, test: &[TestRecord], captions: &[Vec<String>]) -> Value {
-        let captioner = or_fail(Captioner::from_pretrained(captioner, &self.device));
-        let generation = GenerationConfig {
-            num_beams: 3,
-            max_length: 20,
-            min_length: 5,
-            ..GenerationConfig::default()
-        };
-        let mut produced = Vec::new();
-        for batch in test.chunks(16) {
-            let images: Vec<_> = batch
-                .iter()
-                .map(|r| or_fail(ImageProcessor::open(self.world.join(&r.image))))
-                .collect();
-            let prompts = vec![PROMPT; images.len()];
-            for c in or_fail(captioner.caption(&images, &prompts, &generation)) {
-                produced.push(c[0].text_after(PROMPT).to_string());
-            }
-        }
+        let images = test
+            .iter()
+            .map(|r| or_fail(ImageProcessor::open(self.world.join(&r.image))));
+        let produced = beam_captions(captioner, &self.device, images);
         let exact = test
             .iter()
             .zip(&produced)
@@ -544,67 +553,63 @@ impl Experiment {
     }
 }
 
-/// The demo protocol (`tests/demo.rs`): `scenes` unseen scenes of seed 777, captioned with
-/// BLIP's prompt by beam search (3 beams, 5–20 tokens), scored attribute by attribute.
-fn demo_score(captioner: &Path, scenes: u64, device: &Device) -> CaptionScore {
+/// The captions of `images` by the captioner in directory `captioner`, 16 at a time: the
+/// original captioner's beam search ([`GenerationConfig::blip_beam`]) after BLIP's prompt,
+/// which is cut off.
+fn beam_captions(
+    captioner: &Path,
+    device: &Device,
+    images: impl Iterator<Item = RgbImage>,
+) -> Vec<String> {
     let captioner = or_fail(Captioner::from_pretrained(captioner, device));
-    let generation = GenerationConfig {
-        num_beams: 3,
-        min_length: 5,
-        max_length: 20,
-        ..GenerationConfig::default()
-    };
-    let scenes: Vec<_> = (0..scenes).map(|i| scene(777, i, 64)).collect();
-    let mut score = CaptionScore::default();
-    for chunk in scenes.chunks(16) {
-        let images: Vec<_> = chunk.iter().map(|s| s.render()).collect();
-        let prompts = vec![PROMPT; images.len()];
-        for (s, c) in chunk
-            .iter()
-            .zip(or_fail(captioner.caption(&images, &prompts, &generation)))
-        {
-            score.add(&caption_mentions(s, c[0].text_after(PROMPT)));
+    let generation = GenerationConfig::blip_beam();
+    let mut produced = Vec::new();
+    let mut batch = Vec::with_capacity(16);
+    let mut images = images.peekable();
+    while images.peek().is_some() {
+        batch.clear();
+        batch.extend(images.by_ref().take(16));
+        let prompts = vec![PROMPT; batch.len()];
+        for c in or_fail(captioner.caption(&batch, &prompts, &generation)) {
+            produced.push(c[0].text_after(PROMPT).to_string());
         }
+    }
+    produced
+}
+
+/// The demo protocol (`tests/demo.rs`): `scenes` unseen scenes of seed 777 captioned by
+/// [`beam_captions`], scored attribute by attribute.
+fn demo_score(captioner: &Path, scenes: u64, device: &Device) -> CaptionScore {
+    let scenes: Vec<_> = (0..scenes).map(|i| scene(777, i, 64)).collect();
+    let produced = beam_captions(captioner, device, scenes.iter().map(|s| s.render()));
+    let mut score = CaptionScore::default();
+    for (s, caption) in scenes.iter().zip(&produced) {
+        score.add(&caption_mentions(s, caption));
     }
     score
 }
 
 /// `--demo DIR`: trains the committed demo models on a world without noise.
 fn demo(args: Args, dir: PathBuf) {
-    let device = common::device(&args.device);
-    let out = args.out.clone();
-    let world = out.join("world");
-    if !world.join("world.json").is_file() {
-        // Every web text is a correct caption here, and every value has one word (see
-        // `WorldConfig::synonyms`): the demo shows what BLIP learns from clean data, the
-        // experiment what CapFilt recovers from noisy data.
-        let config = WorldConfig {
-            seed: args.seed,
-            web_images: args.demo_images,
-            noise_rate: 0.0,
-            synonyms: false,
-            ..WorldConfig::default()
-        };
-        eprintln!("== world: {}", or_fail(generate(&config, &world)));
-    }
-    let vocab = out.join("vocab.txt");
-    if !vocab.is_file() {
-        write_vocabulary(&world, &vocab);
-    }
-    let data = out.join("pretrain_clean.json");
-    write_clean_plus(&data, &world, &world.join("web.json"));
+    // Every web text is a correct caption here, and every value has one word (see
+    // `WorldConfig::synonyms`): the demo shows what BLIP learns from clean data, the
+    // experiment what CapFilt recovers from noisy data.
+    let config = WorldConfig {
+        seed: args.seed,
+        web_images: args.demo_images,
+        noise_rate: 0.0,
+        synonyms: false,
+        ..WorldConfig::default()
+    };
     let (pre_epochs, ft_epochs, filter_epochs) = (
         args.pretrain_epochs,
         args.finetune_epochs,
         args.filter_epochs,
     );
-    let experiment = Experiment {
-        out: out.clone(),
-        world: world.clone(),
-        tokenizer: or_fail(BlipTokenizer::from_vocab(&vocab)),
-        device: device.clone(),
-        args,
-    };
+    let experiment = Experiment::open(args, config);
+    let world = &experiment.world;
+    let data = experiment.out.join("pretrain_clean.json");
+    write_clean_plus(&data, world, &world.join("web.json"));
     // With `--pretrain-epochs 0` the captioner learns from scratch (LM only, the cheapest
     // objective per step) and the filter starts from it.
     let base = (pre_epochs > 0).then(|| {
@@ -624,7 +629,7 @@ fn demo(args: Args, dir: PathBuf) {
         filter_epochs,
     );
     or_fail(model.save_filter(&config.blip, &experiment.tokenizer, dir.join("filter")));
-    let score = demo_score(&captioner, 300, &device);
+    let score = demo_score(&captioner, 300, &experiment.device);
     println!(
         "on 300 unseen scenes (beam 3): colour right {:.3} ({} mentions), shape right {:.3} ({} mentions), every attribute right in {:.3} of captions",
         score.colour_right(),
@@ -882,24 +887,13 @@ fn main() {
     if let Some(n) = args.seeds {
         return run_seeds(&args, n);
     }
-    let device = common::device(&args.device);
-    let out = args.out.clone();
-    let world = out.join("world");
     let start = Instant::now();
-    if !world.join("world.json").is_file() {
-        let mut config = if args.small {
-            WorldConfig::small()
-        } else {
-            WorldConfig::default()
-        };
-        config.seed = args.seed;
-        eprintln!("== world: {}", or_fail(generate(&config, &world)));
-    }
-    let vocab = out.join("vocab.txt");
-    if !vocab.is_file() {
-        write_vocabulary(&world, &vocab);
-    }
-    let tokenizer = or_fail(BlipTokenizer::from_vocab(&vocab));
+    let mut config = if args.small {
+        WorldConfig::small()
+    } else {
+        WorldConfig::default()
+    };
+    config.seed = args.seed;
     let (pre_epochs, ft_epochs, filter_epochs) = if args.small {
         (1, 1, 1)
     } else {
@@ -909,13 +903,8 @@ fn main() {
             args.filter_epochs,
         )
     };
-    let experiment = Experiment {
-        out: out.clone(),
-        world: world.clone(),
-        tokenizer,
-        device,
-        args,
-    };
+    let experiment = Experiment::open(args, config);
+    let (out, world) = (experiment.out.clone(), experiment.world.clone());
     let test: Vec<TestRecord> =
         or_fail(std::fs::read_to_string(world.join("test_attributes.jsonl")))
             .lines()

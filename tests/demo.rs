@@ -33,12 +33,7 @@ fn the_demo_captioner_names_the_attributes_of_unseen_scenes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/captioner");
     let captioner = Captioner::from_pretrained(&dir, &device).unwrap();
     // The original captioner's evaluation: 3 beams, 5 to 20 tokens.
-    let generation = GenerationConfig {
-        num_beams: 3,
-        min_length: 5,
-        max_length: 20,
-        ..GenerationConfig::default()
-    };
+    let generation = GenerationConfig::blip_beam();
     // Seed 777 is not the demo world's (1): none of these scenes was trained on.
     let scenes: Vec<_> = (0..300).map(|i| scene(777, i, 64)).collect();
     let mut score = CaptionScore::default();

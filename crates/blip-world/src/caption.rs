@@ -196,15 +196,14 @@ impl NounPhrase {
 impl NounPhrase {
     fn canonical(&mut self) {
         self.shape.1 = 0;
-        for k in [
-            self.colour.as_mut().map(|w| &mut w.1),
-            self.size.as_mut().map(|w| &mut w.1),
-            self.position.as_mut().map(|w| &mut w.1),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            *k = 0;
+        if let Some(colour) = &mut self.colour {
+            colour.1 = 0;
+        }
+        if let Some(size) = &mut self.size {
+            size.1 = 0;
+        }
+        if let Some(position) = &mut self.position {
+            position.1 = 0;
         }
     }
 }
