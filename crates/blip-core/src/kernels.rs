@@ -30,9 +30,9 @@ use rayon::prelude::*;
 /// Runs `$body` compiled for AVX-512 when the CPU has it (so the loops vectorise 16 wide),
 /// else as plain code.
 macro_rules! multiversion {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn any($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -50,6 +50,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 /// Whether `device` is flex without autodiff, where these kernels and flex-specific
 /// scheduling apply. (An autodiff device compares equal to its inner device.)
@@ -488,7 +489,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
 
 multiversion! {
     /// In-place exact GELU of a slice.
-    fn gelu_slice(xs: &mut [f32]) {
+    pub(crate) fn gelu_slice(xs: &mut [f32]) {
         for x in xs {
             *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
         }
@@ -496,7 +497,7 @@ multiversion! {
 }
 
 /// In-place softmax of each `t`-long row.
-fn softmax_rows(s: &mut [f32], t: usize) {
+pub(crate) fn softmax_rows(s: &mut [f32], t: usize) {
     for row in s.chunks_exact_mut(t) {
         let mut stats = (0.0, 0.0, 0.0);
         exp_in_place(row, &mut stats);
@@ -733,12 +734,17 @@ multiversion! {
     }
 }
 
-/// `eˣ` to about 2.5e-7 relative, in straight-line arithmetic that vectorises:
+/// `eˣ` to about 2.5e-7 relative (0 below −87), in straight-line arithmetic that vectorises:
 /// `2ⁿ · p(r)` with `x = n·ln2 + r`, `|r| ≤ ln2/2`, `p` the degree-6 Taylor polynomial.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Below −87 the result is 0, not the clamp's 1.6e-38: a masked attention key
+    // (a −10⁴ bias) would otherwise get a probability of 10⁻³⁸, and every product with
+    // those subnormals, in the GEMMs after softmax and in its backward pass, runs an
+    // order of magnitude slower (it tripled the GEMM time of a training step).
+    let underflow = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -750,13 +756,17 @@ fn exp(x: f32) -> f32 {
     // `as i32` cast (saturating, NaN to 0, so compiled one lane at a time), bit casts vectorise.
     const MAGIC: f32 = 12_582_912.0;
     let biased = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits() - 127);
-    p * f32::from_bits(biased << 23)
+    if underflow {
+        0.0
+    } else {
+        p * f32::from_bits(biased << 23)
+    }
 }
 
 /// `erf(x)` to 5e-7 absolute in f32 (Abramowitz & Stegun 7.1.26: 1.5e-7 in exact arithmetic),
 /// branch-free.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * z);
     let poly = t

@@ -9,7 +9,8 @@
 //! - one seedable random generator ([`SplitMix64`]);
 //! - progress reports of long calls to the application's callback ([`progress`]);
 //! - BLIP's text cleaning ([`pre_caption`], [`pre_question`]);
-//! - training-time `dropout` and drop-path.
+//! - training-time `dropout` and drop-path;
+//! - [`fused`]: attention's softmax, GELU and LayerNorm with their own backward passes.
 //!
 //! The tensor parts (`checkpoint`, `dropout`) need the default feature `burn`; without it
 //! the crate is plain Rust.
@@ -29,6 +30,8 @@ pub mod checkpoint;
 pub mod dropout;
 mod error;
 pub mod fs;
+#[cfg(feature = "burn")]
+pub mod fused;
 mod io;
 #[cfg(feature = "flex")]
 #[doc(hidden)]

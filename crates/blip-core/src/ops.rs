@@ -67,7 +67,7 @@ fn check_targets(targets: &Tensor<1, Int>, rows: usize) -> crate::Result<()> {
 }
 
 /// `Ok` when `fine`, else an [`Error::InputShape`](crate::Error::InputShape) naming `what`.
-fn check_shape(
+pub(crate) fn check_shape(
     what: &'static str,
     expected: &str,
     found: &[usize],

@@ -4,7 +4,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor};
 
 use blip_core::ops::dense;
@@ -134,7 +133,7 @@ impl LmPredictionHead {
         let h = self
             .transform
             .layer_norm
-            .forward(gelu(dense(&self.transform.dense, hidden)));
+            .forward(blip_core::fused::gelu(dense(&self.transform.dense, hidden)));
         let [b, l, d] = h.dims();
         let logits = blip_core::ops::matmul_by_transpose(h.reshape([b * l, d]), word_embeddings);
         let vocab = logits.dims()[1];
@@ -186,7 +185,7 @@ impl LmPredictionHead {
         let h = self
             .transform
             .layer_norm
-            .forward(gelu(dense(&self.transform.dense, hidden)));
+            .forward(blip_core::fused::gelu(dense(&self.transform.dense, hidden)));
         Ok(blip_core::ops::linear_smoothed_cross_entropy(
             h.reshape([b * l, d]),
             word_embeddings,

@@ -18,13 +18,12 @@ use burn::module::Module;
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor};
 
-use blip_core::dropout;
 use blip_core::ops::dense;
+use blip_core::{dropout, fused};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -55,6 +54,9 @@ pub struct TextEmbeddings {
     pub position_embeddings: Embedding,
     /// LayerNorm (eps 1e-12).
     pub layer_norm: LayerNorm,
+    /// The LayerNorm's epsilon (the config's `layer_norm_eps`; burn keeps `LayerNorm`'s own
+    /// private, and the fused LayerNorm of training needs it).
+    pub layer_norm_eps: f64,
 }
 
 /// Query/key/value projections of one attention block. For cross-attention the key and
@@ -110,6 +112,9 @@ pub struct TextAttentionOutput {
     pub dense: Linear,
     /// Post-residual LayerNorm.
     pub layer_norm: LayerNorm,
+    /// The LayerNorm's epsilon (the config's `layer_norm_eps`; burn keeps `LayerNorm`'s own
+    /// private, and the fused LayerNorm of training needs it).
+    pub layer_norm_eps: f64,
 }
 
 /// A self- or cross-attention block: `LayerNorm(x + dense(attention(x, kv)))`.
@@ -182,6 +187,9 @@ pub struct TextOutput {
     pub dense: Linear,
     /// Post-residual LayerNorm.
     pub layer_norm: LayerNorm,
+    /// The LayerNorm's epsilon (the config's `layer_norm_eps`; burn keeps `LayerNorm`'s own
+    /// private, and the fused LayerNorm of training needs it).
+    pub layer_norm_eps: f64,
 }
 
 /// One post-LN BERT layer with an optional cross-attention block.
@@ -355,6 +363,7 @@ impl TextConfig {
                 layer_norm: LayerNormConfig::new(d)
                     .with_epsilon(self.layer_norm_eps)
                     .init(device),
+                layer_norm_eps: self.layer_norm_eps,
             },
         }
     }
@@ -387,6 +396,7 @@ impl TextConfig {
                 output: TextOutput {
                     dense: linear(self.intermediate_size, d, device),
                     layer_norm: norm(),
+                    layer_norm_eps: self.layer_norm_eps,
                 },
             })
             .collect();
@@ -395,6 +405,7 @@ impl TextConfig {
                 word_embeddings: embedding(self.vocab_size),
                 position_embeddings: embedding(self.max_position_embeddings),
                 layer_norm: norm(),
+                layer_norm_eps: self.layer_norm_eps,
             },
             encoder: TextEncoder { layer },
         }
@@ -455,15 +466,15 @@ impl TextSelfAttention {
             let [bb, _, lq, lk] = bias.dims();
             bias.expand([bb, self.num_heads, lq, lk])
         });
-        let context = if dropout::drops_attention() {
-            // Dropout on the probabilities needs them in hand, which a fused kernel hides.
+        // In training on flex (autodiff), and wherever attention probabilities are dropped
+        // (which needs them in hand), attention runs in steps around the fused softmax;
+        // elsewhere burn's fused kernel is faster.
+        let context = if dropout::drops_attention() || fused::has_backward(&q.device()) {
             let scale = 1.0 / ((d / self.num_heads) as f64).sqrt();
-            let scores = q.matmul(kv.key.clone().swap_dims(2, 3)) * scale;
-            let scores = match bias {
-                Some(bias) => scores + bias,
-                None => scores,
-            };
-            dropout::attention_probs(softmax(scores, 3)).matmul(kv.value.clone())
+            let scores = q.matmul(kv.key.clone().swap_dims(2, 3));
+            let probs = fused::attention_softmax(scores, scale, bias)
+                .expect("the mask is [B, 1 or H, L_q, L_k], built for these scores");
+            dropout::attention_probs(probs).matmul(kv.value.clone())
         } else {
             attention(
                 q,
@@ -483,7 +494,7 @@ impl TextAttention {
     pub fn forward(&self, x: Tensor<3>, kv: &KeyValue, bias: Option<Tensor<4>>) -> Tensor<3> {
         let context = self.self_attention.attend(x.clone(), kv, bias);
         let out = dropout::hidden(dense(&self.output.dense, context));
-        self.output.layer_norm.forward(out + x)
+        post_norm(&self.output.layer_norm, out + x, self.output.layer_norm_eps)
     }
 }
 
@@ -514,9 +525,9 @@ impl TextLayer {
         if let (Some(block), Some((kv, bias))) = (&self.crossattention, cross) {
             x = block.forward(x, kv, bias);
         }
-        let hidden = gelu(dense(&self.intermediate.dense, x.clone()));
+        let hidden = fused::gelu(dense(&self.intermediate.dense, x.clone()));
         let out = dropout::hidden(dense(&self.output.dense, hidden));
-        self.output.layer_norm.forward(out + x)
+        post_norm(&self.output.layer_norm, out + x, self.output.layer_norm_eps)
     }
 }
 
@@ -534,8 +545,14 @@ impl TextEmbeddings {
     pub fn forward_at(&self, input_ids: Tensor<2, Int>, positions: Tensor<2, Int>) -> Tensor<3> {
         let x =
             self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(positions);
-        dropout::hidden(self.layer_norm.forward(x))
+        dropout::hidden(post_norm(&self.layer_norm, x, self.layer_norm_eps))
     }
+}
+
+/// `norm(x)` for `x` of the model's own width (fused, with its own backward pass, in
+/// training on flex).
+fn post_norm(norm: &LayerNorm, x: Tensor<3>, eps: f64) -> Tensor<3> {
+    fused::layer_norm(norm, x, eps).expect("x has the hidden size the norm was built for")
 }
 
 impl TextModel {

@@ -7,7 +7,6 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -15,7 +14,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::config::VisionConfig;
 use blip_core::dropout::drop_path;
 use blip_core::ops::dense;
-use blip_core::{Error, Result};
+use blip_core::{Error, Result, fused};
 
 /// Patch embedding, class token and learned absolute position embedding.
 ///
@@ -118,6 +117,9 @@ pub struct VisionLayer {
     pub layer_norm2: LayerNorm,
     /// Feed-forward block.
     pub mlp: VisionMlp,
+    /// The LayerNorms' epsilon (the config's `layer_norm_eps`; burn keeps `LayerNorm`'s own
+    /// private, and the fused LayerNorm of training needs it).
+    pub layer_norm_eps: f64,
 }
 
 /// The stack of blocks.
@@ -226,6 +228,7 @@ impl VisionConfig {
                     fc1: linear(d, self.intermediate_size),
                     fc2: linear(self.intermediate_size, d),
                 },
+                layer_norm_eps: eps,
             })
             .collect();
         VisionTransformer {
@@ -306,14 +309,22 @@ pub(crate) fn attention_from_qkv(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
     // [B, T, 3, H, hd] → [3, B, H, T, hd]: the 3 is the outer split, heads inner.
     let qkv = qkv.reshape([b, t, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
     let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, t, hd]);
-    let context = attention(
-        part(0),
-        part(1),
-        part(2),
-        None,
-        None,
-        AttentionModuleOptions::default(),
-    );
+    // In training on flex, in steps around the fused softmax and its backward pass.
+    let context = if fused::has_backward(&qkv.device()) {
+        let scores = part(0).matmul(part(1).swap_dims(2, 3));
+        let probs = fused::attention_softmax(scores, 1.0 / (hd as f64).sqrt(), None)
+            .expect("no bias to mismatch");
+        probs.matmul(part(2))
+    } else {
+        attention(
+            part(0),
+            part(1),
+            part(2),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        )
+    };
     context.swap_dims(1, 2).reshape([b, t, heads * hd])
 }
 
@@ -326,21 +337,26 @@ impl VisionLayer {
     /// One pre-norm block as block `index` of `depth`: its residual branches take that
     /// block's drop-path rate inside a [`blip_core::dropout::train`] scope.
     pub fn forward_at(&self, x: Tensor<3>, index: usize, depth: usize) -> Tensor<3> {
-        let attention = self.self_attn.forward(self.layer_norm1.forward(x.clone()));
+        let norm = |norm, x| {
+            fused::layer_norm(norm, x, self.layer_norm_eps)
+                .expect("x has the hidden size the norm was built for")
+        };
+        let attention = self.self_attn.forward(norm(&self.layer_norm1, x.clone()));
         let x = x + drop_path(attention, index, depth);
-        let hidden = gelu_fast(dense(&self.mlp.fc1, self.layer_norm2.forward(x.clone())));
+        let hidden = gelu_fast(dense(&self.mlp.fc1, norm(&self.layer_norm2, x.clone())));
         x + drop_path(dense(&self.mlp.fc2, hidden), index, depth)
     }
 }
 
-/// Exact GELU: [`blip_core::kernels::gelu`] on flex, burn's elsewhere.
+/// Exact GELU: [`blip_core::kernels::gelu`] (in place) on plain flex, the fused op with its
+/// backward pass in training.
 fn gelu_fast(x: Tensor<3>) -> Tensor<3> {
     #[cfg(feature = "flex")]
     let x = match blip_core::kernels::gelu(x) {
         Ok(y) => return y,
         Err(x) => x,
     };
-    gelu(x)
+    fused::gelu(x)
 }
 
 impl VisionTransformer {

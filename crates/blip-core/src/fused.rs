@@ -1,0 +1,921 @@
+//! Training ops with their own backward passes: attention's softmax, GELU and LayerNorm.
+//!
+//! Under autodiff, burn builds each of these from generic ops, and each generic op is a
+//! graph node with its own full-size pass forward and backward: attention's softmax is a
+//! dozen (scale, bias add, max, clamp, subtract, a scalar `exp`, sum, clamp, divide, and
+//! their backward passes, which evaluate `exp` again), LayerNorm ten, and GELU evaluates a
+//! scalar libm `erf`. Here each is one node: one vectorised pass forward, one backward,
+//! with the few tensors backward needs saved in between.
+//!
+//! | op | forward | backward (`g` = gradient of the output) |
+//! |---|---|---|
+//! | [`attention_softmax`] | `y = softmax(scale·s + bias)` over the last dim | `∂s = scale · y ⊙ (g − Σ_row g⊙y)` |
+//! | [`gelu`] | `y = x · Φ(x)` | `∂x = g ⊙ (Φ(x) + x·φ(x))` |
+//! | [`layer_norm`] | `y = x̂ ⊙ γ + β`, `x̂ = (x − μ)·r`, `r = 1/√(σ² + ε)` per row | `∂x = r·(g̃ − mean(g̃) − x̂·mean(g̃⊙x̂))`, `g̃ = g⊙γ`; `∂γ = Σ_rows g⊙x̂`; `∂β = Σ_rows g` |
+//!
+//! The fused path runs on flex (burn's CPU backend) in f32, with or without autodiff.
+//! Every other backend or dtype takes burn's own ops, with the same result to float
+//! rounding. The tests compare both paths' values and gradients, and the gradients with
+//! finite differences.
+
+use burn::nn::LayerNorm;
+use burn::tensor::activation;
+use burn::tensor::{Device, Tensor};
+
+use crate::ops::check_shape;
+
+/// Whether the fused ops run with their own backward passes on `device`: autodiff over
+/// flex. There, attention is best computed in steps around [`attention_softmax`]; elsewhere
+/// burn's fused attention (or, on plain flex, the inference kernels) is faster.
+///
+/// ```
+/// use burn::tensor::Device;
+///
+/// assert!(!blip_core::fused::has_backward(&Device::flex()));
+/// ```
+pub fn has_backward(device: &Device) -> bool {
+    cfg!(all(feature = "flex", feature = "autodiff"))
+        && device.is_autodiff()
+        && *device == Device::flex()
+}
+
+/// `softmax(scale · scores + bias)` over the last dimension: the attention probabilities
+/// of the scores `q·kᵀ` (`[B, H, L_q, L_k]`). `bias` (an additive mask, a large negative
+/// value or `-∞` where a key is hidden) broadcasts against the scores. It is a constant on
+/// the fused path: a `bias` that takes part in autodiff takes burn's ops, so that it gets
+/// its gradient.
+///
+/// A `bias` that does not broadcast against `scores` is an
+/// [`Error::InputShape`](crate::Error::InputShape).
+///
+/// ```
+/// use blip_core::fused::attention_softmax;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let scores = Tensor::<4>::from_floats([[[[0.0, 2.0, 4.0]]]], &device);
+/// // The last key is hidden: the first two share the probability as softmax([0, 1]).
+/// let bias = Tensor::<4>::from_floats([[[[0.0, 0.0, -1e4]]]], &device);
+/// let p: Vec<f32> = attention_softmax(scores.clone(), 0.5, Some(bias))?.into_data().to_vec().unwrap();
+/// let e = std::f32::consts::E;
+/// assert!((p[1] - e / (1.0 + e)).abs() < 1e-6 && p[2] == 0.0);
+/// let wrong = Tensor::<4>::zeros([1, 1, 1, 2], &device);
+/// assert!(attention_softmax(scores, 0.5, Some(wrong)).is_err());
+/// # Ok::<(), blip_core::Error>(())
+/// ```
+pub fn attention_softmax(
+    scores: Tensor<4>,
+    scale: f64,
+    bias: Option<Tensor<4>>,
+) -> crate::Result<Tensor<4>> {
+    if let Some(b) = &bias {
+        let fits = b
+            .dims()
+            .iter()
+            .zip(scores.dims())
+            .all(|(&b, s)| b == s || b == 1);
+        let expected = format!("broadcastable to {:?}", scores.dims());
+        check_shape("bias", &expected, &b.dims(), fits)?;
+    }
+    #[cfg(feature = "flex")]
+    let (scores, bias) = match flex::attention_softmax(scores, scale, bias) {
+        Ok(y) => return Ok(y),
+        Err(inputs) => inputs,
+    };
+    let z = scores * scale;
+    let z = match bias {
+        Some(bias) => z + bias,
+        None => z,
+    };
+    Ok(activation::softmax(z, 3))
+}
+
+/// Exact (erf) GELU, `x · Φ(x)`, element-wise.
+///
+/// ```
+/// use blip_core::fused::gelu;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let x = Tensor::<1>::from_floats([-1.0, 0.0, 1.0], &Device::flex());
+/// let y: Vec<f32> = gelu(x).into_data().to_vec().unwrap();
+/// // Φ(1) = 0.841345, Φ(−1) = 0.158655.
+/// assert!((y[2] - 0.841_345).abs() < 1e-6 && (y[0] + 0.158_655).abs() < 1e-6);
+/// ```
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    let x = match flex::gelu(x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    activation::gelu(x)
+}
+
+/// `norm` applied to `x` over its last dimension, with `norm`'s epsilon `eps` (burn keeps a
+/// `LayerNorm`'s epsilon private, so the model passes its config's).
+///
+/// An `x` whose last dimension is not `norm`'s width is an
+/// [`Error::InputShape`](crate::Error::InputShape).
+///
+/// ```
+/// use blip_core::fused::layer_norm;
+/// use burn::nn::LayerNormConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let norm = LayerNormConfig::new(4).with_epsilon(1e-12).init(&device);
+/// let x = Tensor::<2>::from_floats([[1.0, 2.0, 3.0, 4.0]], &device);
+/// let y: Vec<f32> = layer_norm(&norm, x, 1e-12)?.into_data().to_vec().unwrap();
+/// // Mean 2.5, variance 1.25: (x − 2.5) / √1.25.
+/// assert!((y[0] + 1.341_641).abs() < 1e-5 && (y[3] - 1.341_641).abs() < 1e-5);
+/// assert!(layer_norm(&norm, Tensor::<2>::zeros([1, 3], &device), 1e-12).is_err());
+/// # Ok::<(), blip_core::Error>(())
+/// ```
+pub fn layer_norm<const D: usize>(
+    norm: &LayerNorm,
+    x: Tensor<D>,
+    eps: f64,
+) -> crate::Result<Tensor<D>> {
+    let [width] = norm.gamma.val().dims();
+    let dims = x.dims();
+    check_shape(
+        "x",
+        &format!("[.., {width}]"),
+        &dims,
+        dims.last() == Some(&width),
+    )?;
+    #[cfg(feature = "flex")]
+    let x = match flex::layer_norm(norm, x, eps) {
+        Ok(y) => return Ok(y),
+        Err(x) => x,
+    };
+    Ok(norm.forward(x))
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    //! The fused path: a backend extension with a flex implementation (forward only) and,
+    //! with the `autodiff` feature, one for autodiff over flex with the backward passes.
+
+    // `Ok` and `Err` are both tensors: boxing the error would save nothing.
+    #![allow(clippy::result_large_err)]
+
+    use burn::backend::TensorMetadata;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::{Dispatch, Flex, backend_extension};
+    use burn::nn::LayerNorm;
+    use burn::tensor::{DType, Device, Tensor, TensorData};
+    use rayon::prelude::*;
+
+    use crate::kernels::{gelu_slice, multiversion, softmax_rows};
+
+    /// The fused ops on burn's primitives. Flex runs them forward; autodiff over flex adds
+    /// their backward passes. Only flex devices are routed here (see [`is_flex_f32`]).
+    #[backend_extension(Flex, Autodiff: cfg(feature = "autodiff"))]
+    pub trait FusedOps: burn::backend::Backend {
+        /// `softmax(scale · scores + bias)` over the last dimension, `bias` broadcast (a
+        /// `[1, …, 1]` zero where there is none).
+        fn fused_softmax(
+            scores: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+            scale: f64,
+        ) -> FloatTensor<Self>;
+        /// Exact GELU.
+        fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+        /// LayerNorm over the last dimension.
+        fn fused_layer_norm(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            eps: f64,
+        ) -> FloatTensor<Self>;
+    }
+
+    /// Whether the fused path takes tensors of `device` and `dtype`: flex in f32, and under
+    /// autodiff only when this crate routes autodiff tensors to its backward passes.
+    fn is_flex_f32(device: &Device, dtype: DType) -> bool {
+        // An autodiff device compares equal to its inner device.
+        *device == Device::flex()
+            && dtype == DType::F32
+            && (cfg!(feature = "autodiff") || !device.is_autodiff())
+    }
+
+    pub(super) fn attention_softmax(
+        scores: Tensor<4>,
+        scale: f64,
+        bias: Option<Tensor<4>>,
+    ) -> Result<Tensor<4>, (Tensor<4>, Option<Tensor<4>>)> {
+        let fits = |t: &Tensor<4>| is_flex_f32(&t.device(), t.dtype());
+        let broadcasts = bias.as_ref().is_none_or(|b| {
+            fits(b)
+                && b.dims()
+                    .iter()
+                    .zip(scores.dims())
+                    .all(|(&b, s)| b == s || b == 1)
+        });
+        if !fits(&scores) || !broadcasts {
+            return Err((scores, bias));
+        }
+        let bias = bias.unwrap_or_else(|| Tensor::zeros([1; 4], &scores.device()));
+        let out = <Dispatch as FusedOps>::fused_softmax(
+            scores.into_dispatch(),
+            bias.into_dispatch(),
+            scale,
+        );
+        Ok(Tensor::from_dispatch(out))
+    }
+
+    pub(super) fn gelu<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
+        if !is_flex_f32(&x.device(), x.dtype()) {
+            return Err(x);
+        }
+        Ok(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(
+            x.into_dispatch(),
+        )))
+    }
+
+    pub(super) fn layer_norm<const D: usize>(
+        norm: &LayerNorm,
+        x: Tensor<D>,
+        eps: f64,
+    ) -> Result<Tensor<D>, Tensor<D>> {
+        let gamma = norm.gamma.val();
+        let Some(beta) = norm.beta.as_ref().map(|b| b.val()) else {
+            return Err(x);
+        };
+        let d = x.dims().last().copied().unwrap_or(0);
+        let params_fit = [&gamma, &beta]
+            .iter()
+            .all(|p| p.dims() == [d] && is_flex_f32(&p.device(), p.dtype()));
+        if !is_flex_f32(&x.device(), x.dtype()) || !params_fit {
+            return Err(x);
+        }
+        Ok(Tensor::from_dispatch(
+            <Dispatch as FusedOps>::fused_layer_norm(
+                x.into_dispatch(),
+                gamma.into_dispatch(),
+                beta.into_dispatch(),
+                eps,
+            ),
+        ))
+    }
+
+    impl FusedOps for Flex {
+        fn fused_softmax(scores: FlexTensor, bias: FlexTensor, scale: f64) -> FlexTensor {
+            softmax_forward(&scores, &bias, scale as f32)
+        }
+
+        fn fused_gelu(x: FlexTensor) -> FlexTensor {
+            let (shape, mut y) = owned(x);
+            y.par_chunks_mut(CHUNK).for_each(gelu_slice);
+            tensor(y, shape)
+        }
+
+        fn fused_layer_norm(
+            x: FlexTensor,
+            gamma: FlexTensor,
+            beta: FlexTensor,
+            eps: f64,
+        ) -> FlexTensor {
+            layer_norm_forward(&x, &gamma, &beta, eps).0
+        }
+    }
+
+    /// Elements per parallel task of the element-wise kernels.
+    const CHUNK: usize = 1 << 14;
+
+    /// `t`'s values in row-major order, in place when `t` is contiguous.
+    fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+        match t.as_slice::<f32>() {
+            Some(v) => v.into(),
+            None => t.to_contiguous().storage::<f32>().to_vec().into(),
+        }
+    }
+
+    /// `t`'s shape and its values, as an owned buffer to compute in.
+    fn owned(t: FlexTensor) -> (Vec<usize>, Vec<f32>) {
+        let shape = t.shape().to_vec();
+        let v = values(&t).into_owned();
+        (shape, v)
+    }
+
+    fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    /// Row-major strides of `shape`, 0 along the dimensions of size 1 (a broadcast operand).
+    fn broadcast_strides(shape: &[usize]) -> Vec<usize> {
+        let mut strides = vec![0; shape.len()];
+        let mut step = 1;
+        for (s, &n) in strides.iter_mut().zip(shape).rev() {
+            *s = if n == 1 { 0 } else { step };
+            step *= n;
+        }
+        strides
+    }
+
+    fn softmax_forward(scores: &FlexTensor, bias: &FlexTensor, scale: f32) -> FlexTensor {
+        let shape = scores.shape().to_vec();
+        let len = shape.last().copied().unwrap_or(1).max(1);
+        let mut z = values(scores).into_owned();
+        let strides = broadcast_strides(&bias.shape().to_vec());
+        let bias = values(bias);
+        // The row's position in the leading dimensions, for the bias's broadcast strides.
+        let lead = &shape[..shape.len().saturating_sub(1)];
+        let rows_per_task = (CHUNK / len).max(1);
+        z.par_chunks_mut(rows_per_task * len)
+            .enumerate()
+            .for_each(|(task, block)| {
+                for (i, row) in block.chunks_exact_mut(len).enumerate() {
+                    let mut r = task * rows_per_task + i;
+                    let mut at = 0;
+                    for (&n, &s) in lead.iter().zip(&strides).rev() {
+                        at += (r % n) * s;
+                        r /= n;
+                    }
+                    scale_add(row, scale, &bias, at, strides[lead.len()]);
+                    // A row with every key hidden by -∞ gives zeros, not NaN.
+                    if row.iter().all(|&x| x == f32::NEG_INFINITY) {
+                        row.fill(0.0);
+                    } else {
+                        softmax_rows(row, len);
+                    }
+                }
+            });
+        tensor(z, shape)
+    }
+
+    multiversion! {
+        /// `z = scale·z + b[at + i·step]`.
+        fn scale_add(z: &mut [f32], scale: f32, b: &[f32], at: usize, step: usize) {
+            if step == 1 {
+                let n = z.len();
+                for (z, &b) in z.iter_mut().zip(&b[at..at + n]) {
+                    *z = *z * scale + b;
+                }
+            } else {
+                for (i, z) in z.iter_mut().enumerate() {
+                    *z = *z * scale + b[at + i * step];
+                }
+            }
+        }
+    }
+
+    /// `y = x̂ ⊙ γ + β` with `x̂` and `r = 1/√(σ² + ε)` per row, which backward reuses.
+    fn layer_norm_forward(
+        x: &FlexTensor,
+        gamma: &FlexTensor,
+        beta: &FlexTensor,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape().to_vec();
+        let d = shape.last().copied().unwrap_or(1).max(1);
+        let (gamma, beta) = (values(gamma), values(beta));
+        let mut xhat = values(x).into_owned();
+        let mut y = vec![0.0f32; xhat.len()];
+        let mut rstd = vec![0.0f32; xhat.len() / d];
+        let rows_per_task = (CHUNK / d).max(1);
+        xhat.par_chunks_mut(rows_per_task * d)
+            .zip(y.par_chunks_mut(rows_per_task * d))
+            .zip(rstd.par_chunks_mut(rows_per_task))
+            .for_each(|((xhat, y), rstd)| {
+                for ((xhat, y), rstd) in xhat
+                    .chunks_exact_mut(d)
+                    .zip(y.chunks_exact_mut(d))
+                    .zip(rstd)
+                {
+                    *rstd = normalize_row(xhat, y, &gamma, &beta, eps);
+                }
+            });
+        let rows = shape[..shape.len() - 1].to_vec();
+        (
+            tensor(y, shape.clone()),
+            tensor(xhat, shape),
+            tensor(rstd, rows),
+        )
+    }
+
+    multiversion! {
+        /// Turns the row `x` into `x̂` in place, writes `y = x̂ ⊙ γ + β`, returns `r`. The
+        /// moments are summed in f64: BERT's ε of 10⁻¹² leaves f32 no margin.
+        fn normalize_row_into(x: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64, r: &mut f32) {
+            let n = x.len() as f64;
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let rstd = (1.0 / (var + eps).sqrt()) as f32;
+            let mean = mean as f32;
+            for (((x, y), &g), &b) in x.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+                *x = (*x - mean) * rstd;
+                *y = *x * g + b;
+            }
+            *r = rstd;
+        }
+    }
+
+    fn normalize_row(x: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64) -> f32 {
+        let mut r = 0.0;
+        normalize_row_into(x, y, gamma, beta, eps, &mut r);
+        r
+    }
+
+    #[cfg(feature = "autodiff")]
+    mod backward {
+        //! The backward passes, on autodiff over flex.
+
+        use burn::backend::Flex;
+        use burn::backend::TensorMetadata;
+        use burn::backend::autodiff::Autodiff;
+        use burn::backend::autodiff::checkpoint::base::Checkpointer;
+        use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+        use burn::backend::autodiff::grads::Gradients;
+        use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+        use burn::backend::flex::FlexTensor;
+        use burn::backend::tensor::FloatTensor;
+        use rayon::prelude::*;
+
+        use super::{CHUNK, FusedOps, layer_norm_forward, owned, softmax_forward, tensor, values};
+        use crate::kernels::{erf, exp, multiversion};
+
+        impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+            fn fused_softmax(
+                scores: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+                scale: f64,
+            ) -> FloatTensor<Self> {
+                if bias.is_tracked() {
+                    return composed_softmax::<Self>(scores, bias, scale);
+                }
+                let bias = bias.into_primitive();
+                let (scores, guard) = scores.into_parts();
+                match SoftmaxBackward
+                    .prepare::<C>([guard])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => {
+                        let y = softmax_forward(&scores, &bias, scale as f32);
+                        prep.finish((y.clone(), scale as f32), y)
+                    }
+                    OpsKind::UnTracked(prep) => {
+                        prep.finish(softmax_forward(&scores, &bias, scale as f32))
+                    }
+                }
+            }
+
+            fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+                let (x, guard) = x.into_parts();
+                match GeluBackward
+                    .prepare::<C>([guard])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => {
+                        let y = Flex::fused_gelu(x.clone());
+                        prep.finish(x, y)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(Flex::fused_gelu(x)),
+                }
+            }
+
+            fn fused_layer_norm(
+                x: FloatTensor<Self>,
+                gamma: FloatTensor<Self>,
+                beta: FloatTensor<Self>,
+                eps: f64,
+            ) -> FloatTensor<Self> {
+                let (x, gx) = x.into_parts();
+                let (gamma, gg) = gamma.into_parts();
+                let (beta, gb) = beta.into_parts();
+                let (y, xhat, rstd) = layer_norm_forward(&x, &gamma, &beta, eps);
+                match LayerNormBackward
+                    .prepare::<C>([gx, gg, gb])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish((xhat, rstd, gamma), y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            }
+        }
+
+        /// burn's ops on any backend `B`, for a bias that needs its own gradient.
+        fn composed_softmax<B: burn::backend::Backend>(
+            scores: FloatTensor<B>,
+            bias: FloatTensor<B>,
+            scale: f64,
+        ) -> FloatTensor<B> {
+            let z = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
+            let last = z.shape().num_dims() - 1;
+            B::softmax(z, last)
+        }
+
+        #[derive(Debug)]
+        struct SoftmaxBackward;
+
+        impl Backward<Flex, 1> for SoftmaxBackward {
+            /// The probabilities and the scale.
+            type State = (FlexTensor, f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (y, scale) = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+                    let shape = y.shape().to_vec();
+                    let len = shape.last().copied().unwrap_or(1).max(1);
+                    let (_, mut g) = owned(g);
+                    let y = values(&y);
+                    let rows = (CHUNK / len).max(1) * len;
+                    g.par_chunks_mut(rows)
+                        .zip(y.par_chunks(rows))
+                        .for_each(|(g, y)| {
+                            for (g, y) in g.chunks_exact_mut(len).zip(y.chunks_exact(len)) {
+                                softmax_row_backward(g, y, scale);
+                            }
+                        });
+                    tensor(g, shape)
+                });
+            }
+        }
+
+        multiversion! {
+            /// `g = scale · y ⊙ (g − Σ g⊙y)` for one row.
+            fn softmax_row_backward(g: &mut [f32], y: &[f32], scale: f32) {
+                let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
+                for (g, &y) in g.iter_mut().zip(y) {
+                    *g = scale * y * (*g - dot);
+                }
+            }
+        }
+
+        #[derive(Debug)]
+        struct GeluBackward;
+
+        impl Backward<Flex, 1> for GeluBackward {
+            /// The input.
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let x = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+                    let (shape, mut g) = owned(g);
+                    let x = values(&x);
+                    g.par_chunks_mut(CHUNK)
+                        .zip(x.par_chunks(CHUNK))
+                        .for_each(|(g, x)| gelu_backward_slice(g, x));
+                    tensor(g, shape)
+                });
+            }
+        }
+
+        multiversion! {
+            /// `g = g ⊙ (Φ(x) + x·φ(x))`.
+            fn gelu_backward_slice(g: &mut [f32], x: &[f32]) {
+                // 1/√(2π)
+                const INV_SQRT_2PI: f32 = 0.398_942_3;
+                for (g, &x) in g.iter_mut().zip(x) {
+                    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                    let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+                    *g *= cdf + x * pdf;
+                }
+            }
+        }
+
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl Backward<Flex, 3> for LayerNormBackward {
+            /// `x̂`, `r` per row, and `γ`.
+            type State = (FlexTensor, FlexTensor, FlexTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (xhat, rstd, gamma) = ops.state;
+                let g = grads.consume::<Flex>(&ops.node);
+                let [px, pgamma, pbeta] = ops.parents;
+                let shape = xhat.shape().to_vec();
+                let d = shape.last().copied().unwrap_or(1).max(1);
+                let (g, xhat, rstd, gamma) =
+                    (values(&g), values(&xhat), values(&rstd), values(&gamma));
+                let rows = (CHUNK / d).max(1);
+                if let Some(node) = px {
+                    let mut dx = vec![0.0f32; g.len()];
+                    dx.par_chunks_mut(rows * d)
+                        .zip(g.par_chunks(rows * d))
+                        .zip(xhat.par_chunks(rows * d))
+                        .zip(rstd.par_chunks(rows))
+                        .for_each(|(((dx, g), xhat), rstd)| {
+                            for (((dx, g), xhat), &r) in dx
+                                .chunks_exact_mut(d)
+                                .zip(g.chunks_exact(d))
+                                .zip(xhat.chunks_exact(d))
+                                .zip(rstd)
+                            {
+                                layer_norm_row_backward(dx, g, xhat, &gamma, r);
+                            }
+                        });
+                    grads.register::<Flex>(node.id, tensor(dx, shape.clone()));
+                }
+                if pgamma.is_none() && pbeta.is_none() {
+                    return;
+                }
+                // Σ over rows of g⊙x̂ and of g: per task, then added up.
+                let (dgamma, dbeta) = g
+                    .par_chunks(rows * d)
+                    .zip(xhat.par_chunks(rows * d))
+                    .map(|(g, xhat)| {
+                        let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
+                        for (g, xhat) in g.chunks_exact(d).zip(xhat.chunks_exact(d)) {
+                            accumulate_param_grads(&mut dgamma, &mut dbeta, g, xhat);
+                        }
+                        (dgamma, dbeta)
+                    })
+                    .reduce(
+                        || (vec![0.0f32; d], vec![0.0f32; d]),
+                        |(mut a, mut b), (c, e)| {
+                            a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                            b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
+                            (a, b)
+                        },
+                    );
+                if let Some(node) = pgamma {
+                    grads.register::<Flex>(node.id, tensor(dgamma, vec![d]));
+                }
+                if let Some(node) = pbeta {
+                    grads.register::<Flex>(node.id, tensor(dbeta, vec![d]));
+                }
+            }
+        }
+
+        multiversion! {
+            /// `dx = r·(g̃ − mean(g̃) − x̂·mean(g̃⊙x̂))`, `g̃ = g⊙γ`, for one row.
+            fn layer_norm_row_backward(dx: &mut [f32], g: &[f32], xhat: &[f32], gamma: &[f32], r: f32) {
+                let n = g.len() as f32;
+                let (mut sum, mut dot) = (0.0f32, 0.0f32);
+                for ((&g, &xh), &ga) in g.iter().zip(xhat).zip(gamma) {
+                    sum += g * ga;
+                    dot += g * ga * xh;
+                }
+                let (mean, mean_dot) = (sum / n, dot / n);
+                for (((dx, &g), &xh), &ga) in dx.iter_mut().zip(g).zip(xhat).zip(gamma) {
+                    *dx = r * (g * ga - mean - xh * mean_dot);
+                }
+            }
+        }
+
+        multiversion! {
+            /// `∂γ += g⊙x̂`, `∂β += g` for one row.
+            fn accumulate_param_grads(dgamma: &mut [f32], dbeta: &mut [f32], g: &[f32], xhat: &[f32]) {
+                for (((dg, db), &g), &xh) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(g).zip(xhat) {
+                    *dg += g * xh;
+                    *db += g;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each fused op against burn's own ops (values and gradients, on autodiff over flex)
+    //! and its gradient against central finite differences.
+
+    use approx::assert_abs_diff_eq;
+    use burn::module::Module;
+    use burn::nn::LayerNormConfig;
+    use burn::tensor::{Device, Tensor, TensorData, activation};
+
+    use super::*;
+    use crate::SplitMix64;
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec().unwrap()
+    }
+
+    /// A tensor of uniform values in `[lo, hi)` from `seed`.
+    fn uniform<const D: usize>(
+        seed: u64,
+        shape: [usize; D],
+        lo: f64,
+        hi: f64,
+        device: &Device,
+    ) -> Tensor<D> {
+        let mut rng = SplitMix64::new(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.range_f64(lo, hi) as f32).collect();
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+
+    fn autodiff() -> Device {
+        let device = Device::flex().autodiff();
+        // The workspace's training crate turns on `autodiff`, so these tests take the fused
+        // backward passes, not burn's ops twice.
+        assert_eq!(has_backward(&device), cfg!(feature = "autodiff"));
+        device
+    }
+
+    fn assert_close(what: &str, got: &[f32], expected: &[f32], tolerance: f32) {
+        assert_eq!(got.len(), expected.len(), "{what}");
+        for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+            assert!(
+                (g - e).abs() <= tolerance * e.abs().max(1.0),
+                "{what}[{i}]: {g} against {e}"
+            );
+        }
+    }
+
+    /// `Σ f(x) ⊙ w` against its gradient at a few elements of `x`, by central differences
+    /// with step `h` (in f32: the error is about `h²·f‴ + 1e-7·|L|/h`).
+    fn check_finite_differences<const D: usize>(
+        f: impl Fn(Tensor<D>) -> Tensor<D>,
+        x: Tensor<D>,
+        w: Tensor<D>,
+        grad: &[f32],
+        h: f32,
+    ) {
+        let plain = |t: Tensor<D>| Tensor::<D>::from_data(t.into_data(), &Device::flex());
+        let (x, w) = (plain(x), plain(w));
+        let shape = x.dims();
+        let base = values(x.clone());
+        let loss = |v: Vec<f32>| -> f64 {
+            let y = f(Tensor::from_data(
+                TensorData::new(v, shape),
+                &Device::flex(),
+            ));
+            values(y * w.clone()).iter().map(|&v| v as f64).sum()
+        };
+        let step = (base.len() / 7).max(1);
+        for i in (0..base.len()).step_by(step) {
+            let (mut up, mut down) = (base.clone(), base.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss(up) - loss(down)) / (2.0 * h as f64);
+            assert_abs_diff_eq!(fd, grad[i] as f64, epsilon = 2e-3);
+        }
+    }
+
+    #[test]
+    fn attention_softmax_matches_burn_and_finite_differences() {
+        let device = autodiff();
+        let scale = 0.35;
+        let scores = uniform(1, [2, 3, 4, 21], -3.0, 3.0, &device);
+        // A padding mask [B, 1, 1, L_k] and a causal one [B, 1, L_q, L_k], as the text
+        // model builds them.
+        let mut padding = vec![0.0f32; 2 * 21];
+        padding[21 + 17..].fill(-1e4);
+        let padding = Tensor::<4>::from_data(TensorData::new(padding, [2, 1, 1, 21]), &device);
+        let causal: Vec<f32> = (0..2 * 4 * 21)
+            .map(|i| {
+                if i % 21 > (i / 21) % 4 + 10 {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let causal = Tensor::<4>::from_data(TensorData::new(causal, [2, 1, 4, 21]), &device);
+        let w = uniform(2, [2, 3, 4, 21], -1.0, 1.0, &device);
+        for bias in [None, Some(padding), Some(causal)] {
+            let x = scores.clone().require_grad();
+            let y = attention_softmax(x.clone(), scale, bias.clone()).unwrap();
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let grad = values(x.grad(&grads).unwrap());
+            let reference_x = scores.clone().require_grad();
+            let z = reference_x.clone() * scale;
+            let z = bias
+                .clone()
+                .map_or(z.clone(), |b| z + b.expand([2, 3, 4, 21]));
+            let reference = activation::softmax(z, 3);
+            let reference_grads = (reference.clone() * w.clone()).sum().backward();
+            assert_close("y", &values(y), &values(reference), 1e-6);
+            let reference_grad = values(reference_x.grad(&reference_grads).unwrap());
+            assert_close("∂scores", &grad, &reference_grad, 1e-6);
+            let f = |x| attention_softmax(x, scale, bias.clone().map(|b| b.inner())).unwrap();
+            check_finite_differences(f, scores.clone(), w.clone(), &grad, 1e-2);
+        }
+    }
+
+    #[test]
+    fn a_bias_that_needs_its_gradient_gets_it() {
+        let device = autodiff();
+        let scores = uniform(3, [1, 2, 3, 5], -2.0, 2.0, &device);
+        let w = uniform(4, [1, 2, 3, 5], -1.0, 1.0, &device);
+        let bias = uniform(5, [1, 2, 3, 5], -1.0, 1.0, &device).require_grad();
+        let y = attention_softmax(scores.clone(), 0.5, Some(bias.clone())).unwrap();
+        let grads = (y * w.clone()).sum().backward();
+        let reference = activation::softmax(scores * 0.5 + bias.clone(), 3);
+        let reference_grads = (reference * w).sum().backward();
+        let grad = values(bias.grad(&grads).expect("the bias has a gradient"));
+        assert_close(
+            "∂bias",
+            &grad,
+            &values(bias.grad(&reference_grads).unwrap()),
+            1e-6,
+        );
+        assert!(grad.iter().any(|&g| g != 0.0));
+    }
+
+    #[test]
+    fn a_row_with_every_key_hidden_gives_zeros_and_finite_gradients() {
+        let device = autodiff();
+        let x = uniform(6, [1, 1, 2, 4], -1.0, 1.0, &device).require_grad();
+        let bias = Tensor::<4>::from_data(
+            TensorData::new(vec![f32::NEG_INFINITY; 4], [1, 1, 1, 4]),
+            &device,
+        );
+        let y = attention_softmax(x.clone(), 1.0, Some(bias)).unwrap();
+        let grads = y.clone().sum().backward();
+        assert_eq!(values(y), vec![0.0; 8]);
+        assert!(
+            values(x.grad(&grads).unwrap())
+                .iter()
+                .all(|g| g.is_finite())
+        );
+    }
+
+    #[test]
+    fn gelu_matches_burn_and_finite_differences() {
+        let device = autodiff();
+        // 3·7·37 elements: not a multiple of the 16-wide vectors.
+        let x0 = uniform(7, [3, 7, 37], -5.0, 5.0, &device);
+        let w = uniform(8, [3, 7, 37], -1.0, 1.0, &device);
+        let x = x0.clone().require_grad();
+        let y = gelu(x.clone());
+        let grad = values(x.grad(&(y.clone() * w.clone()).sum().backward()).unwrap());
+        let reference_x = x0.clone().require_grad();
+        let reference = activation::gelu(reference_x.clone());
+        let reference_grads = (reference.clone() * w.clone()).sum().backward();
+        // erf to 5e-7 (see kernels::erf) against libm's.
+        assert_close("y", &values(y), &values(reference), 2e-6);
+        let reference_grad = values(reference_x.grad(&reference_grads).unwrap());
+        assert_close("∂x", &grad, &reference_grad, 2e-6);
+        check_finite_differences(gelu, x0, w, &grad, 1e-2);
+    }
+
+    #[test]
+    fn layer_norm_matches_burn_and_finite_differences() {
+        let device = autodiff();
+        for (eps, d) in [(1e-12, 24), (1e-5, 37)] {
+            let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init(&device);
+            norm.gamma = norm
+                .gamma
+                .map(|_| uniform(9, [d], 0.5, 1.5, &device).require_grad());
+            norm.beta = norm
+                .beta
+                .map(|b| b.map(|_| uniform(10, [d], -0.5, 0.5, &device).require_grad()));
+            // Rows with a large mean, as residual streams have.
+            let x0 = uniform(11, [4, 5, d], 2.0, 6.0, &device);
+            let w = uniform(12, [4, 5, d], -1.0, 1.0, &device);
+            let x = x0.clone().require_grad();
+            let y = layer_norm(&norm, x.clone(), eps).unwrap();
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let reference_x = x0.clone().require_grad();
+            let reference = norm.forward(reference_x.clone());
+            let reference_grads = (reference.clone() * w.clone()).sum().backward();
+            assert_close("y", &values(y), &values(reference), 1e-5);
+            let grad = values(x.grad(&grads).unwrap());
+            let reference_grad = values(reference_x.grad(&reference_grads).unwrap());
+            assert_close("∂x", &grad, &reference_grad, 1e-5);
+            let (gamma, beta) = (norm.gamma.val(), norm.beta.as_ref().unwrap().val());
+            for (what, p) in [("∂γ", gamma), ("∂β", beta)] {
+                let got = values(p.grad(&grads).unwrap());
+                let expected = values(p.grad(&reference_grads).unwrap());
+                assert_close(what, &got, &expected, 1e-5);
+            }
+            let plain = norm.valid();
+            let f = |x| layer_norm(&plain, x, eps).unwrap();
+            check_finite_differences(f, x0, w, &grad, 1e-2);
+        }
+    }
+
+    #[test]
+    fn shape_mismatches_are_typed_errors() {
+        let device = autodiff();
+        let scores = Tensor::<4>::zeros([2, 3, 4, 5], &device);
+        for bias in [[2, 3, 4, 4], [3, 1, 1, 5]] {
+            let err = attention_softmax(scores.clone(), 1.0, Some(Tensor::zeros(bias, &device)));
+            assert!(
+                matches!(err, Err(crate::Error::InputShape { what: "bias", .. })),
+                "{bias:?}"
+            );
+        }
+        let norm = LayerNormConfig::new(8).init(&device);
+        let err = layer_norm(&norm, Tensor::<3>::zeros([2, 3, 7], &device), 1e-5);
+        assert!(matches!(
+            err,
+            Err(crate::Error::InputShape { what: "x", .. })
+        ));
+    }
+}
