@@ -62,14 +62,6 @@ fn usage(problem: &str) -> ! {
     std::process::exit(2)
 }
 
-/// Peak resident set size of this process, in bytes (Linux `VmHWM`).
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 fn sync(t: Tensor<3>) {
     // Reading one value forces the computation on asynchronous backends.
     let _ = t.narrow(2, 0, 1).narrow(1, 0, 1).into_data();
@@ -132,7 +124,7 @@ fn child(args: &Args) {
     let forward = median(times);
     let flops = vit_flops(&config);
     let gemm = gemm_rate(&device, args.runs);
-    let peak = peak_rss().unwrap_or(0);
+    let peak = blip::core::peak_rss().unwrap_or(0);
     let model = CaptioningModel {
         vision_model: vit,
         text_decoder: loaded.model.text_decoder,

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Reads a `pretrain --metrics` file of a benchmark run and prints, for the steps after the
-first (warm-up), the samples/s and the seconds per step spent averaging gradients.
+first (warm-up), the samples/s and the seconds per step spent averaging gradients, then the
+peak resident memory (MB) at the last step: training's, before the final checkpoint is
+written (0 where the metrics do not have it).
 
     python3 scripts/bench_metrics.py METRICS.jsonl
 """
@@ -13,4 +15,5 @@ if not steps:
 # Every step has the same batch B: samples/s = steps·B / Σ(B / rate) = steps / Σ(1 / rate).
 rate = len(steps) / sum(1.0 / s["samples_per_second"] for s in steps)
 communication = sum(s.get("communication_seconds", 0.0) for s in steps) / len(steps)
-print(f"{rate:.1f} {communication:.4f}")
+peak = steps[-1].get("peak_rss_mb") or 0
+print(f"{rate:.4f} {communication:.4f} {peak:.0f}")

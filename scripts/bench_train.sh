@@ -38,9 +38,10 @@ trap 'rm -rf "$WORK"' EXIT
 # Images, captions and the small vocabulary (scripts/bench_data.py).
 "$PYTHON" scripts/bench_data.py "$WORK"
 
-# samples/s over the steps after the first, from our metrics file.
+# samples/s over the steps after the first, and the peak memory of training (MB, before the
+# final checkpoint is written), from our metrics file.
 ours_rate() {
-  "$PYTHON" scripts/bench_metrics.py "$1" | cut -d' ' -f1
+  "$PYTHON" scripts/bench_metrics.py "$1" | cut -d' ' -f1,3
 }
 
 ours() { # size batch data [tokenizer]
@@ -51,6 +52,7 @@ ours() { # size batch data [tokenizer]
   /usr/bin/time -f "%M" -o "$WORK/rss" "$BIN" --annotations "$WORK/$data.json" --size "$size" \
     --batch-size "$batch" --max-steps "$STEPS" --augment none --checkpoint-dir "$out" \
     --checkpoint-every 100000 --metrics "$WORK/metrics.jsonl" "${args[@]}" >/dev/null 2>&1
+  # samples/s, training's peak, the whole run's peak (with the final save) in MB.
   echo "$(ours_rate "$WORK/metrics.jsonl") $(( $(cat "$WORK/rss") / 1024 ))"
 }
 
@@ -59,25 +61,34 @@ torch() { # size batch vocab
     --steps "$STEPS" --threads "$THREADS" 2>/dev/null | "$PYTHON" -c '
 import json, sys
 d = json.loads(sys.stdin.read())
-print("%.1f %.0f" % (d["samples_per_second"], d["peak_rss_mb"]))'
+print("%.4f %.0f" % (d["samples_per_second"], d["peak_rss_mb"]))'
+}
+
+# One figure of a run: samples/s, or with PER_STEP set, seconds per step of batch $1.
+figure() { # batch rate
+  if [ -n "${PER_STEP:-}" ]; then
+    awk -v b="$1" -v r="$2" 'BEGIN { printf "%.1f", b / r }'
+  else
+    awk -v r="$2" 'BEGIN { printf "%.1f", r }'
+  fi
 }
 
 row() { # label size batch data vocab [tokenizer]
   local label=$1 size=$2 batch=$3 data=$4 vocab=$5 tok=${6:-}
-  local a=() b=() ra=0 rb=0
+  local a=() b=() ra=0 rs=0 rb=0
   for _ in $(seq "$RUNS"); do
-    read -r r m < <(ours "$size" "$batch" "$data" "$tok"); a+=("$r"); ra=$m
-    read -r r m < <(torch "$size" "$batch" "$vocab"); b+=("$r"); rb=$m
+    read -r r m s < <(ours "$size" "$batch" "$data" "$tok"); a+=("$(figure "$batch" "$r")"); ra=$m rs=$s
+    read -r r m < <(torch "$size" "$batch" "$vocab"); b+=("$(figure "$batch" "$r")"); rb=$m
   done
-  echo "| $label | $batch | ${a[*]} | ${b[*]} | $ra MB / $rb MB |"
+  echo "| $label | $batch | ${a[*]} | ${b[*]} | $ra MB ($rs MB with the final save) / $rb MB |"
 }
 
-echo "| model | batch | ours (samples/s, per run) | PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') | peak RSS ours / PyTorch |"
+echo "| model | batch | ours (samples/s or s/step, per run) | PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') | peak RSS of training, ours / PyTorch |"
 echo "|---|---|---|---|---|"
 STEPS=12
 row "tiny, 264-token vocabulary" tiny 32 tiny world "$WORK/vocab.txt"
 row "tiny, 30524-token vocabulary" tiny 32 tiny bert
 if [ "$BASE" = 1 ]; then
-  STEPS=4
+  STEPS=4 PER_STEP=1
   row "BLIP-base, 224 px" base 4 base bert
 fi

@@ -131,3 +131,18 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
         message: e.to_string(),
     })
 }
+
+/// This process's peak resident memory in bytes (Linux's `VmHWM`); `None` where the
+/// system does not report it. Training metrics and benchmarks record it.
+///
+/// ```
+/// if cfg!(target_os = "linux") {
+///     assert!(blip_core::peak_rss().unwrap() > 0);
+/// }
+/// ```
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

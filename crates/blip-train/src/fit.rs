@@ -344,6 +344,8 @@ pub fn fit(
                     "temp": trainer.model.temperature(),
                     "samples_per_second": (batch.len() * world) as f64 / seconds.max(1e-9),
                     "communication_seconds": step.communication_seconds,
+                    // The process's peak so far: training's, before any final save.
+                    "peak_rss_mb": blip_core::peak_rss().map(|b| b as f64 / (1 << 20) as f64),
                 });
                 for (name, value) in &step.losses {
                     line[format!("loss_{name}")] = json!(value);
