@@ -102,6 +102,12 @@ pub fn attention_softmax(
 /// assert!((y[2] - 0.841_345).abs() < 1e-6 && (y[0] + 0.158_655).abs() < 1e-6);
 /// ```
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    // Plain flex: in place, without a backward pass to save the input for.
+    #[cfg(feature = "flex")]
+    let x = match crate::kernels::gelu(x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     #[cfg(feature = "flex")]
     let x = match flex::gelu(x) {
         Ok(y) => return y,
@@ -205,15 +211,9 @@ mod flex {
         scale: f64,
         bias: Option<Tensor<4>>,
     ) -> Result<Tensor<4>, (Tensor<4>, Option<Tensor<4>>)> {
+        // The caller has checked that `bias` broadcasts against `scores`.
         let fits = |t: &Tensor<4>| is_flex_f32(&t.device(), t.dtype());
-        let broadcasts = bias.as_ref().is_none_or(|b| {
-            fits(b)
-                && b.dims()
-                    .iter()
-                    .zip(scores.dims())
-                    .all(|(&b, s)| b == s || b == 1)
-        });
-        if !fits(&scores) || !broadcasts {
+        if !fits(&scores) || !bias.as_ref().is_none_or(fits) {
             return Err((scores, bias));
         }
         let bias = bias.unwrap_or_else(|| Tensor::zeros([1; 4], &scores.device()));
@@ -334,12 +334,7 @@ mod flex {
                         r /= n;
                     }
                     scale_add(row, scale, &bias, at, strides[lead.len()]);
-                    // A row with every key hidden by -∞ gives zeros, not NaN.
-                    if row.iter().all(|&x| x == f32::NEG_INFINITY) {
-                        row.fill(0.0);
-                    } else {
-                        softmax_rows(row, len);
-                    }
+                    softmax_rows(row, len);
                 }
             });
         tensor(z, shape)
@@ -398,7 +393,7 @@ mod flex {
     multiversion! {
         /// Turns the row `x` into `x̂` in place, writes `y = x̂ ⊙ γ + β`, returns `r`. The
         /// moments are summed in f64: BERT's ε of 10⁻¹² leaves f32 no margin.
-        fn normalize_row_into(x: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64, r: &mut f32) {
+        fn normalize_row(x: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64) -> f32 {
             let n = x.len() as f64;
             let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
             let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
@@ -408,14 +403,8 @@ mod flex {
                 *x = (*x - mean) * rstd;
                 *y = *x * g + b;
             }
-            *r = rstd;
+            rstd
         }
-    }
-
-    fn normalize_row(x: &mut [f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64) -> f32 {
-        let mut r = 0.0;
-        normalize_row_into(x, y, gamma, beta, eps, &mut r);
-        r
     }
 
     #[cfg(feature = "autodiff")]

@@ -30,15 +30,15 @@ use rayon::prelude::*;
 /// Runs `$body` compiled for AVX-512 when the CPU has it (so the loops vectorise 16 wide),
 /// else as plain code.
 macro_rules! multiversion {
-    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn any($($arg: $ty),*) $body
+            fn any($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) {
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
                     any($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -496,12 +496,17 @@ multiversion! {
     }
 }
 
-/// In-place softmax of each `t`-long row.
+/// In-place softmax of each `t`-long row. A row whose every entry is `-∞` (every key
+/// masked) gives zeros, not NaN.
 pub(crate) fn softmax_rows(s: &mut [f32], t: usize) {
     for row in s.chunks_exact_mut(t) {
         let mut stats = (0.0, 0.0, 0.0);
         exp_in_place(row, &mut stats);
-        scale_row(row, 1.0 / stats.1, 0.0);
+        if stats.0 == f32::NEG_INFINITY {
+            row.fill(0.0);
+        } else {
+            scale_row(row, 1.0 / stats.1, 0.0);
+        }
     }
 }
 

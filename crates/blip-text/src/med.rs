@@ -462,20 +462,21 @@ impl TextSelfAttention {
     pub fn attend(&self, x: Tensor<3>, kv: &KeyValue, bias: Option<Tensor<4>>) -> Tensor<3> {
         let [b, l, d] = x.dims();
         let q = self.split_heads(dense(&self.query, x));
-        let bias = bias.map(|bias| {
-            let [bb, _, lq, lk] = bias.dims();
-            bias.expand([bb, self.num_heads, lq, lk])
-        });
         // In training on flex (autodiff), and wherever attention probabilities are dropped
         // (which needs them in hand), attention runs in steps around the fused softmax;
         // elsewhere burn's fused kernel is faster.
         let context = if dropout::drops_attention() || fused::has_backward(&q.device()) {
             let scale = 1.0 / ((d / self.num_heads) as f64).sqrt();
             let scores = q.matmul(kv.key.clone().swap_dims(2, 3));
+            // The mask broadcasts over the heads as it is; expanded, it would be copied.
             let probs = fused::attention_softmax(scores, scale, bias)
                 .expect("the mask is [B, 1 or H, L_q, L_k], built for these scores");
             dropout::attention_probs(probs).matmul(kv.value.clone())
         } else {
+            let bias = bias.map(|bias| {
+                let [bb, _, lq, lk] = bias.dims();
+                bias.expand([bb, self.num_heads, lq, lk])
+            });
             attention(
                 q,
                 kv.key.clone(),

@@ -343,20 +343,9 @@ impl VisionLayer {
         };
         let attention = self.self_attn.forward(norm(&self.layer_norm1, x.clone()));
         let x = x + drop_path(attention, index, depth);
-        let hidden = gelu_fast(dense(&self.mlp.fc1, norm(&self.layer_norm2, x.clone())));
+        let hidden = fused::gelu(dense(&self.mlp.fc1, norm(&self.layer_norm2, x.clone())));
         x + drop_path(dense(&self.mlp.fc2, hidden), index, depth)
     }
-}
-
-/// Exact GELU: [`blip_core::kernels::gelu`] (in place) on plain flex, the fused op with its
-/// backward pass in training.
-fn gelu_fast(x: Tensor<3>) -> Tensor<3> {
-    #[cfg(feature = "flex")]
-    let x = match blip_core::kernels::gelu(x) {
-        Ok(y) => return y,
-        Err(x) => x,
-    };
-    fused::gelu(x)
 }
 
 impl VisionTransformer {

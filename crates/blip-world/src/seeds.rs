@@ -127,6 +127,17 @@ fn scaled(pointer: &str, value: f64) -> f64 {
 }
 
 /// Every seed's value at `pointer` (scaled for display), over the seeds that completed.
+/// `(metric, interval)` of each of `metrics` (`(name, JSON pointer)`) over `done`, for
+/// the metrics that have values.
+fn intervals(metrics: &[(&str, &str)], done: &[&Value]) -> Vec<(String, Interval)> {
+    metrics
+        .iter()
+        .filter_map(|(name, pointer)| {
+            Interval::of(&values(done, pointer)).map(|i| (name.to_string(), i))
+        })
+        .collect()
+}
+
 fn values(done: &[&Value], pointer: &str) -> Vec<f64> {
     done.iter()
         .filter_map(|r| r.pointer(pointer).and_then(Value::as_f64))
@@ -192,21 +203,10 @@ impl SeedSummary {
                     .flat_map(|r| r["models"].as_array().into_iter().flatten())
                     .filter(|row| row["pre-training data"].as_str() == Some(label.as_str()))
                     .collect();
-                let metrics = ROW_METRICS
-                    .iter()
-                    .filter_map(|(name, pointer)| {
-                        Interval::of(&values(&of_label, pointer)).map(|i| (name.to_string(), i))
-                    })
-                    .collect();
-                (label, metrics)
+                (label, intervals(&ROW_METRICS, &of_label))
             })
             .collect();
-        let run = RUN_METRICS
-            .iter()
-            .filter_map(|(name, pointer)| {
-                Interval::of(&values(&done, pointer)).map(|i| (name.to_string(), i))
-            })
-            .collect();
+        let run = intervals(&RUN_METRICS, &done);
         Self {
             seeds: runs.iter().map(|r| r.seed).collect(),
             failed,
