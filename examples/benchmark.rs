@@ -3,7 +3,7 @@
 //! batch 8) and ITM times. `scripts/bench_torch.py` measures the same in PyTorch.
 //!
 //! ```sh
-//! cargo run --release --example benchmark -- [--device cpu|wgpu] [--dir DIR] [--runs N]
+//! cargo run --release --example benchmark -- [--device cpu|wgpu|cuda] [--dtype f32|f16|bf16] [--dir DIR] [--runs N]
 //! ```
 //!
 //! The first run writes a random BLIP-base captioning checkpoint (HF layout, ~0.9 GB) to
@@ -14,12 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use blip::core::precision::cast_module;
 use blip::text::GenerationConfig;
-use blip::{BlipConfig, CaptioningModel, Device, RetrievalModel, backend_device};
+use blip::{
+    BlipConfig, CaptioningModel, Device, FloatDType, LoadOptions, RetrievalModel, backend_device,
+};
 use burn::tensor::{Distribution, Int, Tensor};
 
 struct Args {
     device: String,
+    dtype: String,
     dir: PathBuf,
     runs: usize,
     child: bool,
@@ -28,6 +32,7 @@ struct Args {
 fn parse_args() -> Args {
     let mut args = Args {
         device: "cpu".into(),
+        dtype: "f32".into(),
         dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/blip-base-random"),
         runs: 5,
         child: false,
@@ -40,6 +45,7 @@ fn parse_args() -> Args {
         };
         match arg.as_str() {
             "--device" => args.device = value(),
+            "--dtype" => args.dtype = value(),
             "--dir" => args.dir = value().into(),
             "--runs" => {
                 args.runs = value()
@@ -58,7 +64,9 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("error: {problem}");
     }
-    eprintln!("usage: benchmark [--device cpu|wgpu|ndarray] [--dir DIR] [--runs N]");
+    eprintln!(
+        "usage: benchmark [--device cpu|wgpu|cuda|ndarray] [--dtype f32|f16|bf16] [--dir DIR] [--runs N]"
+    );
     std::process::exit(2)
 }
 
@@ -104,10 +112,13 @@ fn vit_flops(config: &BlipConfig) -> f64 {
 
 fn child(args: &Args) {
     let device = backend_device(&args.device).unwrap_or_else(|e| usage(&e.to_string()));
+    let dtype = blip::float_dtype(&args.dtype).unwrap_or_else(|e| usage(&e.to_string()));
     let weights = args.dir.join("model.safetensors");
     let file_size = std::fs::metadata(&weights).expect("weights written").len();
     let start = Instant::now();
-    let loaded = CaptioningModel::from_pretrained(&args.dir, &device).expect("loads");
+    let options = LoadOptions::default().with_dtype(dtype);
+    let loaded = CaptioningModel::from_pretrained_with(&args.dir, &device, options)
+        .unwrap_or_else(|e| usage(&e.to_string()));
     let load = start.elapsed().as_secs_f64();
     let config = loaded.config;
     let vit = loaded.model.vision_model.clone();
@@ -145,7 +156,7 @@ fn child(args: &Args) {
         peak as f64 / 1e6,
         peak as f64 / file_size as f64
     );
-    captioning(&model, &config, &device, args.runs);
+    captioning(&model, &config, &device, dtype, args.runs);
 }
 
 /// Times `f` (after one warm-up run): median seconds.
@@ -164,7 +175,13 @@ fn time(runs: usize, mut f: impl FnMut()) -> f64 {
 
 /// Captioning and ITM figures: vision + 20 decoded tokens (forced, so every run decodes
 /// the same amount), 3 beams, batch 8, and one ITM pair.
-fn captioning(model: &CaptioningModel, config: &BlipConfig, device: &Device, runs: usize) {
+fn captioning(
+    model: &CaptioningModel,
+    config: &BlipConfig,
+    device: &Device,
+    dtype: FloatDType,
+    runs: usize,
+) {
     let size = config.vision.image_size;
     let dec = config.text.bos_token_id as u32;
     let pixels =
@@ -201,7 +218,7 @@ fn captioning(model: &CaptioningModel, config: &BlipConfig, device: &Device, run
         8.0 / batch8,
         greedy * 8.0 / batch8
     );
-    let itm_model = RetrievalModel::new(config, device);
+    let itm_model = cast_module(RetrievalModel::new(config, device), dtype);
     let ids = Tensor::<2, Int>::ones([1, 35], device);
     let px = pixels(1);
     let itm = time(runs, || {
@@ -230,15 +247,18 @@ fn main() {
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "machine: {} ({threads} threads), device {}",
+        "machine: {} ({threads} threads), device {}, dtype {}",
         cpu_name(),
-        args.device
+        args.device,
+        args.dtype
     );
     let status = Command::new(std::env::current_exe().expect("own path"))
         .args([
             "--child",
             "--device",
             &args.device,
+            "--dtype",
+            &args.dtype,
             "--runs",
             &args.runs.to_string(),
         ])

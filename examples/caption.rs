@@ -30,9 +30,13 @@ struct Args {
     /// which knows only coloured shapes.
     #[arg(long, value_name = "DIR|HUB_ID")]
     model: Option<String>,
-    /// cpu (burn's flex backend), wgpu, or ndarray (with the cargo features).
+    /// cpu (burn's flex backend), wgpu, cuda or ndarray (with the cargo features).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the weights and activations: f32, f16 or bf16 (LayerNorm and softmax
+    /// still compute in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Images per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -89,8 +93,9 @@ fn main() {
         (None, None) => blip_world::PROMPT.trim_end(),
         (None, Some(_)) => "",
     };
-    let captioner = Captioner::from_pretrained(model_dir, &device)
-        .unwrap_or_else(|e| common::fail(&e.to_string()));
+    let captioner =
+        Captioner::from_pretrained_with(model_dir, &device, common::load_options(&args.dtype))
+            .unwrap_or_else(|e| common::fail(&e.to_string()));
     let config = GenerationConfig {
         max_length: args.max_length,
         min_length: args.min_length,

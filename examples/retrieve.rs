@@ -25,9 +25,13 @@ struct Args {
     /// HF model directory, or hub id in the HF cache (e.g. Salesforce/blip-itm-base-coco).
     #[arg(long, value_name = "DIR|HUB_ID")]
     model: String,
-    /// cpu, wgpu or ndarray.
+    /// cpu (burn's flex backend), wgpu, cuda or ndarray (with the cargo features).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the weights and activations: f32, f16 or bf16 (LayerNorm and softmax
+    /// still compute in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Start the ITM text with [ENC] as the original BLIP does (default [CLS], as transformers).
     #[arg(long)]
     enc: bool,
@@ -41,8 +45,12 @@ fn main() {
     let mut errors = 0;
     let paths = common::image_paths(&args.inputs, &mut errors);
     let device = common::device(&args.device);
-    let mut matcher = Matcher::from_pretrained(common::model_dir(&args.model), &device)
-        .unwrap_or_else(|e| common::fail(&e.to_string()));
+    let mut matcher = Matcher::from_pretrained_with(
+        common::model_dir(&args.model),
+        &device,
+        common::load_options(&args.dtype),
+    )
+    .unwrap_or_else(|e| common::fail(&e.to_string()));
     if args.enc {
         matcher.first_token = FirstToken::Enc;
     }

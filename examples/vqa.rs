@@ -33,9 +33,13 @@ struct Args {
     /// HF model directory, or hub id in the HF cache (e.g. Salesforce/blip-vqa-base).
     #[arg(long, value_name = "DIR|HUB_ID")]
     model: String,
-    /// cpu, wgpu or ndarray.
+    /// cpu (burn's flex backend), wgpu, cuda or ndarray (with the cargo features).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the weights and activations: f32, f16 or bf16 (LayerNorm and softmax
+    /// still compute in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Beams for generation (the original uses 3).
     #[arg(long, default_value_t = 1)]
     num_beams: usize,
@@ -55,8 +59,12 @@ fn main() {
     let mut errors = 0;
     let paths = common::image_paths(&args.inputs, &mut errors);
     let device = common::device(&args.device);
-    let mut vqa = QuestionAnswerer::from_pretrained(common::model_dir(&args.model), &device)
-        .unwrap_or_else(|e| common::fail(&e.to_string()));
+    let mut vqa = QuestionAnswerer::from_pretrained_with(
+        common::model_dir(&args.model),
+        &device,
+        common::load_options(&args.dtype),
+    )
+    .unwrap_or_else(|e| common::fail(&e.to_string()));
     if args.enc {
         vqa.first_token = FirstToken::Enc;
     }

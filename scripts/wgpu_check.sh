@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The tiny-fixture parity and generation tests on the wgpu backend, run on the CPU by Mesa's
+# The tiny-fixture parity, generation and half-precision tests on the wgpu backend, run on the CPU by Mesa's
 # software Vulkan driver (lavapipe): the GPU code path (cubecl kernels, fusion, autotune)
 # checked for correctness on a machine without a GPU. Slow (minutes): not part of .ci/run.
 #
@@ -20,6 +20,7 @@ fi
 VK_ICD_FILENAMES="$(ls /usr/share/vulkan/icd.d/lvp_icd*.json | head -n1)"
 export VK_ICD_FILENAMES
 
-echo "== parity and generation tests on wgpu (lavapipe)"
+echo "== parity, generation, task and half-precision tests on wgpu (lavapipe)"
 BLIP_TEST_DEVICE=wgpu timeout "${WGPU_CHECK_TIMEOUT:-3600}" \
-  cargo test --features wgpu --test parity --test generation --test tasks -- --test-threads=1
+  cargo test --features wgpu --test parity --test generation --test tasks \
+    --test precision -- --test-threads=1

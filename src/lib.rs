@@ -41,12 +41,13 @@ pub use blip_text as text;
 #[cfg(feature = "train")]
 pub use blip_train as train;
 pub use blip_vision as vision;
-pub use burn::tensor::Device;
+pub use burn::tensor::{Device, FloatDType};
 
+pub use blip_core::precision::float_dtype;
 pub use blip_text::{
     BlipConfig, BlipTokenizer, Caption, Captioner, CaptioningModel, FirstToken, GenerationConfig,
-    Matcher, Pretrained, QuestionAnswerer, RetrievalModel, Sampling, TextConfig, VqaModel,
-    cosine_similarity, lm_loss,
+    LoadOptions, Matcher, Pretrained, QuestionAnswerer, RetrievalModel, Sampling, TextConfig,
+    VqaModel, cosine_similarity, lm_loss,
 };
 pub use blip_vision::{ImageProcessor, VisionConfig, VisionTransformer};
 

@@ -16,6 +16,12 @@ pub fn device(name: &str) -> Device {
     blip::backend_device(name).unwrap_or_else(|e| fail(&e.to_string()))
 }
 
+/// Load options for `--dtype` (`f32`, `f16`, `bf16`), or exit naming the accepted ones.
+pub fn load_options(dtype: &str) -> blip::LoadOptions {
+    let dtype = blip::float_dtype(dtype).unwrap_or_else(|e| fail(&e.to_string()));
+    blip::LoadOptions::default().with_dtype(dtype)
+}
+
 /// A local model directory, or a hub id from the HF cache (downloaded into it if missing and
 /// the machine is online), or exit saying what to download and where.
 pub fn model_dir(spec: &str) -> PathBuf {

@@ -21,7 +21,7 @@ use burn::store::burn_pack::{Bytes, Error as PackError, Tensor as PackTensor};
 use burn::store::{
     FloatCastAdapter, ModuleAdapter, ModuleContext, ModuleSnapshot, PyTorchToBurnAdapter,
 };
-use burn::tensor::{Bool, DType, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Bool, DType, FloatDType, Int, Shape, Tensor, TensorData};
 
 use safetensors::Dtype;
 use safetensors::tensor::Metadata;
@@ -647,7 +647,7 @@ fn transpose_tiles<const N: usize>(src: &[u8], rows: usize, cols: usize) -> Vec<
 /// Loads the checkpoint into `module` after checking every key, shape and dtype against it.
 ///
 /// Tensors go through burn's store (`ModuleSnapshot::apply` with `PyTorchToBurnAdapter`, and
-/// `FloatCastAdapter` widening half-precision files to f32), each read from the file only
+/// `FloatCastAdapter` casting every float tensor to f32), each read from the file only
 /// when the module reaches it and dropped once applied: peak memory is the model plus its
 /// largest tensor, not twice the file as a whole-file or memory-mapped read would be. On any
 /// error the module is dropped and nothing partially loaded escapes.
@@ -674,9 +674,36 @@ fn transpose_tiles<const N: usize>(src: &[u8], rows: usize, cols: usize) -> Vec<
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn load_safetensors<M: Module + ModuleSnapshot>(
+    module: M,
+    header: &SafetensorsHeader,
+    map: &KeyMap,
+) -> Result<M> {
+    load_safetensors_as(module, header, map, FloatDType::F32)
+}
+
+/// [`load_safetensors`] with every float tensor cast to `dtype` as it is read: an f32
+/// checkpoint loads straight into an f16 or bf16 model, one tensor in f32 at a time.
+///
+/// ```
+/// use blip_core::checkpoint::{KeyMap, SafetensorsHeader, load_safetensors_as, save_safetensors};
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::{DType, Device, FloatDType};
+///
+/// let device = Device::flex();
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("linear.safetensors");
+/// const KEYS: KeyMap = KeyMap { renames: &[], ignored: &[] };
+/// save_safetensors(&LinearConfig::new(3, 2).init(&device), &path, &KEYS)?;
+/// let header = SafetensorsHeader::read(&path)?;
+/// let half = load_safetensors_as(LinearConfig::new(3, 2).init(&device), &header, &KEYS, FloatDType::BF16)?;
+/// assert_eq!(half.weight.val().dtype(), DType::BF16);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn load_safetensors_as<M: Module + ModuleSnapshot>(
     mut module: M,
     header: &SafetensorsHeader,
     map: &KeyMap,
+    dtype: FloatDType,
 ) -> Result<M> {
     let expected = expected_keys(&module, map);
     check_header(header, &expected, map)?;
@@ -685,7 +712,7 @@ pub fn load_safetensors<M: Module + ModuleSnapshot>(
         .keys()
         .map(|key| header.deferred(key, map.to_module(key), &non_finite))
         .collect::<Result<Vec<_>>>()?;
-    let adapter = PyTorchLayout(PyTorchToBurnAdapter).chain(FloatCastAdapter::to(DType::F32));
+    let adapter = PyTorchLayout(PyTorchToBurnAdapter).chain(FloatCastAdapter::to(dtype.into()));
     let result = module.apply(tensors, None, Some(Box::new(adapter)), false);
     let store_error = |message: String| Error::Store {
         path: header.path.clone(),

@@ -139,6 +139,22 @@ pub enum Error {
         /// The shape received.
         found: Vec<usize>,
     },
+    /// A precision name that is none of [`crate::precision::DTYPES`].
+    #[error("unknown dtype {name:?}: expected one of f32, f16, bf16")]
+    UnknownDType {
+        /// The name asked for.
+        name: String,
+    },
+    /// A precision the model code or the device does not compute in.
+    #[error("device {device} cannot compute in {dtype}: {reason}")]
+    UnsupportedDType {
+        /// The precision asked for.
+        dtype: String,
+        /// The device, as burn prints it.
+        device: String,
+        /// Why not, and what to use instead.
+        reason: &'static str,
+    },
 }
 
 /// Result alias for this crate.

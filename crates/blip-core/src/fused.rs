@@ -23,6 +23,7 @@ use burn::tensor::activation;
 use burn::tensor::{Device, Tensor};
 
 use crate::ops::check_shape;
+use crate::precision;
 
 /// Whether the fused ops run with their own backward passes on `device`: autodiff over
 /// flex. There, attention is best computed in steps around [`attention_softmax`]; elsewhere
@@ -82,12 +83,15 @@ pub fn attention_softmax(
         Ok(y) => return Ok(y),
         Err(inputs) => inputs,
     };
-    let z = scores * scale;
-    let z = match bias {
-        Some(bias) => z + bias,
-        None => z,
-    };
-    Ok(activation::softmax(z, 3))
+    // In f32 for half-precision scores: the row sum of a long row loses digits in f16.
+    Ok(precision::in_f32(scores, |scores| {
+        let z = scores * scale;
+        let z = match bias {
+            Some(bias) => z + precision::to_f32(bias),
+            None => z,
+        };
+        activation::softmax(z, 3)
+    }))
 }
 
 /// Exact (erf) GELU, `x · Φ(x)`, element-wise.
@@ -154,7 +158,21 @@ pub fn layer_norm<const D: usize>(
         Ok(y) => return Ok(y),
         Err(x) => x,
     };
-    Ok(norm.forward(x))
+    if !precision::is_half(x.dtype()) {
+        return Ok(norm.forward(x));
+    }
+    // Half precision: moments and normalisation in f32, then back.
+    let gamma = precision::to_f32(norm.gamma.val());
+    let beta = norm.beta.as_ref().map(|b| precision::to_f32(b.val()));
+    Ok(precision::in_f32(x, |x| {
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        let y = (x - mean) / (var + eps).sqrt();
+        let y = y * gamma.unsqueeze();
+        match beta {
+            Some(beta) => y + beta.unsqueeze(),
+            None => y,
+        }
+    }))
 }
 
 #[cfg(feature = "flex")]

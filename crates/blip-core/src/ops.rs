@@ -4,6 +4,22 @@
 use burn::nn::Linear;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor};
 
+/// Whether `device` computes in host memory (flex, ndarray), where reading a tensor back is a
+/// copy, not a synchronisation with a GPU that stalls its queue.
+pub fn is_host(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)] // burn keeps ndarray working in 0.22
+    if *device == Device::ndarray() {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
 /// Applies `linear` to `[B, L, D]` as one `[B·L, D]` product. burn broadcasts a rank-3 input
 /// into B separate products, each reading the whole weight again: with batched images, or
 /// with one token per row while decoding, that multiplies the memory traffic by B.

@@ -383,6 +383,7 @@ impl<'a> State<'a> {
             lk,
             false,
             &device,
+            model.text_model().dtype(),
         );
 
         let mut state = Self {
@@ -393,7 +394,8 @@ impl<'a> State<'a> {
             cross_bias,
             positions: prompts.iter().map(|p| p.len()).collect(),
         };
-        let bias = attention_bias(Some(key_mask), n, width, width, true, &device);
+        let dtype = model.text_model().dtype();
+        let bias = attention_bias(Some(key_mask), n, width, width, true, &device, dtype);
         let x = model.text_model().embeddings.forward_at(ids, positions);
         let hidden = state.run(x, bias, width);
         // Each row's last prompt token.
@@ -439,7 +441,16 @@ impl<'a> State<'a> {
             1,
         );
         let keys = self.key_mask.dims()[1];
-        let bias = attention_bias(Some(self.key_mask.clone()), n, 1, keys, false, &device);
+        let dtype = self.model.text_model().dtype();
+        let bias = attention_bias(
+            Some(self.key_mask.clone()),
+            n,
+            1,
+            keys,
+            false,
+            &device,
+            dtype,
+        );
         let x = self
             .model
             .text_model()

@@ -23,11 +23,11 @@
 use std::path::{Path, PathBuf};
 
 use blip_core::checkpoint::{
-    KeyMap, SafetensorsHeader, count_layers, load_safetensors, save_safetensors,
+    KeyMap, SafetensorsHeader, count_layers, load_safetensors_as, save_safetensors,
 };
 use burn::module::Module;
 use burn::store::ModuleSnapshot;
-use burn::tensor::Device;
+use burn::tensor::{Device, FloatDType};
 
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
@@ -222,11 +222,12 @@ impl ModelDir {
         model: M,
         keys: &KeyMap,
         tied: &[(&str, &str)],
+        dtype: FloatDType,
     ) -> Result<Pretrained<M>> {
         for (alias, source) in tied {
             check_tied(&header, alias, source)?;
         }
-        let model = load_safetensors(model, &header, keys)?;
+        let model = load_safetensors_as(model, &header, keys, dtype)?;
         let tokenizer = self.tokenizer()?;
         if let Some(tokenizer) = &tokenizer {
             self.check_tokenizer(tokenizer)?;
@@ -341,6 +342,41 @@ fn save<M: Module + ModuleSnapshot>(
     Ok(())
 }
 
+/// How a model is loaded: what `from_pretrained_with` takes beside the directory and device
+/// (transformers' `from_pretrained(..., torch_dtype=...)`).
+///
+/// ```
+/// use blip_text::LoadOptions;
+/// use burn::tensor::FloatDType;
+///
+/// assert_eq!(LoadOptions::default().dtype, FloatDType::F32);
+/// assert_eq!(LoadOptions::default().with_dtype(FloatDType::BF16).dtype, FloatDType::BF16);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// The float type of the weights and activations: f32 (default), f16 or bf16. The file's
+    /// tensors are cast as they are read; LayerNorm, softmax and losses still compute in f32
+    /// (see [`blip_core::precision`]).
+    pub dtype: FloatDType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: FloatDType::F32,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// These options with the model in `dtype`.
+    pub fn with_dtype(mut self, dtype: FloatDType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+}
+
 /// Loading from and saving to HF model directories, one implementation per family.
 macro_rules! hf_family {
     ($model:ty, $architecture:literal, $keys:expr, $ties:expr, $stacks:expr, $example:literal) => {
@@ -350,12 +386,24 @@ macro_rules! hf_family {
                 dir: impl AsRef<Path>,
                 device: &Device,
             ) -> Result<Pretrained<Self>> {
+                Self::from_pretrained_with(dir, device, LoadOptions::default())
+            }
+
+            /// [`Self::from_pretrained`] with [`LoadOptions`] (e.g. half precision). A dtype
+            /// the device cannot compute in is [`blip_core::Error::UnsupportedDType`], before
+            /// anything is read.
+            pub fn from_pretrained_with(
+                dir: impl AsRef<Path>,
+                device: &Device,
+                options: LoadOptions,
+            ) -> Result<Pretrained<Self>> {
+                blip_core::precision::check_dtype(device, options.dtype)?;
                 let dir = resolve(dir.as_ref())?;
                 let dir = ModelDir::open(dir)?;
                 let header = dir.weights()?;
                 dir.check_layers(&header, &$stacks(&dir.config))?;
                 let model = Self::new(&dir.config, device);
-                dir.load(header, model, &$keys, $ties)
+                dir.load(header, model, &$keys, $ties, options.dtype)
             }
 
             #[doc = concat!("Writes a `", $architecture, "` directory (`config.json`, `model.safetensors`) that transformers and [`Self::from_pretrained`] load.")]

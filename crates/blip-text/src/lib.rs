@@ -44,7 +44,7 @@ pub use generate::{
     DEFAULT_MEMORY_LIMIT, Decoder, Generated, GenerationConfig, Sampling, SpecialTokens, generate,
 };
 pub use heads::{LmPredictionHead, PredictionHeadTransform, TextLmHeadModel};
-pub use hf::{ModelDir, Pretrained};
+pub use hf::{LoadOptions, ModelDir, Pretrained};
 pub use loss::{IGNORE_INDEX, lm_labels, lm_loss, lm_loss_per_sequence};
 pub use med::{
     CrossInput, KeyValue, TextAttention, TextAttentionOutput, TextEmbeddings, TextEncoder,

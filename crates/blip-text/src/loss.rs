@@ -68,6 +68,8 @@ pub fn lm_loss(
 ) -> Result<Tensor<1>> {
     let [b, l, v] = logits.dims();
     check_labels(&labels, b, l)?;
+    // Reduced in f32 whatever the model's precision.
+    let logits = blip_core::precision::to_f32(logits);
     if l < 2 {
         // No position has a next token: 0/0, as PyTorch's mean over nothing.
         let (per_token, weight) = token_losses(logits, labels, label_smoothing);
@@ -131,6 +133,7 @@ pub fn lm_loss_per_sequence(
     label_smoothing: f64,
 ) -> Tensor<1> {
     let [b, _, _] = logits.dims();
+    let logits = blip_core::precision::to_f32(logits);
     let (per_token, weight) = token_losses(logits, labels, label_smoothing);
     (per_token * weight).sum_dim(1).reshape([b])
 }

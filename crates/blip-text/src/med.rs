@@ -20,10 +20,10 @@ use burn::nn::{
 };
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
 
 use blip_core::ops::dense;
-use blip_core::{dropout, fused};
+use blip_core::{dropout, fused, precision};
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -412,9 +412,10 @@ impl TextConfig {
     }
 }
 
-/// Additive attention bias `[B, 1, L_q, L_k]` from a `[B, L_k]` keep-mask, optionally causal
-/// (query `i` sees keys `0..=past + i`). Masked entries get `f32::MIN`, as transformers does:
-/// a row with nothing visible then softmaxes to uniform instead of NaN.
+/// Additive attention bias `[B, 1, L_q, L_k]` in `dtype` from a `[B, L_k]` keep-mask,
+/// optionally causal (query `i` sees keys `0..=past + i`). Masked entries get the type's most
+/// negative finite value, as transformers does: a row with nothing visible then softmaxes to
+/// uniform instead of NaN.
 pub(crate) fn attention_bias(
     mask: Option<Tensor<2, Int>>,
     batch: usize,
@@ -422,6 +423,7 @@ pub(crate) fn attention_bias(
     keys: usize,
     causal: bool,
     device: &Device,
+    dtype: DType,
 ) -> Option<Tensor<4>> {
     if mask.is_none() && !causal {
         return None;
@@ -440,7 +442,12 @@ pub(crate) fn attention_bias(
     } else {
         keep.expand([batch, 1, queries, keys])
     };
-    Some((keep.neg() + 1.0) * f32::MIN)
+    let bias = (keep.neg() + 1.0) * precision::masked_bias(dtype);
+    Some(if bias.dtype() == dtype {
+        bias
+    } else {
+        bias.cast(FloatDType::from(dtype))
+    })
 }
 
 impl TextSelfAttention {
@@ -567,12 +574,22 @@ impl TextModel {
         self.embeddings.word_embeddings.weight.shape()[1]
     }
 
+    /// The float type of the weights and activations (f32 unless loaded in half precision).
+    pub fn dtype(&self) -> DType {
+        self.embeddings.word_embeddings.weight.val().dtype()
+    }
+
     /// Length of the position table.
     pub fn max_positions(&self) -> usize {
         self.embeddings.position_embeddings.weight.shape()[0]
     }
 
     /// Checks ids against the vocabulary and position table, and the mask's shape.
+    ///
+    /// The ids are read back for the vocabulary check only on a CPU device
+    /// ([`blip_core::ops::is_host`]). On a GPU that read would stall every pass; there the
+    /// ids come from the model's tokenizer (whose vocabulary loading checks against the
+    /// model's) or from generation, which checks its prompts on the host.
     pub fn check_input(
         &self,
         what: &'static str,
@@ -596,6 +613,9 @@ impl TextModel {
                 found: mask.dims().to_vec(),
             }
             .into());
+        }
+        if !blip_core::ops::is_host(&input_ids.device()) {
+            return Ok(());
         }
         let ids = input_ids
             .clone()
@@ -666,7 +686,7 @@ impl TextModel {
     ) -> Result<Tensor<3>> {
         self.check_input("input_ids", &input_ids, attention_mask.as_ref())?;
         let [b, l] = input_ids.dims();
-        let device = input_ids.device();
+        let (device, dtype) = (input_ids.device(), self.dtype());
         let cross = match cross {
             Some(cross) => {
                 let [cb, lk, _] = cross.states.dims();
@@ -678,12 +698,12 @@ impl TextModel {
                     }
                     .into());
                 }
-                let bias = attention_bias(cross.mask.clone(), b, l, lk, false, &device);
+                let bias = attention_bias(cross.mask.clone(), b, l, lk, false, &device, dtype);
                 Some((self.cross_key_values(cross.states), bias))
             }
             None => None,
         };
-        let self_bias = attention_bias(attention_mask, b, l, l, causal, &device);
+        let self_bias = attention_bias(attention_mask, b, l, l, causal, &device, dtype);
         let x = self.embeddings.forward(input_ids);
         let cross = cross
             .as_ref()

@@ -10,7 +10,7 @@ use image::RgbImage;
 use crate::config::BlipConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Generated, GenerationConfig};
-use crate::hf::Pretrained;
+use crate::hf::{LoadOptions, Pretrained};
 use crate::loss::{lm_labels, lm_loss_per_sequence};
 use crate::med::CrossInput;
 use crate::models::{CaptioningModel, RetrievalModel, VqaModel, cosine_similarity};
@@ -123,9 +123,20 @@ pub struct Captioner {
 impl Captioner {
     /// Loads a HF captioning directory (it must hold a tokenizer).
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, LoadOptions::default())
+    }
+
+    /// [`Self::from_pretrained`] with [`LoadOptions`] (e.g. half precision).
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
-        let (model, tokenizer, processor, config) =
-            task_parts(CaptioningModel::from_pretrained(dir, device)?, dir)?;
+        let (model, tokenizer, processor, config) = task_parts(
+            CaptioningModel::from_pretrained_with(dir, device, options)?,
+            dir,
+        )?;
         Ok(Self {
             model,
             tokenizer,
@@ -289,9 +300,20 @@ pub struct Matcher {
 impl Matcher {
     /// Loads a HF retrieval directory; the ITM input starts with `[CLS]` as transformers'.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, LoadOptions::default())
+    }
+
+    /// [`Self::from_pretrained`] with [`LoadOptions`] (e.g. half precision).
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
-        let (model, tokenizer, processor, config) =
-            task_parts(RetrievalModel::from_pretrained(dir, device)?, dir)?;
+        let (model, tokenizer, processor, config) = task_parts(
+            RetrievalModel::from_pretrained_with(dir, device, options)?,
+            dir,
+        )?;
         Ok(Self {
             model,
             tokenizer,
@@ -518,9 +540,18 @@ pub struct QuestionAnswerer {
 impl QuestionAnswerer {
     /// Loads a HF VQA directory.
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, LoadOptions::default())
+    }
+
+    /// [`Self::from_pretrained`] with [`LoadOptions`] (e.g. half precision).
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let (model, tokenizer, processor, config) =
-            task_parts(VqaModel::from_pretrained(dir, device)?, dir)?;
+            task_parts(VqaModel::from_pretrained_with(dir, device, options)?, dir)?;
         Ok(Self {
             model,
             tokenizer,
@@ -627,7 +658,10 @@ impl QuestionAnswerer {
         )?;
         let first = host(
             "first-token probabilities",
-            burn::tensor::activation::softmax(first.reshape([1, -1]), 1),
+            burn::tensor::activation::softmax(
+                blip_core::precision::to_f32(first.reshape([1, -1])),
+                1,
+            ),
         )?;
         let encoded = self
             .tokenizer

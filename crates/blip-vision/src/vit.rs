@@ -9,7 +9,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 use crate::config::VisionConfig;
 use blip_core::dropout::drop_path;
@@ -176,6 +176,8 @@ pub struct VisionTransformer {
     pub encoder: VisionEncoder,
     /// Final LayerNorm, applied to all tokens.
     pub post_layernorm: LayerNorm,
+    /// Its epsilon (the config's `layer_norm_eps`).
+    pub layer_norm_eps: f64,
 }
 
 /// What [`VisionTransformer::forward_with_hidden_states`] returns.
@@ -242,6 +244,7 @@ impl VisionConfig {
             },
             encoder: VisionEncoder { layers },
             post_layernorm: LayerNormConfig::new(d).with_epsilon(eps).init(device),
+            layer_norm_eps: eps,
         }
     }
 }
@@ -259,6 +262,13 @@ impl VisionEmbeddings {
                 found: vec![b, c, h, w],
             });
         }
+        // Pixels arrive in f32; a half-precision model takes them in its own type.
+        let dtype = self.patch_embedding.weight.val().dtype();
+        let pixel_values = if pixel_values.dtype() == dtype {
+            pixel_values
+        } else {
+            pixel_values.cast(FloatDType::from(dtype))
+        };
         let patches = self.patch_embedding.forward(pixel_values); // [B, D, h, w]
         let [_, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
@@ -277,13 +287,14 @@ impl VisionEmbeddings {
             return table;
         }
         let side = ((n - 1) as f64).sqrt().round() as usize;
-        let device = table.device();
+        let (device, dtype) = (table.device(), table.dtype());
         let values: Vec<f32> = table
             .into_data()
             .try_into_vec_as::<f32>()
-            .expect("position table is f32 after conversion");
+            .expect("a float table converts to f32");
         let out = crate::interpolate::resize_position_table(&values, d, side, grid_h, grid_w);
-        Tensor::from_data(TensorData::new(out, [1, grid_h * grid_w + 1, d]), &device)
+        let data = TensorData::new(out, [1, grid_h * grid_w + 1, d]);
+        Tensor::from_data(data, (&device, dtype))
     }
 }
 
@@ -377,7 +388,7 @@ impl VisionTransformer {
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             x = layer.forward_at(x, i, depth);
         }
-        Ok(self.post_layernorm.forward(x))
+        Ok(self.final_norm(x))
     }
 
     /// As [`forward`](Self::forward), also returning every block's output.
@@ -390,9 +401,15 @@ impl VisionTransformer {
             hidden_states.push(x.clone());
         }
         Ok(VisionOutput {
-            last_hidden_state: self.post_layernorm.forward(x),
+            last_hidden_state: self.final_norm(x),
             hidden_states,
         })
+    }
+
+    /// The final LayerNorm (in f32 for a half-precision model, fused in training on flex).
+    fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        fused::layer_norm(&self.post_layernorm, x, self.layer_norm_eps)
+            .expect("the blocks keep the norm's width")
     }
 
     /// Token width `D`.
