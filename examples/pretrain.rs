@@ -136,6 +136,9 @@ struct Args {
     /// Clip the global gradient norm.
     #[arg(long)]
     clip_grad_norm: Option<f64>,
+    /// Mixed precision: compute in bf16, keep the weights and optimiser state in f32.
+    #[arg(long, value_name = "bf16")]
+    mixed_precision: Option<String>,
     /// ITC queue size (default: the model size's; the batch must divide it).
     #[arg(long)]
     queue_size: Option<usize>,
@@ -256,10 +259,14 @@ fn run(args: &Args, collective: Arc<dyn Collective>) {
         Task::Caption => (TextRecipe::caption(), TrainConfig::finetune_caption()),
         Task::Retrieval => (TextRecipe::retrieval(), TrainConfig::finetune_retrieval()),
     };
-    train = train
-        .with_seed(args.seed)
-        .with_grad_accumulation(args.grad_accumulation)
-        .with_clip_grad_norm(args.clip_grad_norm);
+    train =
+        train
+            .with_seed(args.seed)
+            .with_grad_accumulation(args.grad_accumulation)
+            .with_clip_grad_norm(args.clip_grad_norm)
+            .with_mixed_precision(args.mixed_precision.as_deref().map(|name| {
+                blip::float_dtype(name).unwrap_or_else(|e| common::fail(&e.to_string()))
+            }));
     if let Some(lr) = args.lr {
         train = train.with_init_lr(lr);
     }

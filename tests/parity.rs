@@ -304,18 +304,22 @@ fn bad_inputs_are_typed_errors() {
         .model;
     let pixels = expected.float::<4>("inputs.pixel_values", &device);
 
-    let out_of_vocab = Tensor::<2, Int>::from_ints([[118, 5, 120]], &device);
-    match model.forward(pixels.clone().narrow(0, 0, 1), out_of_vocab, None) {
-        Err(Error::TokenId {
-            id,
-            row,
-            column,
-            vocab_size,
-            ..
-        }) => {
-            assert_eq!((id, row, column, vocab_size), (120, 0, 2, 120));
+    // The ids are read back for this check on CPU devices only (on a GPU the read would
+    // stall every pass; the tokenizer's ids are checked at load instead).
+    if blip::core::ops::is_host(&device) {
+        let out_of_vocab = Tensor::<2, Int>::from_ints([[118, 5, 120]], &device);
+        match model.forward(pixels.clone().narrow(0, 0, 1), out_of_vocab, None) {
+            Err(Error::TokenId {
+                id,
+                row,
+                column,
+                vocab_size,
+                ..
+            }) => {
+                assert_eq!((id, row, column, vocab_size), (120, 0, 2, 120));
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
     }
     let too_long = Tensor::<2, Int>::zeros([1, 41], &device);
     assert!(matches!(

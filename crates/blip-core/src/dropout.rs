@@ -279,7 +279,8 @@ fn drop<const D: usize>(
         dims[1..].fill(1);
     }
     let values = mask(&stream, dims.iter().product(), p);
-    let keep = Tensor::<D>::from_data(TensorData::new(values, dims), &x.device());
+    // In x's own type (a half-precision model's activations in mixed-precision training).
+    let keep = Tensor::<D>::from_data(TensorData::new(values, dims), (&x.device(), x.dtype()));
     x * keep
 }
 

@@ -4,6 +4,8 @@
 use burn::nn::Linear;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor};
 
+use crate::precision::to_f32;
+
 /// Whether `device` computes in host memory (flex, ndarray), where reading a tensor back is a
 /// copy, not a synchronisation with a GPU that stalls its queue.
 pub fn is_host(device: &Device) -> bool {
@@ -71,6 +73,7 @@ pub fn smoothed_cross_entropy(
     let [rows, vocab] = logits.dims();
     check_shape("logits", "[rows ≥ 0, V ≥ 1]", &logits.dims(), vocab > 0)?;
     check_targets(&targets, rows)?;
+    let logits = to_f32(logits);
     let plain = logits.clone().inner();
     let (loss, grad) = loss_and_gradient(plain.clone(), targets, ignore, smoothing);
     Ok(inject(logits, plain, grad) + loss)
@@ -131,6 +134,8 @@ pub fn linear_smoothed_cross_entropy(
     )?;
     check_shape("b", &format!("[{vocab}]"), &b.dims(), b.dims() == [vocab])?;
     check_targets(&targets, rows)?;
+    // In f32 for a half-precision model: the loss and its softmax over the vocabulary.
+    let (x, w, b) = (to_f32(x), to_f32(w), to_f32(b));
     let (xp, wp, bp) = (x.clone().inner(), w.clone().inner(), b.clone().inner());
     let (loss, grad_x, grad_w, grad_b) = head_loss_and_gradients(
         xp.clone(),

@@ -121,11 +121,9 @@ pub fn is_half(dtype: DType) -> bool {
 /// assert_eq!(blip_core::precision::masked_bias(DType::F32), f32::MIN as f64);
 /// ```
 pub fn masked_bias(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => burn::tensor::f16::MIN.to_f64(),
-        DType::BF16 => burn::tensor::bf16::MIN.to_f64(),
-        _ => f32::MIN as f64,
-    }
+    // Built in f32 and cast: never below f32's own minimum (f64's would be −∞ there).
+    let f32_min = f32::MIN as f64;
+    dtype.finfo().map_or(f32_min, |info| info.min.max(f32_min))
 }
 
 /// `f(x)` computed in f32 when `x` is half precision, cast back to `x`'s type; `f(x)` as is

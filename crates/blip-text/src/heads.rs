@@ -27,8 +27,11 @@ use crate::med::{CrossInput, TextModel, linear};
 /// let device = Device::flex();
 /// let transform = text.init_lm_prediction_head(&device).transform;
 /// let x = Tensor::<3>::ones([1, 2, 32], &device);
-/// let y = transform.layer_norm.forward(gelu(transform.dense.forward(x)));
+/// let y = transform.forward(x.clone());
 /// assert_eq!(y.dims(), [1, 2, 32]);
+/// let plain = transform.layer_norm.forward(gelu(transform.dense.forward(x)));
+/// let diff: f32 = (y.clone() - plain).abs().max().into_scalar();
+/// assert!(diff < 1e-5);
 /// // Fresh LayerNorm (scale 1, shift 0): every position has mean 0.
 /// let means = y.mean_dim(2).into_data().try_into_vec_as::<f32>().unwrap();
 /// assert!(means.iter().all(|m| m.abs() < 1e-4));
@@ -39,6 +42,18 @@ pub struct PredictionHeadTransform {
     pub dense: Linear,
     /// LayerNorm (eps 1e-12).
     pub layer_norm: LayerNorm,
+    /// Its epsilon (the config's `layer_norm_eps`).
+    pub layer_norm_eps: f64,
+}
+
+impl PredictionHeadTransform {
+    /// `LayerNorm(GELU(dense(x)))` (the LayerNorm in f32 for a half-precision model, fused
+    /// in training on flex).
+    pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let h = blip_core::fused::gelu(dense(&self.dense, hidden));
+        blip_core::fused::layer_norm(&self.layer_norm, h, self.layer_norm_eps)
+            .expect("dense keeps the norm's width")
+    }
 }
 
 /// BERT's LM head (`cls.predictions`): `transform`, then the word-embedding matrix
@@ -121,6 +136,7 @@ impl TextConfig {
                 layer_norm: LayerNormConfig::new(d)
                     .with_epsilon(self.layer_norm_eps)
                     .init(device),
+                layer_norm_eps: self.layer_norm_eps,
             },
             bias: Initializer::Zeros.init([self.vocab_size], device),
         }
@@ -130,10 +146,7 @@ impl TextConfig {
 impl LmPredictionHead {
     /// `[B, L, D]` states → `[B, L, vocab]` logits, using the tied `word_embeddings`.
     pub fn forward(&self, hidden: Tensor<3>, word_embeddings: Tensor<2>) -> Tensor<3> {
-        let h = self
-            .transform
-            .layer_norm
-            .forward(blip_core::fused::gelu(dense(&self.transform.dense, hidden)));
+        let h = self.transform.forward(hidden);
         let [b, l, d] = h.dims();
         let logits = blip_core::ops::matmul_by_transpose(h.reshape([b * l, d]), word_embeddings);
         let vocab = logits.dims()[1];
@@ -182,10 +195,7 @@ impl LmPredictionHead {
                 label_smoothing,
             );
         }
-        let h = self
-            .transform
-            .layer_norm
-            .forward(blip_core::fused::gelu(dense(&self.transform.dense, hidden)));
+        let h = self.transform.forward(hidden);
         Ok(blip_core::ops::linear_smoothed_cross_entropy(
             h.reshape([b * l, d]),
             word_embeddings,

@@ -642,6 +642,12 @@ impl TextModel {
     /// Cross-attention keys/values of every layer for `states`: computed once per image and
     /// reused by every decoding step (and every beam).
     pub fn cross_key_values(&self, states: Tensor<3>) -> Vec<KeyValue> {
+        let dtype = self.dtype();
+        let states = if states.dtype() == dtype {
+            states
+        } else {
+            states.cast(FloatDType::from(dtype))
+        };
         self.encoder
             .layer
             .iter()

@@ -2,7 +2,7 @@
 //! learnable temperature's range.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor};
 
 /// The error of a queue whose size the batch does not divide.
 ///
@@ -113,6 +113,13 @@ impl ModuleMapper for Update {
         let m = self.m;
         param.map(|value| {
             let dims = value.dims();
+            // The momentum encoders stay in f32 when the online model computes in half
+            // precision (mixed-precision training).
+            let online = if online.dtype() == value.dtype() {
+                online
+            } else {
+                online.cast(FloatDType::from(value.dtype()))
+            };
             (value.detach() * m + online.reshape(dims) * (1.0 - m)).detach()
         })
     }

@@ -2,6 +2,7 @@
 //! and with image ids `BLIP_Retrieval.forward`), combined by [`crate::LossWeights`].
 
 use blip_core::SplitMix64;
+use blip_core::precision::to_f32;
 use blip_text::Encoded;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -226,7 +227,7 @@ impl Losses {
         let plain = shared.leaf.device().inner();
         let received = Tensor::<3>::from_data(
             TensorData::new(sent[rank * per_rank..(rank + 1) * per_rank].to_vec(), dims),
-            &plain,
+            (&plain, shared.leaf.dtype()),
         );
         let own = match shared.leaf.grad(&grads) {
             Some(g) => g + received,
@@ -521,8 +522,8 @@ fn gather_image_tokens(
             parts.push(own.clone());
             others.push(None);
         } else {
-            let leaf = Tensor::<3>::from_data(TensorData::new(chunk.to_vec(), dims), &device)
-                .require_grad();
+            let data = TensorData::new(chunk.to_vec(), dims);
+            let leaf = Tensor::<3>::from_data(data, (&device, own.dtype())).require_grad();
             parts.push(leaf.clone());
             others.push(Some(leaf));
         }
@@ -776,9 +777,11 @@ pub fn compute_losses_with(
             }
             .into());
         }
-        let temp = model.temp.val();
-        let image_feat = model.image_features(image_embeds.clone());
-        let text_feat = model.text_features(&batch.text, &device)?;
+        // Features, temperature and logits enter the losses in f32 whatever the model's
+        // precision (mixed-precision training computes the model in half).
+        let temp = to_f32(model.temp.val());
+        let image_feat = to_f32(model.image_features(image_embeds.clone()));
+        let text_feat = to_f32(model.text_features(&batch.text, &device)?);
 
         state.momentum = momentum_update(
             &model.momentum_sources(),
@@ -902,7 +905,7 @@ pub fn compute_losses_with(
                 select_rows(&candidates.text.attention_mask, &negative_texts),
             ]
             .concat();
-            let logits = model.itm_logits(images, &ids, &mask)?;
+            let logits = to_f32(model.itm_logits(images, &ids, &mask)?);
             outputs.itm_logits = Some(logits.clone());
             terms.push(("itm".into(), itm_loss(logits), w.itm));
         }

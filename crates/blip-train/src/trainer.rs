@@ -28,10 +28,11 @@ use blip_core::checkpoint::{SafetensorsHeader, load_safetensors, save_safetensor
 
 use crate::model::PRETRAIN_KEYS;
 use blip_core::dropout;
+use blip_core::precision::cast_module;
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use serde_json::json;
 
 use crate::data::DROPOUT_STREAM;
@@ -127,6 +128,12 @@ pub struct TrainConfig {
     /// Seed of negative sampling (data order and augmentation have their own).
     #[config(default = 0)]
     pub seed: u64,
+    /// Mixed precision: the online model computes in this type (bf16) while the master
+    /// weights, their gradients, AdamW's state, the momentum encoders and the queues stay
+    /// f32, and the losses are reduced in f32. `None`: f32 throughout. f16 is refused: it
+    /// needs loss scaling, which is not built.
+    #[config(default = "None")]
+    pub mixed_precision: Option<FloatDType>,
 }
 
 impl TrainConfig {
@@ -637,11 +644,23 @@ impl Trainer {
             )));
         }
         let model = clamp_model_temperature(self.model.clone());
+        // Mixed precision: a half-precision view of the f32 master weights, cast inside the
+        // autodiff graph, so that the gradients arrive at the master weights in f32.
+        let compute = match self.train.mixed_precision {
+            Some(dtype) => {
+                check_mixed_precision(&model.temp.val().device(), dtype)?;
+                let mut compute = cast_module(model.clone(), dtype);
+                // ITC's temperature is a scalar of the losses, not of the model's products.
+                compute.temp = model.temp.clone();
+                compute
+            }
+            None => model.clone(),
+        };
         let rates = self.config.dropout_rates()?;
         let collective = self.collective.clone();
         let losses = dropout::train(rates, self.dropout_key(), || {
             compute_losses_with(
-                &model,
+                &compute,
                 self.distillation.as_mut(),
                 &self.config,
                 batch,
@@ -1142,4 +1161,18 @@ impl ModuleMapper for SetIds {
         let id = self.0.next().unwrap_or(id);
         Param::from_mapped_value(id, value, mapper)
     }
+}
+
+/// The mixed-precision compute type must be bf16, on a device that computes in it.
+fn check_mixed_precision(device: &Device, dtype: FloatDType) -> Result<()> {
+    if dtype != FloatDType::BF16 {
+        return Err(blip_core::Error::UnsupportedDType {
+            dtype: blip_core::precision::dtype_name(dtype),
+            device: format!("{device:?}"),
+            reason: "mixed-precision training computes in bf16 (f16 needs loss scaling, \
+                     which is not built)",
+        }
+        .into());
+    }
+    Ok(blip_core::precision::check_dtype(device, dtype)?)
 }

@@ -7,14 +7,14 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::{attention, conv2d};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 use crate::config::VisionConfig;
 use blip_core::dropout::drop_path;
 use blip_core::ops::dense;
-use blip_core::{Error, Result, fused};
+use blip_core::{Error, Result, fused, precision};
 
 /// Patch embedding, class token and learned absolute position embedding.
 ///
@@ -262,14 +262,21 @@ impl VisionEmbeddings {
                 found: vec![b, c, h, w],
             });
         }
-        // Pixels arrive in f32; a half-precision model takes them in its own type.
         let dtype = self.patch_embedding.weight.val().dtype();
-        let pixel_values = if pixel_values.dtype() == dtype {
-            pixel_values
+        let patches = if precision::is_half(dtype) {
+            // In f32, then the model's type: cubecl's f16 convolution keeps its sums in f16
+            // (5 f16 steps off over a 16 × 16 × 3 patch, five times PyTorch's error at the
+            // ViT's output on lavapipe), and this one small product is cheap in f32.
+            let conv = &self.patch_embedding;
+            let bias = conv.bias.as_ref().map(|b| precision::to_f32(b.val()));
+            let options = ConvOptions::new([p, p], [0, 0], [1, 1], 1);
+            let weight = precision::to_f32(conv.weight.val());
+            conv2d(precision::to_f32(pixel_values), weight, bias, options)
+                .cast(FloatDType::from(dtype))
         } else {
-            pixel_values.cast(FloatDType::from(dtype))
-        };
-        let patches = self.patch_embedding.forward(pixel_values); // [B, D, h, w]
+            self.patch_embedding
+                .forward(precision::to_f32(pixel_values))
+        }; // [B, D, h, w]
         let [_, d, gh, gw] = patches.dims();
         let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
         let class = self.class_embedding.val().expand([b, 1, d]);
