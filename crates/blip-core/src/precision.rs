@@ -90,13 +90,7 @@ pub fn cast_module<M: Module>(module: M, dtype: FloatDType) -> M {
     impl ModuleMapper for Cast {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let dtype = self.0;
-            param.map(|t| {
-                if t.dtype() == dtype.into() {
-                    t
-                } else {
-                    t.cast(dtype)
-                }
-            })
+            param.map(|t| t.cast(dtype))
         }
     }
     module.map(&mut Cast(dtype))
@@ -157,11 +151,7 @@ pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<
 /// assert_eq!(blip_core::precision::to_f32(x).dtype(), DType::F32);
 /// ```
 pub fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() == DType::F32 {
-        x
-    } else {
-        x.cast(FloatDType::F32)
-    }
+    x.cast(FloatDType::F32) // returned as it is when already f32
 }
 
 #[cfg(test)]

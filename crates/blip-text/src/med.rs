@@ -442,12 +442,7 @@ pub(crate) fn attention_bias(
     } else {
         keep.expand([batch, 1, queries, keys])
     };
-    let bias = (keep.neg() + 1.0) * precision::masked_bias(dtype);
-    Some(if bias.dtype() == dtype {
-        bias
-    } else {
-        bias.cast(FloatDType::from(dtype))
-    })
+    Some(((keep.neg() + 1.0) * precision::masked_bias(dtype)).cast(FloatDType::from(dtype)))
 }
 
 impl TextSelfAttention {
@@ -642,12 +637,7 @@ impl TextModel {
     /// Cross-attention keys/values of every layer for `states`: computed once per image and
     /// reused by every decoding step (and every beam).
     pub fn cross_key_values(&self, states: Tensor<3>) -> Vec<KeyValue> {
-        let dtype = self.dtype();
-        let states = if states.dtype() == dtype {
-            states
-        } else {
-            states.cast(FloatDType::from(dtype))
-        };
+        let states = states.cast(FloatDType::from(self.dtype()));
         self.encoder
             .layer
             .iter()

@@ -115,11 +115,7 @@ impl ModuleMapper for Update {
             let dims = value.dims();
             // The momentum encoders stay in f32 when the online model computes in half
             // precision (mixed-precision training).
-            let online = if online.dtype() == value.dtype() {
-                online
-            } else {
-                online.cast(FloatDType::from(value.dtype()))
-            };
+            let online = online.cast(FloatDType::from(value.dtype()));
             (value.detach() * m + online.reshape(dims) * (1.0 - m)).detach()
         })
     }
