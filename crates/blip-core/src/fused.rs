@@ -20,7 +20,7 @@
 
 use burn::nn::LayerNorm;
 use burn::tensor::activation;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use crate::ops::check_shape;
 use crate::precision;
@@ -161,18 +161,9 @@ pub fn layer_norm<const D: usize>(
     if !precision::is_half(x.dtype()) {
         return Ok(norm.forward(x));
     }
-    // Half precision: moments and normalisation in f32, then back.
-    let gamma = precision::to_f32(norm.gamma.val());
-    let beta = norm.beta.as_ref().map(|b| precision::to_f32(b.val()));
-    Ok(precision::in_f32(x, |x| {
-        let (var, mean) = x.clone().var_mean_bias(D - 1);
-        let y = (x - mean) / (var + eps).sqrt();
-        let y = y * gamma.unsqueeze();
-        match beta {
-            Some(beta) => y + beta.unsqueeze(),
-            None => y,
-        }
-    }))
+    // Half precision: burn's own LayerNorm, on an f32 copy of its parameters, in f32.
+    let norm = precision::cast_module(norm.clone(), FloatDType::F32);
+    Ok(precision::in_f32(x, |x| norm.forward(x)))
 }
 
 #[cfg(feature = "flex")]

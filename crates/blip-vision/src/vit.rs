@@ -7,8 +7,8 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::module::{attention, conv2d};
-use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 use crate::config::VisionConfig;
@@ -267,11 +267,8 @@ impl VisionEmbeddings {
             // In f32, then the model's type: cubecl's f16 convolution keeps its sums in f16
             // (5 f16 steps off over a 16 × 16 × 3 patch, five times PyTorch's error at the
             // ViT's output on lavapipe), and this one small product is cheap in f32.
-            let conv = &self.patch_embedding;
-            let bias = conv.bias.as_ref().map(|b| precision::to_f32(b.val()));
-            let options = ConvOptions::new([p, p], [0, 0], [1, 1], 1);
-            let weight = precision::to_f32(conv.weight.val());
-            conv2d(precision::to_f32(pixel_values), weight, bias, options)
+            precision::cast_module(self.patch_embedding.clone(), FloatDType::F32)
+                .forward(precision::to_f32(pixel_values))
                 .cast(FloatDType::from(dtype))
         } else {
             self.patch_embedding
