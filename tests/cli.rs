@@ -53,7 +53,7 @@ fn os(s: &str) -> &std::ffi::OsStr {
 }
 
 fn demo_image() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/images/004500.png")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/images/020500.png")
 }
 
 #[cfg(unix)]

@@ -138,7 +138,7 @@ impl Colour {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Size {
-    /// Radius about 8.5 % of the image side.
+    /// Radius about 11 % of the image side.
     Small,
     /// Radius about 15 % of the image side.
     Large,
