@@ -41,7 +41,7 @@ use blip::core::progress::Progress;
 use blip::text::{BlipTokenizer, Captioner, GenerationConfig, Padding};
 use blip::train::{
     BatchLoader, BlipPretrain, FitOptions, LoaderConfig, PretrainConfig, TextRecipe, TrainConfig,
-    TrainTransform, Trainer, blip_adamw, fit, load_annotations, pre_caption,
+    TrainTransform, Trainer, blip_adamw, cosine_lr, fit, load_annotations, pre_caption, warmup_lr,
 };
 use blip::vision::{ImageProcessor, VisionConfig, VisionTransformer};
 use blip_world::{
@@ -196,54 +196,57 @@ const CELL_CLASSES: [usize; 3] = [
 
 /// Each cell's class indices (`CELL_CLASSES` order) for a scene; the last index is "empty".
 fn cell_labels(attrs: &SceneAttributes) -> [[i64; 3]; 5] {
-    let mut labels = CELL_CLASSES.map(|n| n as i64 - 1);
-    let mut cells = [labels; 5];
+    let mut cells = [CELL_CLASSES.map(|n| n as i64 - 1); 5];
     for o in &attrs.objects {
         let cell = Position::ALL.iter().position(|p| *p == o.position).unwrap();
-        labels = [
+        cells[cell] = [
             Shape::ALL.iter().position(|v| *v == o.shape).unwrap() as i64,
             Colour::ALL.iter().position(|v| *v == o.colour).unwrap() as i64,
             Size::ALL.iter().position(|v| *v == o.size).unwrap() as i64,
         ];
-        cells[cell] = labels;
     }
     cells
 }
 
 impl SceneClassifier {
-    /// Logits `[batch × 5, 16]`: each row one cell's shape, colour and size classes.
-    fn forward(&self, pixels: Tensor<4>) -> Tensor<2> {
+    /// Logits per attribute (`CELL_CLASSES` order), each `[batch × 5, classes]`: one row
+    /// per grid cell.
+    fn forward(&self, pixels: Tensor<4>) -> Vec<Tensor<2>> {
         let states = or_fail(self.vit.forward(pixels));
         let [b, _, d] = states.dims();
         let cls = states.slice([0..b, 0..1]).reshape([b, d]);
-        self.head
+        let logits = self
+            .head
             .forward(cls)
-            .reshape([b * 5, CELL_CLASSES.iter().sum::<usize>()])
+            .reshape([b * 5, CELL_CLASSES.iter().sum::<usize>()]);
+        let mut start = 0;
+        CELL_CLASSES
+            .iter()
+            .map(|&n| {
+                start += n;
+                logits.clone().slice([0..b * 5, start - n..start])
+            })
+            .collect()
     }
 
-    /// The summed cross-entropy of the three attributes, and each attribute's logits.
-    fn loss(&self, pixels: Tensor<4>, labels: &[[[i64; 3]; 5]]) -> (Tensor<1>, Vec<Tensor<2>>) {
-        let logits = self.forward(pixels);
-        let device = logits.device();
-        let rows = logits.dims()[0];
+    /// The summed cross-entropy of the three attributes.
+    fn loss(&self, pixels: Tensor<4>, labels: &[[[i64; 3]; 5]]) -> Tensor<1> {
+        let parts = self.forward(pixels);
+        let device = parts[0].device();
+        let rows = parts[0].dims()[0];
         let ce = CrossEntropyLossConfig::new().init(&device);
         let mut total = Tensor::<1>::zeros([1], &device);
-        let mut parts = Vec::new();
-        let mut start = 0;
-        for (k, &n) in CELL_CLASSES.iter().enumerate() {
+        for (k, part) in parts.into_iter().enumerate() {
             let target: Vec<i64> = labels.iter().flatten().map(|cell| cell[k]).collect();
             let target = Tensor::<1, Int>::from_data(TensorData::new(target, [rows]), &device);
-            let part = logits.clone().slice([0..rows, start..start + n]);
-            total = total + ce.forward(part.clone(), target);
-            parts.push(part);
-            start += n;
+            total = total + ce.forward(part, target);
         }
-        (total, parts)
+        total
     }
 
     /// For each attribute, how many of the scenes' objects it names right.
     fn objects_right(&self, pixels: Tensor<4>, labels: &[[[i64; 3]; 5]]) -> [usize; 3] {
-        let (_, parts) = self.loss(pixels, labels);
+        let parts = self.forward(pixels);
         let mut right = [0; 3];
         for (k, part) in parts.into_iter().enumerate() {
             let predicted = part
@@ -365,8 +368,8 @@ impl Experiment {
             vision_init: None,
         };
         if experiment.args.vision_pretrain_samples > 0 {
-            let dir = (experiment.args.vision_dir.clone())
-                .unwrap_or_else(|| experiment.out.join("vision"));
+            let dir = experiment.args.vision_dir.clone();
+            let dir = dir.unwrap_or_else(|| experiment.out.join("vision"));
             let vit = pretrain_vision(&experiment.args, &experiment.device, &dir);
             experiment.vision_init = Some(vit);
         }
@@ -768,11 +771,8 @@ fn pretrain_vision(args: &Args, device: &Device, dir: &Path) -> VisionTransforme
             .collect();
         let images: Vec<RgbImage> = scenes.iter().map(|s| s.render()).collect();
         let labels: Vec<_> = scenes.iter().map(|s| cell_labels(s.attributes())).collect();
-        let (loss, _) = model.loss(processor.preprocess(&images, &device), &labels);
-        let lr = args.lr
-            * ((step + 1) as f64 / 300.0).min(1.0)
-            * 0.5
-            * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos());
+        let loss = model.loss(processor.preprocess(&images, &device), &labels);
+        let lr = cosine_lr(step, steps, warmup_lr(step + 1, 300, 0.0, args.lr), 0.0);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(lr, model, grads);
         progress.report(Progress {
