@@ -78,6 +78,12 @@ struct Args {
     /// Filter fine-tuning epochs (ITM is the slower objective to learn from scratch).
     #[arg(long, default_value_t = 20)]
     filter_epochs: usize,
+    /// CapFilt keeps a text iff the filter's ITM probability of a match reaches this. The
+    /// ITM head learns from one matched pair to two hard negatives, so its probability
+    /// carries a prior of 1/3: at 1/3 a text is kept when its image and text are at least
+    /// as likely matched as not under even odds. BLIP's argmax is 0.5.
+    #[arg(long, default_value_t = 1.0 / 3.0, value_parser = probability)]
+    filter_threshold: f32,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Peak pre-training learning rate (the captioner is fine-tuned at a quarter of it, the
@@ -108,8 +114,11 @@ struct Args {
     /// Scenes the ViT first learns to classify (each grid cell's shape, colour and size),
     /// as BLIP's ViT starts from an ImageNet classifier; 0: the ViT starts from scratch.
     /// `--small` caps it at 2,000.
-    #[arg(long, default_value_t = 150_000)]
+    #[arg(long, default_value_t = 200_000)]
     vision_pretrain_samples: usize,
+    /// Peak learning rate of that classifier stage (300 warm-up steps, then a cosine to 0).
+    #[arg(long, default_value_t = 2e-3)]
+    vision_lr: f64,
     /// Where that ViT is kept (default OUT/vision). Under `--seeds` every seed starts from
     /// the same one, as every BLIP starts from the same ImageNet ViT.
     #[arg(long, value_name = "DIR")]
@@ -142,6 +151,7 @@ impl Args {
             ("--pretrain-epochs", self.pretrain_epochs.to_string()),
             ("--finetune-epochs", self.finetune_epochs.to_string()),
             ("--filter-epochs", self.filter_epochs.to_string()),
+            ("--filter-threshold", self.filter_threshold.to_string()),
             ("--batch-size", self.batch_size.to_string()),
             ("--lr", self.lr.to_string()),
             ("--patch-size", self.patch_size.to_string()),
@@ -152,6 +162,7 @@ impl Args {
                 "--vision-pretrain-samples",
                 self.vision_pretrain_samples.to_string(),
             ),
+            ("--vision-lr", self.vision_lr.to_string()),
             ("--device", self.device.clone()),
         ] {
             argv.push(flag.into());
@@ -271,6 +282,13 @@ fn crop_scale(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
         _ => Err(format!("{text:?} is not a share of the area in (0, 1]")),
+    }
+}
+
+fn probability(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a probability in [0, 1]")),
     }
 }
 
@@ -520,6 +538,7 @@ impl Experiment {
         options.generation = settings.to_json();
         options.batch_size = 16;
         options.chunk_size = 256;
+        options.threshold = self.args.filter_threshold;
         options.progress = Some(common::progress_sink("images"));
         eprintln!("== {name}");
         let start = Instant::now();
@@ -772,7 +791,12 @@ fn pretrain_vision(args: &Args, device: &Device, dir: &Path) -> VisionTransforme
         let images: Vec<RgbImage> = scenes.iter().map(|s| s.render()).collect();
         let labels: Vec<_> = scenes.iter().map(|s| cell_labels(s.attributes())).collect();
         let loss = model.loss(processor.preprocess(&images, &device), &labels);
-        let lr = cosine_lr(step, steps, warmup_lr(step + 1, 300, 0.0, args.lr), 0.0);
+        let lr = cosine_lr(
+            step,
+            steps,
+            warmup_lr(step + 1, 300, 0.0, args.vision_lr),
+            0.0,
+        );
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(lr, model, grads);
         progress.report(Progress {
@@ -951,6 +975,10 @@ fn run_seeds(args: &Args, n: u64) {
     let summary = SeedSummary::of(&runs);
     let mut md = summary.markdown();
     md += &targets(&summary);
+    md += &format!(
+        "\nCapFilt keeps a text iff its ITM probability reaches {:.3} (`--filter-threshold`).\n",
+        args.filter_threshold
+    );
     md += &format!(
         "\nWall time of this invocation: {:.1} min for {} seed(s), {} job(s) of {threads} \
          thread(s); {kept} seed(s) kept from earlier invocations. Minutes per seed count \
@@ -1273,6 +1301,7 @@ fn main() {
     }
     results["models"] = Value::Array(rows.clone());
     results["filter_vs_labels"] = experiment.filter_quality("capfilt-nucleus");
+    results["filter_vs_labels"]["threshold"] = json!(experiment.args.filter_threshold);
     results["noise_ratio"] = json!({
         "web_removed": nucleus.web_noise_ratio,
         "synthetic_removed_nucleus": nucleus.synthetic_noise_ratio,
@@ -1301,7 +1330,8 @@ fn main() {
         );
     }
     md += &format!(
-        "\nFilter on the web texts (nucleus run) against the noise labels: precision {} %, recall {} %; web texts removed: {}.\n",
+        "\nFilter on the web texts (nucleus run, threshold {:.3}) against the noise labels: precision {} %, recall {} %; web texts removed: {}.\n",
+        experiment.args.filter_threshold,
         pct(&results["filter_vs_labels"]["precision"]),
         pct(&results["filter_vs_labels"]["recall"]),
         nucleus
