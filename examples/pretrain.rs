@@ -195,6 +195,7 @@ fn tokenizer(path: Option<&PathBuf>) -> BlipTokenizer {
 }
 
 fn main() {
+    common::one_malloc_arena();
     let args = Args::parse();
     // Processes started by a launcher without --distributed mpi would each train alone
     // and overwrite each other's checkpoints.

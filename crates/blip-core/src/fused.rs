@@ -1,14 +1,21 @@
-//! Training ops with their own backward passes: attention's softmax, GELU and LayerNorm.
+//! Training ops with their own backward passes: dense layers, attention's softmax, GELU
+//! and LayerNorm.
 //!
 //! Under autodiff, burn builds each of these from generic ops, and each generic op is a
 //! graph node with its own full-size pass forward and backward: attention's softmax is a
 //! dozen (scale, bias add, max, clamp, subtract, a scalar `exp`, sum, clamp, divide, and
 //! their backward passes, which evaluate `exp` again), LayerNorm ten, and GELU evaluates a
-//! scalar libm `erf`. Here each is one node: one vectorised pass forward, one backward,
-//! with the few tensors backward needs saved in between.
+//! scalar libm `erf`. Unmasked self-attention splits its heads out of `[B, T, 3·D]` with copies,
+//! and gathers them back the same way, forward and backward. A dense layer is a matmul and a
+//! bias add, and flex allocates each
+//! matmul's output twice (zeroed, then copied into an aligned buffer), forward and for both
+//! gradients. Here each is one node: one vectorised pass forward, one backward, with the few
+//! tensors backward needs saved in between.
 //!
 //! | op | forward | backward (`g` = gradient of the output) |
 //! |---|---|---|
+//! | [`linear`] | `y = x·W + b`: one GEMM onto rows of `b` | `∂x = g·Wᵀ`; `∂W = xᵀ·g`; `∂b = Σ_rows g` |
+//! | [`self_attention`] | per head, `P = softmax(q·kᵀ/√d_h)`, `y = P·v`, read from and written to `[B, T, ·]` rows in place | `∂v = Pᵀ·g`; `∂q = S·k`, `∂k = Sᵀ·q` with `S = P ⊙ (g·vᵀ − Σ_row P⊙g·vᵀ)/√d_h` |
 //! | [`attention_softmax`] | `y = softmax(scale·s + bias)` over the last dim | `∂s = scale · y ⊙ (g − Σ_row g⊙y)` |
 //! | [`gelu`] | `y = x · Φ(x)` | `∂x = g ⊙ (Φ(x) + x·φ(x))` |
 //! | [`layer_norm`] | `y = x̂ ⊙ γ + β`, `x̂ = (x − μ)·r`, `r = 1/√(σ² + ε)` per row | `∂x = r·(g̃ − mean(g̃) − x̂·mean(g̃⊙x̂))`, `g̃ = g⊙γ`; `∂γ = Σ_rows g⊙x̂`; `∂β = Σ_rows g` |
@@ -18,9 +25,10 @@
 //! rounding. The tests compare both paths' values and gradients, and the gradients with
 //! finite differences.
 
-use burn::nn::LayerNorm;
-use burn::tensor::activation;
-use burn::tensor::{Device, FloatDType, Tensor};
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::module;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, FloatDType, Tensor, activation};
 
 use crate::ops::check_shape;
 use crate::precision;
@@ -38,6 +46,84 @@ pub fn has_backward(device: &Device) -> bool {
     cfg!(all(feature = "flex", feature = "autodiff"))
         && device.is_autodiff()
         && *device == Device::flex()
+}
+
+/// `linear` applied to the rows of `x` (`[N, D_in]`): `x·W + b`, with burn's layout of the
+/// weight (`W: [D_in, D_out]`). On flex the bias is the GEMM's starting value, so no pass adds
+/// it, and the gradients are written straight into their own buffers.
+///
+/// An `x` whose width is not the layer's input width is an
+/// [`Error::InputShape`](crate::Error::InputShape).
+///
+/// ```
+/// use blip_core::fused::linear;
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// let mut layer = LinearConfig::new(2, 1).init(&device);
+/// layer.weight = layer.weight.map(|_| Tensor::<2>::from_floats([[1.0], [10.0]], &device));
+/// layer.bias = layer.bias.map(|b| b.map(|_| Tensor::<1>::from_floats([0.5], &device)));
+/// let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
+/// let y: Vec<f32> = linear(&layer, x)?.into_data().to_vec().unwrap();
+/// assert_eq!(y, [21.5, 43.5]);
+/// assert!(linear(&layer, Tensor::<2>::zeros([1, 3], &device)).is_err());
+/// # Ok::<(), blip_core::Error>(())
+/// ```
+pub fn linear(linear: &Linear, x: Tensor<2>) -> crate::Result<Tensor<2>> {
+    let [d_in, _] = linear.weight.val().dims();
+    let dims = x.dims();
+    check_shape("x", &format!("[.., {d_in}]"), &dims, dims[1] == d_in)?;
+    #[cfg(feature = "flex")]
+    let x = match flex::linear(linear, x) {
+        Ok(y) => return Ok(y),
+        Err(x) => x,
+    };
+    Ok(linear.forward(x))
+}
+
+/// Unmasked multi-head self-attention (the ViT's) from a fused projection: `qkv` is
+/// `[B, T, 3·D]` with columns `[q | k | v]` (heads inner), the result `[B, T, D]` with
+/// `out[b, :, head] = softmax(q·kᵀ/√(D/heads))·v` for that head's columns. On flex each head
+/// reads its columns in place, forward and backward, and backward reuses the probabilities.
+///
+/// A `qkv` whose width is not three times a multiple of `heads` is an
+/// [`Error::InputShape`](crate::Error::InputShape).
+///
+/// ```
+/// use blip_core::fused::self_attention;
+/// use burn::tensor::{Device, Tensor};
+///
+/// let device = Device::flex();
+/// // One head of width 1, two tokens with equal keys: each query averages the values.
+/// let qkv = Tensor::<3>::from_floats([[[1.0, 1.0, 2.0], [3.0, 1.0, 4.0]]], &device);
+/// let y: Vec<f32> = self_attention(qkv.clone(), 1)?.into_data().to_vec().unwrap();
+/// assert_eq!(y, [3.0, 3.0]);
+/// assert!(self_attention(qkv, 2).is_err());
+/// # Ok::<(), blip_core::Error>(())
+/// ```
+pub fn self_attention(qkv: Tensor<3>, heads: usize) -> crate::Result<Tensor<3>> {
+    let dims = qkv.dims();
+    let [b, t, d3] = dims;
+    check_shape(
+        "qkv",
+        &format!("[B, T, 3·{heads}·head width]"),
+        &dims,
+        heads > 0 && d3 % (3 * heads) == 0,
+    )?;
+    #[cfg(feature = "flex")]
+    let qkv = match flex::self_attention(qkv, heads) {
+        Ok(y) => return Ok(y),
+        Err(qkv) => qkv,
+    };
+    // Elsewhere burn's attention (fused kernels on the GPU backends), on the heads split out:
+    // [B, T, 3, H, hd] → [3, B, H, T, hd], the 3 the outer split, heads inner.
+    let hd = d3 / 3 / heads;
+    let qkv = qkv.reshape([b, t, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
+    let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, t, hd]);
+    let options = AttentionModuleOptions::default();
+    let context = module::attention(part(0), part(1), part(2), None, None, options);
+    Ok(context.swap_dims(1, 2).reshape([b, t, heads * hd]))
 }
 
 /// `softmax(scale · scores + bias)` over the last dimension: the attention probabilities
@@ -178,16 +264,25 @@ mod flex {
     use burn::backend::flex::FlexTensor;
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{Dispatch, Flex, backend_extension};
-    use burn::nn::LayerNorm;
+    use burn::nn::{LayerNorm, Linear};
     use burn::tensor::{DType, Device, Tensor, TensorData};
     use rayon::prelude::*;
 
-    use crate::kernels::{gelu_slice, multiversion, softmax_rows};
+    use crate::kernels::{View, attention_qkv, gelu_slice, matmul, multiversion, softmax_rows};
+    use gemm::Parallelism;
 
     /// The fused ops on burn's primitives. Flex runs them forward; autodiff over flex adds
     /// their backward passes. Only flex devices are routed here (see [`is_flex_f32`]).
     #[backend_extension(Flex, Autodiff: cfg(feature = "autodiff"))]
     pub trait FusedOps: burn::backend::Backend {
+        /// `x·W + b` for `x: [N, D_in]`, `W: [D_in, D_out]`, `b: [D_out]`.
+        fn fused_linear(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+        ) -> FloatTensor<Self>;
+        /// Unmasked self-attention of `qkv` (`[B, T, 3·D]`) with `heads` heads.
+        fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
         /// `softmax(scale · scores + bias)` over the last dimension, `bias` broadcast (a
         /// `[1, …, 1]` zero where there is none).
         fn fused_softmax(
@@ -213,6 +308,41 @@ mod flex {
         *device == Device::flex()
             && dtype == DType::F32
             && (cfg!(feature = "autodiff") || !device.is_autodiff())
+    }
+
+    pub(super) fn linear(linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Tensor<2>> {
+        // The caller has checked `x`'s width against the weight's.
+        let weight = linear.weight.val();
+        let [_, out] = weight.dims();
+        let bias = match &linear.bias {
+            Some(bias) => bias.val(),
+            None => Tensor::zeros([out], &weight.device()),
+        };
+        let autodiff = x.device().is_autodiff();
+        let fits =
+            |device: &Device, dtype| is_flex_f32(device, dtype) && device.is_autodiff() == autodiff;
+        if !fits(&x.device(), x.dtype())
+            || !fits(&weight.device(), weight.dtype())
+            || !fits(&bias.device(), bias.dtype())
+            || bias.dims() != [out]
+        {
+            return Err(x);
+        }
+        Ok(Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+        )))
+    }
+
+    pub(super) fn self_attention(qkv: Tensor<3>, heads: usize) -> Result<Tensor<3>, Tensor<3>> {
+        // The caller has checked the width against `heads`.
+        if !is_flex_f32(&qkv.device(), qkv.dtype()) {
+            return Err(qkv);
+        }
+        Ok(Tensor::from_dispatch(
+            <Dispatch as FusedOps>::fused_self_attention(qkv.into_dispatch(), heads),
+        ))
     }
 
     pub(super) fn attention_softmax(
@@ -270,6 +400,14 @@ mod flex {
     }
 
     impl FusedOps for Flex {
+        fn fused_self_attention(qkv: FlexTensor, heads: usize) -> FlexTensor {
+            self_attention_forward(&qkv, heads, false).0
+        }
+
+        fn fused_linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+            linear_forward(&x, &weight, &bias)
+        }
+
         fn fused_softmax(scores: FlexTensor, bias: FlexTensor, scale: f64) -> FlexTensor {
             softmax_forward(&scores, &bias, scale as f32)
         }
@@ -321,6 +459,48 @@ mod flex {
             step *= n;
         }
         strides
+    }
+
+    /// The context `[B, T, D]` of `qkv` (`[B, T, 3·D]`) and, when `keep`, the probabilities
+    /// `[B·H, T, T]` for the backward pass.
+    fn self_attention_forward(
+        qkv: &FlexTensor,
+        heads: usize,
+        keep: bool,
+    ) -> (FlexTensor, Option<FlexTensor>) {
+        let (b, t, d) = (qkv.shape()[0], qkv.shape()[1], qkv.shape()[2] / 3);
+        let values = values(qkv);
+        let mut out = vec![0.0f32; b * t * d];
+        let mut probs = keep.then(|| vec![0.0f32; b * heads * t * t]);
+        let dims = (b, t, heads, d / heads);
+        attention_qkv(&values, dims, &mut out, probs.as_deref_mut());
+        (
+            tensor(out, vec![b, t, d]),
+            probs.map(|p| tensor(p, vec![b * heads, t, t])),
+        )
+    }
+
+    /// `x·W + b`: the rows of `b`, then one GEMM accumulated onto them.
+    fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
+        let (n, d, out) = (x.shape()[0], x.shape()[1], weight.shape()[1]);
+        let (x, w) = (values(x), values(weight));
+        let mut y = values(bias).repeat(n);
+        if n * d * out > 0 {
+            // SAFETY: y is [n, out], x [n, d] and w [d, out], each contiguous and row-major.
+            unsafe {
+                matmul(
+                    (n, out, d),
+                    y.as_mut_ptr(),
+                    out,
+                    View::rows(x.as_ptr(), d),
+                    View::rows(w.as_ptr(), out),
+                    1.0,
+                    true,
+                    Parallelism::Rayon(0),
+                );
+            }
+        }
+        tensor(y, vec![n, out])
     }
 
     fn softmax_forward(scores: &FlexTensor, bias: &FlexTensor, scale: f32) -> FlexTensor {
@@ -431,10 +611,51 @@ mod flex {
         use burn::backend::tensor::FloatTensor;
         use rayon::prelude::*;
 
-        use super::{CHUNK, FusedOps, layer_norm_forward, owned, softmax_forward, tensor, values};
-        use crate::kernels::{erf, exp, multiversion};
+        use super::{
+            CHUNK, FusedOps, layer_norm_forward, linear_forward, owned, self_attention_forward,
+            softmax_forward, tensor, values,
+        };
+        use crate::kernels::{SendPtr, View, add_into, erf, exp, matmul, multiversion};
+        use gemm::Parallelism;
 
         impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+            fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
+                let (qkv, guard) = qkv.into_parts();
+                match SelfAttentionBackward
+                    .prepare::<C>([guard])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => {
+                        let (y, probs) = self_attention_forward(&qkv, heads, true);
+                        let probs = probs.expect("kept when asked for");
+                        prep.finish((qkv, probs, heads), y)
+                    }
+                    OpsKind::UnTracked(prep) => {
+                        prep.finish(self_attention_forward(&qkv, heads, false).0)
+                    }
+                }
+            }
+
+            fn fused_linear(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                let (x, gx) = x.into_parts();
+                let (weight, gw) = weight.into_parts();
+                let (bias, gb) = bias.into_parts();
+                let y = linear_forward(&x, &weight, &bias);
+                match LinearBackward
+                    .prepare::<C>([gx, gw, gb])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish((x, weight), y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                }
+            }
+
             fn fused_softmax(
                 scores: FloatTensor<Self>,
                 bias: FloatTensor<Self>,
@@ -505,6 +726,185 @@ mod flex {
             let z = B::float_add(B::float_mul_scalar(scores, scale.into()), bias);
             let last = z.shape().num_dims() - 1;
             B::softmax(z, last)
+        }
+
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl Backward<Flex, 3> for LinearBackward {
+            /// The input and the weight.
+            type State = (FlexTensor, FlexTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (x, weight) = ops.state;
+                let g = grads.consume::<Flex>(&ops.node);
+                let [px, pw, pb] = ops.parents;
+                let (n, d, out) = (x.shape()[0], x.shape()[1], weight.shape()[1]);
+                let g = values(&g);
+                let any = n * d * out > 0;
+                if let Some(node) = px {
+                    let w = values(&weight);
+                    let mut dx = vec![0.0f32; n * d];
+                    if any {
+                        // SAFETY: dx is [n, d], g [n, out], w [d, out] read as Wᵀ through
+                        // swapped strides; all contiguous.
+                        unsafe {
+                            matmul(
+                                (n, d, out),
+                                dx.as_mut_ptr(),
+                                d,
+                                View::rows(g.as_ptr(), out),
+                                View::transposed(w.as_ptr(), out),
+                                1.0,
+                                false,
+                                Parallelism::Rayon(0),
+                            );
+                        }
+                    }
+                    grads.register::<Flex>(node.id, tensor(dx, vec![n, d]));
+                }
+                if let Some(node) = pw {
+                    let x = values(&x);
+                    let mut dw = vec![0.0f32; d * out];
+                    if any {
+                        // SAFETY: dw is [d, out], x [n, d] read as xᵀ through swapped
+                        // strides, g [n, out]; all contiguous.
+                        unsafe {
+                            matmul(
+                                (d, out, n),
+                                dw.as_mut_ptr(),
+                                out,
+                                View::transposed(x.as_ptr(), d),
+                                View::rows(g.as_ptr(), out),
+                                1.0,
+                                false,
+                                Parallelism::Rayon(0),
+                            );
+                        }
+                    }
+                    grads.register::<Flex>(node.id, tensor(dw, vec![d, out]));
+                }
+                if let Some(node) = pb {
+                    // Column sums of g, blocks of columns in parallel.
+                    const COLUMNS: usize = 256;
+                    let mut db = vec![0.0f32; out];
+                    if out > 0 {
+                        db.par_chunks_mut(COLUMNS).enumerate().for_each(|(j, db)| {
+                            for row in g.chunks_exact(out) {
+                                add_into(db, &row[j * COLUMNS..][..db.len()]);
+                            }
+                        });
+                    }
+                    grads.register::<Flex>(node.id, tensor(db, vec![out]));
+                }
+            }
+        }
+
+        #[derive(Debug)]
+        struct SelfAttentionBackward;
+
+        impl Backward<Flex, 1> for SelfAttentionBackward {
+            /// `qkv`, the probabilities `[B·H, T, T]` and the number of heads.
+            type State = (FlexTensor, FlexTensor, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (qkv, probs, heads) = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+                    let shape = qkv.shape().to_vec();
+                    let (b, t, d3) = (shape[0], shape[1], shape[2]);
+                    let (qkv, probs, g) = (values(&qkv), values(&probs), values(&g));
+                    let mut dqkv = vec![0.0f32; b * t * d3];
+                    self_attention_backward(&qkv, &probs, &g, (b, t, heads), &mut dqkv);
+                    tensor(dqkv, shape)
+                });
+            }
+        }
+
+        /// `∂qkv` of unmasked self-attention, each head on its own columns: `∂v = Pᵀ·g`,
+        /// `S = scale · P ⊙ (g·vᵀ − Σ_row P⊙(g·vᵀ))`, `∂q = S·k`, `∂k = Sᵀ·q`.
+        fn self_attention_backward(
+            qkv: &[f32],
+            probs: &[f32],
+            g: &[f32],
+            (batch, t, heads): (usize, usize, usize),
+            dqkv: &mut [f32],
+        ) {
+            let d = qkv.len() / (batch * t * 3).max(1);
+            let hd = d / heads;
+            let scale = 1.0 / (hd as f32).sqrt();
+            let row = 3 * d;
+            assert_eq!(probs.len(), batch * heads * t * t);
+            assert_eq!((g.len(), dqkv.len()), (batch * t * d, qkv.len()));
+            let dqkv = SendPtr(dqkv.as_mut_ptr());
+            (0..batch * heads).into_par_iter().for_each_init(
+                || vec![0.0f32; t * t],
+                |ds, job| {
+                    let (b, h) = (job / heads, job % heads);
+                    let p = &probs[job * t * t..][..t * t];
+                    let head = b * t * row + h * hd;
+                    let (q, k, v) = (&qkv[head..], &qkv[head + d..], &qkv[head + 2 * d..]);
+                    let g = &g[b * t * d + h * hd..];
+                    // SAFETY: every operand is T rows of hd values inside its buffer (rows
+                    // 3·D apart in `qkv` and `dqkv`, D apart in `g`, T apart in `p` and
+                    // `ds`), and this job alone writes its head's columns of `dqkv`.
+                    unsafe {
+                        let dq = dqkv.get().add(head);
+                        matmul(
+                            (t, t, hd),
+                            ds.as_mut_ptr(),
+                            t,
+                            View::rows(g.as_ptr(), d),
+                            View::transposed(v.as_ptr(), row),
+                            1.0,
+                            false,
+                            Parallelism::None,
+                        );
+                        for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                            softmax_row_backward(ds, p, scale);
+                        }
+                        matmul(
+                            (t, hd, t),
+                            dq,
+                            row,
+                            View::rows(ds.as_ptr(), t),
+                            View::rows(k.as_ptr(), row),
+                            1.0,
+                            false,
+                            Parallelism::None,
+                        );
+                        matmul(
+                            (t, hd, t),
+                            dq.add(d),
+                            row,
+                            View::transposed(ds.as_ptr(), t),
+                            View::rows(q.as_ptr(), row),
+                            1.0,
+                            false,
+                            Parallelism::None,
+                        );
+                        matmul(
+                            (t, hd, t),
+                            dq.add(2 * d),
+                            row,
+                            View::transposed(p.as_ptr(), t),
+                            View::rows(g.as_ptr(), d),
+                            1.0,
+                            false,
+                            Parallelism::None,
+                        );
+                    }
+                },
+            );
         }
 
         #[derive(Debug)]
@@ -692,7 +1092,7 @@ mod tests {
 
     use approx::assert_abs_diff_eq;
     use burn::module::Module;
-    use burn::nn::LayerNormConfig;
+    use burn::nn::{LayerNormConfig, LinearConfig};
     use burn::tensor::{Device, Tensor, TensorData, activation};
 
     use super::*;
@@ -762,6 +1162,97 @@ mod tests {
             let fd = (loss(up) - loss(down)) / (2.0 * h as f64);
             assert_abs_diff_eq!(fd, grad[i] as f64, epsilon = 2e-3);
         }
+    }
+
+    #[test]
+    fn linear_matches_burn_and_finite_differences() {
+        let device = autodiff();
+        // Widths that are not multiples of the GEMM's register blocks.
+        let (n, d, out) = (5, 37, 11);
+        for bias in [true, false] {
+            let mut layer = LinearConfig::new(d, out).with_bias(bias).init(&device);
+            layer.weight = layer
+                .weight
+                .map(|_| uniform(13, [d, out], -1.0, 1.0, &device).require_grad());
+            layer.bias = layer
+                .bias
+                .map(|b| b.map(|_| uniform(14, [out], -1.0, 1.0, &device).require_grad()));
+            let x0 = uniform(15, [n, d], -2.0, 2.0, &device);
+            let w = uniform(16, [n, out], -1.0, 1.0, &device);
+            let x = x0.clone().require_grad();
+            let y = linear(&layer, x.clone()).unwrap();
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let reference_x = x0.clone().require_grad();
+            let reference = layer.forward(reference_x.clone());
+            let reference_grads = (reference.clone() * w.clone()).sum().backward();
+            assert_close("y", &values(y), &values(reference), 1e-5);
+            let grad = values(x.grad(&grads).unwrap());
+            let reference_grad = values(reference_x.grad(&reference_grads).unwrap());
+            assert_close("∂x", &grad, &reference_grad, 1e-5);
+            let weight = layer.weight.val();
+            let mut params = vec![(
+                "∂W",
+                values(weight.grad(&grads).unwrap()),
+                values(weight.grad(&reference_grads).unwrap()),
+            )];
+            if let Some(b) = &layer.bias {
+                let b = b.val();
+                let got = values(b.grad(&grads).unwrap());
+                params.push(("∂b", got, values(b.grad(&reference_grads).unwrap())));
+            }
+            assert_eq!(params.len(), 1 + bias as usize);
+            for (what, got, expected) in params {
+                assert_close(what, &got, &expected, 1e-5);
+                assert!(got.iter().any(|&g| g != 0.0), "{what}");
+            }
+            let plain = layer.valid();
+            let f = |x| linear(&plain, x).unwrap();
+            check_finite_differences(f, x0, w, &grad, 1e-2);
+        }
+    }
+
+    /// Self-attention from `[B, T, 3·D]` with burn's ops, as the ViT composes it elsewhere.
+    fn composed_self_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+        let [b, t, d3] = qkv.dims();
+        let hd = d3 / 3 / heads;
+        let qkv = qkv.reshape([b, t, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, t, hd]);
+        let scores = part(0).matmul(part(1).swap_dims(2, 3)) / (hd as f64).sqrt();
+        let probs = activation::softmax(scores, 3);
+        probs
+            .matmul(part(2))
+            .swap_dims(1, 2)
+            .reshape([b, t, heads * hd])
+    }
+
+    #[test]
+    fn self_attention_matches_burn_and_finite_differences() {
+        let device = autodiff();
+        // 2 images, 7 tokens, 3 heads of width 5.
+        let (b, t, heads, hd) = (2, 7, 3, 5);
+        let qkv0 = uniform(17, [b, t, 3 * heads * hd], -1.5, 1.5, &device);
+        let w = uniform(18, [b, t, heads * hd], -1.0, 1.0, &device);
+        let qkv = qkv0.clone().require_grad();
+        let y = self_attention(qkv.clone(), heads).unwrap();
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let reference_qkv = qkv0.clone().require_grad();
+        let reference = composed_self_attention(reference_qkv.clone(), heads);
+        let reference_grads = (reference.clone() * w.clone()).sum().backward();
+        assert_close("y", &values(y), &values(reference), 1e-5);
+        let grad = values(qkv.grad(&grads).unwrap());
+        let reference_grad = values(reference_qkv.grad(&reference_grads).unwrap());
+        assert_close("∂qkv", &grad, &reference_grad, 1e-5);
+        // Every third of the columns (q, k and v) gets a gradient.
+        let width = 3 * heads * hd;
+        for part in 0..3 {
+            let cols = part * heads * hd..(part + 1) * heads * hd;
+            assert!(
+                grad.chunks_exact(width)
+                    .any(|r| r[cols.clone()].iter().any(|&g| g != 0.0))
+            );
+        }
+        let f = |x| self_attention(x, heads).unwrap();
+        check_finite_differences(f, qkv0, w, &grad, 1e-2);
     }
 
     #[test]
@@ -911,6 +1402,20 @@ mod tests {
         }
         let norm = LayerNormConfig::new(8).init(&device);
         let err = layer_norm(&norm, Tensor::<3>::zeros([2, 3, 7], &device), 1e-5);
+        assert!(matches!(
+            err,
+            Err(crate::Error::InputShape { what: "x", .. })
+        ));
+        let qkv = Tensor::<3>::zeros([1, 2, 12], &device);
+        for heads in [0, 3, 5] {
+            let err = self_attention(qkv.clone(), heads);
+            assert!(
+                matches!(err, Err(crate::Error::InputShape { what: "qkv", .. })),
+                "{heads}"
+            );
+        }
+        let layer = LinearConfig::new(8, 3).init(&device);
+        let err = linear(&layer, Tensor::<2>::zeros([2, 7], &device));
         assert!(matches!(
             err,
             Err(crate::Error::InputShape { what: "x", .. })

@@ -89,7 +89,7 @@ pub fn self_attention(qkv: Tensor<3>, heads: usize) -> Result<Tensor<3>, Tensor<
     };
     let d = d3 / 3;
     let mut out = vec![0.0f32; b * t * d];
-    attention_qkv(values, b, t, heads, d / heads, &mut out);
+    attention_qkv(values, (b, t, heads, d / heads), &mut out, None);
     Ok(flex_tensor(out, [b, t, d]))
 }
 
@@ -282,7 +282,7 @@ multiversion! {
 
 multiversion! {
     /// `y += z`.
-    fn add_into(y: &mut [f32], z: &[f32]) {
+    pub(crate) fn add_into(y: &mut [f32], z: &[f32]) {
         for (y, &z) in y.iter_mut().zip(z) {
             *y += z;
         }
@@ -335,14 +335,14 @@ impl<const D: usize> Strided<D> {
 
 /// A pointer that may cross threads; every head writes its own columns.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: the threads write disjoint elements.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer (a method, so closures capture the `Send` wrapper, not its field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -350,7 +350,7 @@ impl SendPtr {
 /// A matrix operand of [`matmul`]: element `(i, j)` is at `ptr + i·row + j·col`, so one
 /// buffer can be read as itself (`col` 1) or as its transpose (`row` 1).
 #[derive(Clone, Copy)]
-struct View {
+pub(crate) struct View {
     ptr: *const f32,
     row: isize,
     col: isize,
@@ -358,7 +358,7 @@ struct View {
 
 impl View {
     /// Row-major rows `stride` apart.
-    fn rows(ptr: *const f32, stride: usize) -> Self {
+    pub(crate) fn rows(ptr: *const f32, stride: usize) -> Self {
         Self {
             ptr,
             row: stride as isize,
@@ -367,7 +367,7 @@ impl View {
     }
 
     /// The transpose of row-major rows `stride` apart.
-    fn transposed(ptr: *const f32, stride: usize) -> Self {
+    pub(crate) fn transposed(ptr: *const f32, stride: usize) -> Self {
         Self {
             ptr,
             row: 1,
@@ -384,7 +384,7 @@ impl View {
 /// Every element the shapes and strides reach must lie inside its operand's allocation,
 /// and `dst` must not overlap `lhs` or `rhs` nor be written by anyone else meanwhile.
 #[allow(clippy::too_many_arguments)] // a GEMM: three shapes, three operands, two factors
-unsafe fn matmul(
+pub(crate) unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_stride: usize,
@@ -421,16 +421,34 @@ unsafe fn matmul(
 }
 
 /// The kernel of [`self_attention`] on host slices.
-fn attention_qkv(qkv: &[f32], batch: usize, t: usize, heads: usize, hd: usize, out: &mut [f32]) {
+///
+/// With `probs` (`[B·H, T, T]`), each head's probabilities are kept there for a backward pass.
+pub(crate) fn attention_qkv(
+    qkv: &[f32],
+    (batch, t, heads, hd): (usize, usize, usize, usize),
+    out: &mut [f32],
+    probs: Option<&mut [f32]>,
+) {
     let d = heads * hd;
     assert_eq!(qkv.len(), batch * t * 3 * d);
     assert_eq!(out.len(), batch * t * d);
     let scale = 1.0 / (hd as f32).sqrt();
     let out = SendPtr(out.as_mut_ptr());
+    let probs = probs.map(|p| {
+        assert_eq!(p.len(), batch * heads * t * t);
+        SendPtr(p.as_mut_ptr())
+    });
     let row = 3 * d;
     (0..batch * heads).into_par_iter().for_each_init(
-        || vec![0.0f32; t * t],
-        |scores, job| {
+        || vec![0.0f32; if probs.is_some() { 0 } else { t * t }],
+        |scratch, job| {
+            let scores: &mut [f32] = match probs {
+                // SAFETY: job `job` alone owns `probs[job·T², (job + 1)·T²)`.
+                Some(p) => unsafe {
+                    std::slice::from_raw_parts_mut(p.get().add(job * t * t), t * t)
+                },
+                None => scratch,
+            };
             let (b, h) = (job / heads, job % heads);
             let head = &qkv[b * t * 3 * d + h * hd..];
             let (q, k, v) = (head.as_ptr(), head[d..].as_ptr(), head[2 * d..].as_ptr());

@@ -29,9 +29,22 @@ pub fn dense(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, l, d] = x.dims();
     let x = x.reshape([b * l, d]);
     #[cfg(feature = "flex")]
-    let y = crate::kernels::linear_few_rows(linear, x).unwrap_or_else(|x| linear.forward(x));
-    #[cfg(not(feature = "flex"))]
-    let y = linear.forward(x);
+    let x = match crate::kernels::linear_few_rows(linear, x) {
+        Ok(y) => return reshape_rows(y, b, l),
+        Err(x) => x,
+    };
+    // Training on flex: one GEMM onto the bias, with its own backward pass. A width that
+    // does not fit takes burn's `forward`, which fails as it always has.
+    let y = if crate::fused::has_backward(&x.device()) {
+        crate::fused::linear(linear, x.clone()).unwrap_or_else(|_| linear.forward(x))
+    } else {
+        linear.forward(x)
+    };
+    reshape_rows(y, b, l)
+}
+
+/// `[B·L, D]` back to `[B, L, D]`.
+fn reshape_rows(y: Tensor<2>, b: usize, l: usize) -> Tensor<3> {
     let out = y.dims()[1];
     y.reshape([b, l, out])
 }

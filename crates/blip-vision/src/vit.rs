@@ -7,8 +7,6 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 use crate::config::VisionConfig;
@@ -311,36 +309,12 @@ impl VisionAttention {
             Ok(context) => return dense(&self.projection, context),
             Err(qkv) => qkv,
         };
-        dense(&self.projection, attention_from_qkv(qkv, self.num_heads))
+        // Training on flex reads the heads in place, with their own backward pass; other
+        // backends take burn's attention.
+        let context = fused::self_attention(qkv, self.num_heads)
+            .expect("a validated config's width is a multiple of its heads");
+        dense(&self.projection, context)
     }
-}
-
-/// Unmasked multi-head attention with burn's ops, from a fused projection `[B, T, 3·D]`
-/// (columns `[q | k | v]`, heads inner) to `[B, T, D]`: what [`blip_core::kernels::self_attention`]
-/// computes on flex.
-pub(crate) fn attention_from_qkv(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
-    let [b, t, d3] = qkv.dims();
-    let hd = d3 / 3 / heads;
-    // [B, T, 3, H, hd] → [3, B, H, T, hd]: the 3 is the outer split, heads inner.
-    let qkv = qkv.reshape([b, t, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
-    let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, t, hd]);
-    // In training on flex, in steps around the fused softmax and its backward pass.
-    let context = if fused::has_backward(&qkv.device()) {
-        let scores = part(0).matmul(part(1).swap_dims(2, 3));
-        let probs = fused::attention_softmax(scores, 1.0 / (hd as f64).sqrt(), None)
-            .expect("no bias to mismatch");
-        probs.matmul(part(2))
-    } else {
-        attention(
-            part(0),
-            part(1),
-            part(2),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        )
-    };
-    context.swap_dims(1, 2).reshape([b, t, heads * hd])
 }
 
 impl VisionLayer {
@@ -434,6 +408,8 @@ impl VisionTransformer {
 
 #[cfg(all(test, feature = "flex"))]
 mod tests {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Device, Distribution, Tensor};
 
     #[test]
@@ -442,7 +418,16 @@ mod tests {
         let (b, t, heads, hd) = (2, 37, 3, 8);
         let d = heads * hd;
         let qkv = Tensor::<3>::random([b, t, 3 * d], Distribution::Normal(0.0, 2.0), &device);
-        let want = super::attention_from_qkv(qkv.clone(), heads);
+        // burn's attention on the heads split out of [B, T, 3, H, hd].
+        let split = qkv
+            .clone()
+            .reshape([b, t, 3, heads, hd])
+            .permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| split.clone().narrow(0, i, 1).reshape([b, heads, t, hd]);
+        let options = AttentionModuleOptions::default();
+        let want = attention(part(0), part(1), part(2), None, None, options)
+            .swap_dims(1, 2)
+            .reshape([b, t, d]);
         let got = blip_core::kernels::self_attention(qkv, heads).expect("applies on flex");
         let diff: f32 = (got - want).abs().max().into_scalar();
         assert!(diff < 1e-5, "max |Δ| {diff}");
