@@ -1,16 +1,16 @@
-//! Training ops with their own backward passes: dense layers, attention's softmax, GELU
-//! and LayerNorm.
+//! Training ops with their own backward passes: dense layers, the ViT's self-attention,
+//! attention's softmax, GELU and LayerNorm.
 //!
 //! Under autodiff, burn builds each of these from generic ops, and each generic op is a
 //! graph node with its own full-size pass forward and backward: attention's softmax is a
 //! dozen (scale, bias add, max, clamp, subtract, a scalar `exp`, sum, clamp, divide, and
 //! their backward passes, which evaluate `exp` again), LayerNorm ten, and GELU evaluates a
-//! scalar libm `erf`. Unmasked self-attention splits its heads out of `[B, T, 3·D]` with copies,
-//! and gathers them back the same way, forward and backward. A dense layer is a matmul and a
-//! bias add, and flex allocates each
-//! matmul's output twice (zeroed, then copied into an aligned buffer), forward and for both
-//! gradients. Here each is one node: one vectorised pass forward, one backward, with the few
-//! tensors backward needs saved in between.
+//! scalar libm `erf`. Unmasked self-attention splits its heads out of `[B, T, 3·D]` with
+//! copies, and gathers them back the same way, forward and backward. A dense layer is a
+//! matmul and a bias add, and flex allocates each matmul's output twice (zeroed, then copied
+//! into an aligned buffer), forward and for both gradients. Here each is one node: one
+//! vectorised pass forward, one backward, with the few tensors backward needs saved in
+//! between.
 //!
 //! | op | forward | backward (`g` = gradient of the output) |
 //! |---|---|---|

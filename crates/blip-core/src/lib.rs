@@ -10,7 +10,8 @@
 //! - progress reports of long calls to the application's callback ([`progress`]);
 //! - BLIP's text cleaning ([`pre_caption`], [`pre_question`]);
 //! - training-time `dropout` and drop-path;
-//! - [`fused`]: attention's softmax, GELU and LayerNorm with their own backward passes;
+//! - [`fused`]: dense layers, the ViT's self-attention, attention's softmax, GELU and LayerNorm
+//!   with their own backward passes;
 //! - [`precision`]: the float types a model runs in, and f32 where half precision needs it.
 //!
 //! The tensor parts (`checkpoint`, `dropout`) need the default feature `burn`; without it
