@@ -28,7 +28,7 @@ pub fn model_dir(spec: &str) -> PathBuf {
     find_or_download(spec, &cache_dir()).unwrap_or_else(|e| fail(&e.to_string()))
 }
 
-/// Keeps glibc's allocator to one heap ("arena") for a training run. By default each thread
+/// Keeps glibc's allocator to one heap ("arena") for a training run (`examples/pretrain`). By default each thread
 /// that allocates gets a heap of its own, and memory freed into one heap does not serve the
 /// next step's allocations from another: a BLIP-base step's peak memory drifted between 7.4
 /// and 9.1 GB across identical runs, and stays at 5.7 GB with one heap, at the same speed

@@ -615,7 +615,7 @@ mod flex {
             CHUNK, FusedOps, layer_norm_forward, linear_forward, owned, self_attention_forward,
             softmax_forward, tensor, values,
         };
-        use crate::kernels::{SendPtr, View, add_into, erf, exp, matmul, multiversion};
+        use crate::kernels::{SendPtr, View, add_column_sums, erf, exp, matmul, multiversion};
         use gemm::Parallelism;
 
         impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
@@ -790,16 +790,8 @@ mod flex {
                     grads.register::<Flex>(node.id, tensor(dw, vec![d, out]));
                 }
                 if let Some(node) = pb {
-                    // Column sums of g, blocks of columns in parallel.
-                    const COLUMNS: usize = 256;
                     let mut db = vec![0.0f32; out];
-                    if out > 0 {
-                        db.par_chunks_mut(COLUMNS).enumerate().for_each(|(j, db)| {
-                            for row in g.chunks_exact(out) {
-                                add_into(db, &row[j * COLUMNS..][..db.len()]);
-                            }
-                        });
-                    }
+                    add_column_sums(&mut db, &g);
                     grads.register::<Flex>(node.id, tensor(db, vec![out]));
                 }
             }

@@ -280,9 +280,26 @@ multiversion! {
     }
 }
 
+/// `sums[j] += Σ_r rows[r·W + j]` with `W = sums.len()`: the column sums of the row-major
+/// `rows` (a bias's gradient), blocks of columns in parallel, each summed in row order.
+pub(crate) fn add_column_sums(sums: &mut [f32], rows: &[f32]) {
+    const COLUMNS: usize = 1024;
+    let width = sums.len();
+    if width == 0 {
+        return;
+    }
+    sums.par_chunks_mut(COLUMNS)
+        .enumerate()
+        .for_each(|(j, sums)| {
+            for row in rows.chunks_exact(width) {
+                add_into(sums, &row[j * COLUMNS..][..sums.len()]);
+            }
+        });
+}
+
 multiversion! {
     /// `y += z`.
-    pub(crate) fn add_into(y: &mut [f32], z: &[f32]) {
+    fn add_into(y: &mut [f32], z: &[f32]) {
         for (y, &z) in y.iter_mut().zip(z) {
             *y += z;
         }
@@ -667,14 +684,7 @@ pub fn linear_smoothed_cross_entropy(
         for (i, &r) in chunk.iter().enumerate() {
             grad_x[r * d..][..d].copy_from_slice(&gx_block[i * d..][..d]);
         }
-        grad_b
-            .par_chunks_mut(4096)
-            .enumerate()
-            .for_each(|(j, out)| {
-                for row in g.chunks_exact(vocab) {
-                    add_into(out, &row[j * 4096..][..out.len()]);
-                }
-            });
+        add_column_sums(&mut grad_b, g);
     }
     Some((
         loss / labelled.len() as f64,
