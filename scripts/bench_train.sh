@@ -41,7 +41,7 @@ trap 'rm -rf "$WORK"' EXIT
 # samples/s over the steps after the first, and the peak memory of training (MB, before the
 # final checkpoint is written), from our metrics file.
 ours_rate() {
-  "$PYTHON" scripts/bench_metrics.py "$1" | cut -d' ' -f1,3
+  "$PYTHON" scripts/bench_metrics.py "$1" | cut -d' ' -f1,3,4
 }
 
 ours() { # size batch data [tokenizer]
@@ -52,22 +52,26 @@ ours() { # size batch data [tokenizer]
   /usr/bin/time -f "%M" -o "$WORK/rss" "$BIN" --annotations "$WORK/$data.json" --size "$size" \
     --batch-size "$batch" --max-steps "$STEPS" --augment none --checkpoint-dir "$out" \
     --checkpoint-every 100000 --metrics "$WORK/metrics.jsonl" "${args[@]}" >/dev/null 2>&1
-  # samples/s, training's peak, the whole run's peak (with the final save) in MB.
+  # samples/s, training's peak, the median step's samples/s, the whole run's peak (with
+  # the final save) in MB.
   echo "$(ours_rate "$WORK/metrics.jsonl") $(( $(cat "$WORK/rss") / 1024 ))"
 }
 
 torch() { # size batch vocab
+  # Its --steps counts the timed steps after its warm-up step: STEPS in all, as ours.
   "$PYTHON" scripts/bench_pretrain_torch.py --size "$1" --batch-size "$2" --vocab "$3" \
-    --steps "$STEPS" --threads "$THREADS" 2>/dev/null | "$PYTHON" -c '
-import json, sys
+    --steps "$((STEPS - 1))" --threads "$THREADS" 2>/dev/null | "$PYTHON" -c '
+import json, statistics, sys
 d = json.loads(sys.stdin.read())
-print("%.4f %.0f" % (d["samples_per_second"], d["peak_rss_mb"]))'
+median = d["batch_size"] / statistics.median(d["step_seconds"])
+print("%.4f %.0f %.4f" % (d["samples_per_second"], d["peak_rss_mb"], median))'
 }
 
-# One figure of a run: samples/s, or with PER_STEP set, seconds per step of batch $1.
-figure() { # batch rate
+# One figure of a run: samples/s, or with PER_STEP set, seconds per step of batch $1 over
+# the timed steps, then that of the median step in brackets.
+figure() { # batch rate median-rate
   if [ -n "${PER_STEP:-}" ]; then
-    awk -v b="$1" -v r="$2" 'BEGIN { printf "%.1f", b / r }'
+    awk -v b="$1" -v r="$2" -v m="$3" 'BEGIN { printf "%.1f (%.1f)", b / r, b / m }'
   else
     awk -v r="$2" 'BEGIN { printf "%.1f", r }'
   fi
@@ -77,13 +81,13 @@ row() { # label size batch data vocab [tokenizer]
   local label=$1 size=$2 batch=$3 data=$4 vocab=$5 tok=${6:-}
   local a=() b=() ra=0 rs=0 rb=0
   for _ in $(seq "$RUNS"); do
-    read -r r m s < <(ours "$size" "$batch" "$data" "$tok"); a+=("$(figure "$batch" "$r")"); ra=$m rs=$s
-    read -r r m < <(torch "$size" "$batch" "$vocab"); b+=("$(figure "$batch" "$r")"); rb=$m
+    read -r r m d s < <(ours "$size" "$batch" "$data" "$tok"); a+=("$(figure "$batch" "$r" "$d")"); ra=$m rs=$s
+    read -r r m d < <(torch "$size" "$batch" "$vocab"); b+=("$(figure "$batch" "$r" "$d")"); rb=$m
   done
   echo "| $label | $batch | ${a[*]} | ${b[*]} | $ra MB ($rs MB with the final save) / $rb MB |"
 }
 
-echo "| model | batch | ours (samples/s or s/step, per run) | PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') | peak RSS of training, ours / PyTorch |"
+echo "| model | batch | ours (samples/s, or s/step and the median step's, per run) | PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') | peak RSS of training, ours / PyTorch |"
 echo "|---|---|---|---|---|"
 STEPS=12
 row "tiny, 264-token vocabulary" tiny 32 tiny world "$WORK/vocab.txt"

@@ -268,7 +268,9 @@ mod flex {
     use burn::tensor::{DType, Device, Tensor, TensorData};
     use rayon::prelude::*;
 
-    use crate::kernels::{View, attention_qkv, gelu_slice, matmul, multiversion, softmax_rows};
+    use crate::kernels::{
+        View, attention_qkv, flex_values as values, gelu_slice, matmul, multiversion, softmax_rows,
+    };
     use gemm::Parallelism;
 
     /// The fused ops on burn's primitives. Flex runs them forward; autodiff over flex adds
@@ -430,14 +432,6 @@ mod flex {
 
     /// Elements per parallel task of the element-wise kernels.
     const CHUNK: usize = 1 << 14;
-
-    /// `t`'s values in row-major order, in place when `t` is contiguous.
-    fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-        match t.as_slice::<f32>() {
-            Some(v) => v.into(),
-            None => t.to_contiguous().storage::<f32>().to_vec().into(),
-        }
-    }
 
     /// `t`'s shape and its values, as an owned buffer to compute in.
     fn owned(t: FlexTensor) -> (Vec<usize>, Vec<f32>) {

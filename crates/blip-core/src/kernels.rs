@@ -306,6 +306,15 @@ multiversion! {
     }
 }
 
+/// A flex f32 tensor's values in row-major order: its own buffer when it is contiguous,
+/// else a copy.
+pub(crate) fn flex_values(t: &burn::backend::flex::FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(v) => v.into(),
+        None => t.to_contiguous().storage::<f32>().to_vec().into(),
+    }
+}
+
 /// A flex tensor's f32 storage and layout, read in place (no copy): element `at` is
 /// `values()[index(at)]`.
 struct Strided<const D: usize> {

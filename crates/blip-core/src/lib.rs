@@ -12,6 +12,8 @@
 //! - training-time `dropout` and drop-path;
 //! - [`fused`]: dense layers, the ViT's self-attention, attention's softmax, GELU and LayerNorm
 //!   with their own backward passes;
+//! - [`update`]: AdamW's step and the momentum encoders' moving average, one pass per
+//!   parameter;
 //! - [`precision`]: the float types a model runs in, and f32 where half precision needs it.
 //!
 //! The tensor parts (`checkpoint`, `dropout`) need the default feature `burn`; without it
@@ -45,6 +47,8 @@ pub mod ops;
 pub mod precision;
 pub mod progress;
 pub mod rng;
+#[cfg(feature = "burn")]
+pub mod update;
 
 pub use caption::{pre_caption, pre_question};
 pub use error::{Error, Result};

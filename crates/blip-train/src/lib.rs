@@ -61,7 +61,7 @@ pub use model::{BlipPretrain, LossWeights, MomentumEncoders, PretrainConfig, Sha
 pub use momentum::{
     FeatureQueue, QueueSizeError, clamp_temperature, momentum_copy, momentum_update,
 };
-pub use optim::{blip_adamw, clip_grad_norm};
+pub use optim::{BlipAdamW, blip_adamw, clip_grad_norm};
 pub use original::{Family, OriginalCheckpoint};
 pub use pretrain::{
     Distillation, Losses, Objective, StepOutputs, Term, TrainBatch, compute_losses,

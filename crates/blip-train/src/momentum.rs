@@ -1,8 +1,9 @@
 //! The state ITC distillation keeps across steps: momentum encoders, feature queues and the
 //! learnable temperature's range.
 
+use blip_core::update::moving_average;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 
 /// The error of a queue whose size the batch does not divide.
 ///
@@ -111,13 +112,9 @@ impl ModuleMapper for Update {
             .next()
             .expect("online and momentum modules have the same parameters");
         let m = self.m;
-        param.map(|value| {
-            let dims = value.dims();
-            // The momentum encoders stay in f32 when the online model computes in half
-            // precision (mixed-precision training).
-            let online = online.cast(FloatDType::from(value.dtype()));
-            (value.detach() * m + online.reshape(dims) * (1.0 - m)).detach()
-        })
+        // The momentum encoders stay in f32 when the online model computes in half
+        // precision (mixed-precision training): `moving_average` casts to the average's dtype.
+        param.map(|value| moving_average(value, online, m))
     }
 }
 

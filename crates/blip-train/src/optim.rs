@@ -1,9 +1,11 @@
-//! The optimiser settings of the original training scripts.
+//! The optimiser of the original training scripts, and gradient clipping.
 
-use burn::optim::AdamWConfig;
+use blip_core::update::{AdamWStep, adamw};
+use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
+use burn::tensor::Device;
 
 /// AdamW as BLIP trains: betas (0.9, 0.999), eps 1e-8, weight decay 0.05 applied to every
-/// parameter (the original builds no parameter groups). burn's own defaults differ
+/// parameter (the original builds no parameter groups). burn's `AdamWConfig` defaults differ
 /// (eps 1e-5, decay 1e-4), hence this constructor.
 ///
 /// ```
@@ -26,12 +28,73 @@ use burn::optim::AdamWConfig;
 /// }
 /// assert!(loss(&model).into_scalar::<f32>() < before);
 /// ```
-pub fn blip_adamw() -> AdamWConfig {
-    AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.05)
+pub fn blip_adamw() -> BlipAdamW {
+    BlipAdamW {
+        beta_1: 0.9,
+        beta_2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.05,
+    }
+}
+
+/// AdamW with decoupled weight decay (PyTorch's `AdamW`; [`blip_adamw`] has BLIP's
+/// settings). Each parameter's step is one pass of [`blip_core::update::adamw`] over its
+/// values and moments, where burn's `AdamW` makes a dozen. The moments are kept as burn's
+/// `AdamWState`, so a saved optimiser record (`optimizer.bpk`) is the one burn's `AdamW`
+/// writes and reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlipAdamW {
+    /// Decay of the first moment, `β₁`.
+    pub beta_1: f32,
+    /// Decay of the second moment, `β₂`.
+    pub beta_2: f32,
+    /// `ε`, added to `√v̂`.
+    pub epsilon: f32,
+    /// Decoupled weight decay `λ`.
+    pub weight_decay: f32,
+}
+
+impl BlipAdamW {
+    /// The optimiser of a whole module: every float parameter in one group.
+    pub fn init(&self) -> ModuleOptimizer {
+        ModuleOptimizer::from(self.clone())
+    }
+}
+
+impl Optimizer for BlipAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: burn::tensor::Tensor<D>,
+        grad: burn::tensor::Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (burn::tensor::Tensor<D>, Option<Self::State<D>>) {
+        let (time, moments) = match state {
+            Some(AdamWState { momentum }) => (
+                momentum.time + 1,
+                Some((momentum.moment_1, momentum.moment_2)),
+            ),
+            None => (1, None),
+        };
+        let step = AdamWStep {
+            lr,
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+            time,
+        };
+        let (tensor, m, v) = adamw(tensor, grad, moments, &step);
+        let state = AdamWState::new(AdaptiveMomentumState::new(time, m, v));
+        (tensor, Some(state))
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
+    }
 }
 
 use burn::module::{Module, ModuleVisitor, Param};

@@ -783,11 +783,10 @@ pub fn compute_losses_with(
         let image_feat = to_f32(model.image_features(image_embeds.clone()));
         let text_feat = to_f32(model.text_features(&batch.text, &device)?);
 
-        state.momentum = momentum_update(
-            &model.momentum_sources(),
-            state.momentum.clone(),
-            config.momentum,
-        );
+        // The online encoders' handles (no copy) stand in for the momentum encoders while
+        // these are updated: not shared, their buffers are written in place.
+        let momentum = std::mem::replace(&mut state.momentum, model.momentum_sources());
+        state.momentum = momentum_update(&model.momentum_sources(), momentum, config.momentum);
         outputs.image_features = Some(image_feat.clone());
         outputs.text_features = Some(text_feat.clone());
         outputs.temperature = Some(temp.clone());

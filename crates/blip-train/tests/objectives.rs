@@ -287,6 +287,73 @@ mod optimiser {
     }
 }
 
+/// The optimiser record (`optimizer.bpk`) is burn's AdamW's: a record either optimiser wrote
+/// resumes in the other, and the next step is the same to float rounding.
+#[test]
+fn adamw_records_resume_across_burns_and_ours() {
+    use blip_train::blip_adamw;
+    use burn::module::Param;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+    use burn::tensor::Device;
+
+    let r = Reference::open();
+    let device = Device::flex().autodiff();
+    let burns = || -> ModuleOptimizer {
+        AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.999)
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.05)
+            .init()
+    };
+    let (x, c) = (
+        r.float::<2>("adamw.x", &device),
+        r.float::<2>("adamw.c", &device),
+    );
+    // The second step's gradient is the first's negated: a step without the first's
+    // moments moves the other way.
+    let grads = |model: &Linear, sign: f32| {
+        let loss = (model.forward(x.clone()) * c.clone() * sign).sum();
+        GradientsParams::from_grads(loss.backward(), model)
+    };
+    let weight = |model: &Linear| values(model.weight.val());
+    for ours_first in [true, false] {
+        let mut model: Linear = LinearConfig::new(3, 2).init(&device);
+        model.weight = Param::from_tensor(r.float::<2>("adamw.weight0", &device).transpose());
+        let mut first = if ours_first {
+            blip_adamw().init()
+        } else {
+            burns()
+        };
+        let model = first.step(1e-2, model.clone(), grads(&model, 1.0));
+        let record = first.into_bytes().unwrap();
+        let resumed = if ours_first {
+            burns()
+        } else {
+            blip_adamw().init()
+        };
+        let mut resumed = resumed.from_bytes(record).unwrap();
+        let continued = first.step(1e-2, model.clone(), grads(&model, -1.0));
+        let fresh = blip_adamw()
+            .init()
+            .step(1e-2, model.clone(), grads(&model, -1.0));
+        let resumed = resumed.step(1e-2, model.clone(), grads(&model, -1.0));
+        assert_close(
+            "weight after a resumed step",
+            weight(&resumed),
+            weight(&continued),
+        );
+        // Without the record's moments and step count, the step would differ.
+        let apart = weight(&fresh)
+            .iter()
+            .zip(weight(&continued))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(apart > 1e-3, "a fresh step is only {apart} away");
+    }
+}
+
 mod clipping {
     use super::{Reference, values};
     use blip_train::clip_grad_norm;
