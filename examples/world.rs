@@ -139,6 +139,13 @@ struct Args {
 }
 
 impl Args {
+    /// Where the pre-trained ViT is kept: `--vision-dir`, or `OUT/vision`.
+    fn vision_dir(&self) -> PathBuf {
+        self.vision_dir
+            .clone()
+            .unwrap_or_else(|| self.out.join("vision"))
+    }
+
     /// The command line of one seed's run under `--seeds`.
     fn for_seed(&self, seed: u64, out: &Path) -> Vec<String> {
         let mut argv: Vec<String> = vec![
@@ -173,7 +180,7 @@ impl Args {
         }
         if self.vision_pretrain_samples > 0 {
             argv.push("--vision-dir".into());
-            argv.push(self.out.join("vision").display().to_string());
+            argv.push(self.vision_dir().display().to_string());
         }
         argv
     }
@@ -386,8 +393,7 @@ impl Experiment {
             vision_init: None,
         };
         if experiment.args.vision_pretrain_samples > 0 {
-            let dir = experiment.args.vision_dir.clone();
-            let dir = dir.unwrap_or_else(|| experiment.out.join("vision"));
+            let dir = experiment.args.vision_dir();
             let vit = pretrain_vision(&experiment.args, &experiment.device, &dir);
             experiment.vision_init = Some(vit);
         }
@@ -908,11 +914,7 @@ fn run_seeds(args: &Args, n: u64) {
     let seeds: Vec<u64> = (args.seed..args.seed + n).collect();
     if args.vision_pretrain_samples > 0 {
         // Trained once, before the seeds start, with every core.
-        pretrain_vision(
-            args,
-            &common::device(&args.device),
-            &args.out.join("vision"),
-        );
+        pretrain_vision(args, &common::device(&args.device), &args.vision_dir());
     }
     let dir = |seed: u64| args.out.join(format!("seed-{seed}"));
     let results = |seed: u64| dir(seed).join("results.json");

@@ -674,6 +674,9 @@ impl Trainer {
         let values = losses.values();
         let total = losses.total.clone().into_scalar::<f32>() as f64;
         let grads = losses.gradients(&model, 1.0 / accumulation as f64, collective.as_ref())?;
+        // The compute view shares the weights' buffers (all of them in f32); released here
+        // so that the optimiser step below finds them unshared.
+        drop(compute);
         self.accumulator.accumulate(&model, grads);
         self.model = model;
         self.pending += 1;
@@ -699,7 +702,11 @@ impl Trainer {
                 Some(max) => clip_grad_norm(&self.model, grads, max),
                 None => (grads, f64::NAN),
             };
-            self.model = self.optimizer.step(lr, self.model.clone(), grads);
+            // The optimiser writes each weight in place where nothing else holds its buffer:
+            // it gets the model itself, and a stand-in without weights holds its place.
+            let stand_in = self.model.clone().map(&mut Emptied);
+            let model = std::mem::replace(&mut self.model, stand_in);
+            self.model = self.optimizer.step(lr, model, grads);
             self.pending = 0;
             self.progress.step += 1;
             if collective.world_size() > 1 {
@@ -1142,6 +1149,18 @@ impl ModuleMapper for FromData {
             ParamId::new(),
             Tensor::from_data(param.val().into_data(), &self.0),
         )
+    }
+}
+
+/// Every weight replaced by an empty tensor under the same id: a module that holds no
+/// weight buffers.
+struct Emptied;
+
+impl ModuleMapper for Emptied {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, value, mapper) = param.consume();
+        let empty = Tensor::empty([0; D], (&value.device(), value.dtype()));
+        Param::from_mapped_value(id, empty, mapper)
     }
 }
 
