@@ -8,6 +8,7 @@ steady state, without a slow step's weight in the mean).
     python3 scripts/bench_metrics.py METRICS.jsonl
 """
 import json
+import statistics
 import sys
 
 steps = [json.loads(line) for line in open(sys.argv[1])][1:]
@@ -17,6 +18,5 @@ if not steps:
 rate = len(steps) / sum(1.0 / s["samples_per_second"] for s in steps)
 communication = sum(s.get("communication_seconds", 0.0) for s in steps) / len(steps)
 peak = steps[-1].get("peak_rss_mb") or 0
-rates = sorted(s["samples_per_second"] for s in steps)
-median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1:][:2]) / 2
+median = statistics.median(s["samples_per_second"] for s in steps)
 print(f"{rate:.4f} {communication:.4f} {peak:.0f} {median:.4f}")

@@ -370,14 +370,11 @@ pub fn drop_path(branch: Tensor<3>, layer: usize, depth: usize) -> Tensor<3> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
     use burn::tensor::Device;
 
     fn rates(hidden: f64) -> DropoutRates {
         DropoutRates::new(hidden, hidden, hidden).unwrap()
-    }
-
-    fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
-        x.into_data().try_to_vec().unwrap()
     }
 
     #[test]

@@ -265,11 +265,12 @@ mod flex {
     use burn::backend::tensor::FloatTensor;
     use burn::backend::{Dispatch, Flex, backend_extension};
     use burn::nn::{LayerNorm, Linear};
-    use burn::tensor::{DType, Device, Tensor, TensorData};
+    use burn::tensor::{DType, Device, Tensor};
     use rayon::prelude::*;
 
     use crate::kernels::{
-        View, attention_qkv, flex_values as values, gelu_slice, matmul, multiversion, softmax_rows,
+        View, attention_qkv, flex_from_values as tensor, flex_owned as owned,
+        flex_values as values, gelu_slice, matmul, multiversion, softmax_rows,
     };
     use gemm::Parallelism;
 
@@ -432,17 +433,6 @@ mod flex {
 
     /// Elements per parallel task of the element-wise kernels.
     const CHUNK: usize = 1 << 14;
-
-    /// `t`'s shape and its values, as an owned buffer to compute in.
-    fn owned(t: FlexTensor) -> (Vec<usize>, Vec<f32>) {
-        let shape = t.shape().to_vec();
-        let v = values(&t).into_owned();
-        (shape, v)
-    }
-
-    fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-        FlexTensor::from_data(TensorData::new(values, shape))
-    }
 
     /// Row-major strides of `shape`, 0 along the dimensions of size 1 (a broadcast operand).
     fn broadcast_strides(shape: &[usize]) -> Vec<usize> {
@@ -1082,25 +1072,7 @@ mod tests {
     use burn::tensor::{Device, Tensor, TensorData, activation};
 
     use super::*;
-    use crate::SplitMix64;
-
-    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_to_vec().unwrap()
-    }
-
-    /// A tensor of uniform values in `[lo, hi)` from `seed`.
-    fn uniform<const D: usize>(
-        seed: u64,
-        shape: [usize; D],
-        lo: f64,
-        hi: f64,
-        device: &Device,
-    ) -> Tensor<D> {
-        let mut rng = SplitMix64::new(seed);
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.range_f64(lo, hi) as f32).collect();
-        Tensor::from_data(TensorData::new(v, shape), device)
-    }
+    use crate::test_util::{uniform, values};
 
     fn autodiff() -> Device {
         let device = Device::flex().autodiff();

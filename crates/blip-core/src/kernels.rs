@@ -315,6 +315,22 @@ pub(crate) fn flex_values(t: &burn::backend::flex::FlexTensor) -> std::borrow::C
     }
 }
 
+/// A flex f32 tensor's shape and values, as an owned buffer to compute in.
+pub(crate) fn flex_owned(t: burn::backend::flex::FlexTensor) -> (Vec<usize>, Vec<f32>) {
+    use burn::backend::TensorMetadata;
+    let shape = t.shape().to_vec();
+    let values = flex_values(&t).into_owned();
+    (shape, values)
+}
+
+/// A flex f32 tensor of `shape` holding `values` (row-major), without a copy.
+pub(crate) fn flex_from_values(
+    values: Vec<f32>,
+    shape: Vec<usize>,
+) -> burn::backend::flex::FlexTensor {
+    burn::backend::flex::FlexTensor::from_data(TensorData::new(values, shape))
+}
+
 /// A flex tensor's f32 storage and layout, read in place (no copy): element `at` is
 /// `values()[index(at)]`.
 struct Strided<const D: usize> {

@@ -47,6 +47,8 @@ pub mod ops;
 pub mod precision;
 pub mod progress;
 pub mod rng;
+#[cfg(all(test, feature = "burn"))]
+mod test_util;
 #[cfg(feature = "burn")]
 pub mod update;
 

@@ -145,13 +145,16 @@ mod flex {
     // `Err` hands the inputs back to the composed path: boxing them would save nothing.
     #![allow(clippy::result_large_err, clippy::type_complexity)]
 
+    use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
-    use burn::backend::{Flex, TensorMetadata};
-    use burn::tensor::{DType, Tensor, TensorData};
+    use burn::tensor::{DType, Tensor};
     use rayon::prelude::*;
 
     use super::AdamWStep;
-    use crate::kernels::{flex_values as values, is_plain_flex, multiversion};
+    use crate::kernels::{
+        flex_from_values as from_values, flex_owned as owned, flex_values as values, is_plain_flex,
+        multiversion,
+    };
 
     /// Elements per parallel task.
     const CHUNK: usize = 1 << 15;
@@ -185,8 +188,8 @@ mod flex {
         if in_place(&t) {
             return t;
         }
-        let shape = t.shape().to_vec();
-        FlexTensor::from_data(TensorData::new(values(&t).into_owned(), shape))
+        let (shape, values) = owned(t);
+        from_values(values, shape)
     }
 
     /// The per-element constants of one step.
@@ -274,7 +277,7 @@ mod flex {
         let (mut m, mut v) = match moments {
             Some((m, v)) => (writable(primitive(m)), writable(primitive(v))),
             None => {
-                let zeros = || FlexTensor::from_data(TensorData::new(vec![0f32; n], dims));
+                let zeros = || from_values(vec![0f32; n], dims.to_vec());
                 (zeros(), zeros())
             }
         };
@@ -297,7 +300,7 @@ mod flex {
                 .zip(out.par_chunks_mut(CHUNK))
                 .for_each(|((((g, m), v), from), theta)| adamw_into(from, theta, g, m, v, c));
             drop(from);
-            param = FlexTensor::from_data(TensorData::new(out, dims));
+            param = from_values(out, dims.to_vec());
         }
         Ok((tensor(param), tensor(m), tensor(v)))
     }
@@ -344,19 +347,14 @@ mod flex {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Device, Tensor, TensorData};
+    use burn::tensor::{Device, Tensor};
 
     use super::*;
-    use crate::SplitMix64;
+    use crate::test_util::{uniform, values};
 
-    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_to_vec().unwrap()
-    }
-
-    fn uniform(seed: u64, n: usize, lo: f64, hi: f64) -> Tensor<2> {
-        let mut rng = SplitMix64::new(seed);
-        let v: Vec<f32> = (0..n * 3).map(|_| rng.range_f64(lo, hi) as f32).collect();
-        Tensor::from_data(TensorData::new(v, [n, 3]), &Device::flex())
+    /// `[n, 3]` uniform values of plain flex.
+    fn rows(seed: u64, n: usize, lo: f64, hi: f64) -> Tensor<2> {
+        uniform(seed, [n, 3], lo, hi, &Device::flex())
     }
 
     fn assert_close(what: &str, got: &[f32], expected: &[f32]) {
@@ -384,10 +382,10 @@ mod tests {
         // More elements than one parallel chunk, so that chunks are split.
         let n = 40_000;
         for share in [false, true] {
-            let mut fused = (uniform(1, n, -1.0, 1.0), None);
-            let mut composed = (uniform(1, n, -1.0, 1.0), None);
+            let mut fused = (rows(1, n, -1.0, 1.0), None);
+            let mut composed = (rows(1, n, -1.0, 1.0), None);
             for time in 1..=3 {
-                let grad = uniform(10 + time as u64, n, -0.1, 0.1);
+                let grad = rows(10 + time as u64, n, -0.1, 0.1);
                 let before = values(fused.0.clone());
                 let keep = share.then(|| fused.0.clone());
                 let (p, m, v) = adamw(fused.0, grad.clone(), fused.1, &step(time));
@@ -446,10 +444,8 @@ mod tests {
     #[test]
     fn moving_average_matches_burns_ops_and_leaves_shared_inputs() {
         for device in [Device::flex(), Device::flex().autodiff()] {
-            let average =
-                Tensor::<2>::from_data(uniform(3, 20_000, -1.0, 1.0).into_data(), &device);
-            let value = Tensor::<2>::from_data(uniform(4, 20_000, -1.0, 1.0).into_data(), &device)
-                .reshape([60_000]);
+            let average = uniform(3, [20_000, 3], -1.0, 1.0, &device);
+            let value = uniform(4, [60_000], -1.0, 1.0, &device);
             let expected =
                 values(average.clone() * 0.995 + value.clone().reshape([20_000, 3]) * 0.005);
             let before = values(average.clone());

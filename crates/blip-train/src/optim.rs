@@ -1,8 +1,11 @@
 //! The optimiser of the original training scripts, and gradient clipping.
 
 use blip_core::update::{AdamWStep, adamw};
-use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
-use burn::tensor::Device;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{
+    AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer,
+};
+use burn::tensor::{Device, Tensor};
 
 /// AdamW as BLIP trains: betas (0.9, 0.999), eps 1e-8, weight decay 0.05 applied to every
 /// parameter (the original builds no parameter groups). burn's `AdamWConfig` defaults differ
@@ -67,10 +70,10 @@ impl Optimizer for BlipAdamW {
     fn step<const D: usize>(
         &self,
         lr: LearningRate,
-        tensor: burn::tensor::Tensor<D>,
-        grad: burn::tensor::Tensor<D>,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
         state: Option<Self::State<D>>,
-    ) -> (burn::tensor::Tensor<D>, Option<Self::State<D>>) {
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
         let (time, moments) = match state {
             Some(AdamWState { momentum }) => (
                 momentum.time + 1,
@@ -96,10 +99,6 @@ impl Optimizer for BlipAdamW {
         state
     }
 }
-
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
 
 /// Clips gradients by their global norm, as PyTorch's `clip_grad_norm_`: with
 /// `‖g‖ = sqrt(Σ_params Σ g²)` over every parameter of `module` together, each gradient is

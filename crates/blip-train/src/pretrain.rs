@@ -785,8 +785,9 @@ pub fn compute_losses_with(
 
         // The online encoders' handles (no copy) stand in for the momentum encoders while
         // these are updated: not shared, their buffers are written in place.
-        let momentum = std::mem::replace(&mut state.momentum, model.momentum_sources());
-        state.momentum = momentum_update(&model.momentum_sources(), momentum, config.momentum);
+        let online = model.momentum_sources();
+        let momentum = std::mem::replace(&mut state.momentum, online.clone());
+        state.momentum = momentum_update(&online, momentum, config.momentum);
         outputs.image_features = Some(image_feat.clone());
         outputs.text_features = Some(text_feat.clone());
         outputs.temperature = Some(temp.clone());
