@@ -46,7 +46,7 @@ use blip::train::{
 use blip::vision::{ImageProcessor, VisionConfig, VisionTransformer};
 use blip_world::{
     CaptionScore, Colour, Interval, PROMPT, Position, SceneAttributes, SeedRun, SeedSummary, Shape,
-    Size, TestRecord, WebLabel, WorldConfig, caption_mentions, cider, generate, scene,
+    Size, TestRecord, WebLabel, WorldConfig, caption_mentions, cider, generate, paired_gap, scene,
 };
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -980,6 +980,7 @@ fn run_seeds(args: &Args, n: u64) {
     let summary = SeedSummary::of(&runs);
     let mut md = summary.markdown();
     md += &targets(&summary);
+    md += &paired(&runs);
     md += &format!(
         "\nCapFilt keeps a text iff its ITM probability reaches {:.3} (`--filter-threshold`).\n",
         args.filter_threshold
@@ -1013,6 +1014,28 @@ No plot: {e}
 const NO_CAPFILT: &str = "noisy web (no CapFilt)";
 const NUCLEUS: &str = "CapFilt, nucleus";
 const BEAM: &str = "CapFilt, beam";
+
+/// Each CapFilt row against no CapFilt, seed by seed (the targets compare the rows' own
+/// intervals; this says how sure the per-seed difference is).
+fn paired(runs: &[SeedRun]) -> String {
+    let mut md = String::from(
+        "\nPaired per seed (CapFilt row minus no CapFilt; mean ± 95 % interval of the \
+         differences):\n",
+    );
+    for row in [NUCLEUS, BEAM] {
+        let gaps: Vec<String> = ["TR@1", "IR@1", "CIDEr"]
+            .into_iter()
+            .filter_map(|metric| {
+                paired_gap(runs, row, NO_CAPFILT, metric)
+                    .map(|gap| format!("{metric} {}", gap.render(1)))
+            })
+            .collect();
+        if !gaps.is_empty() {
+            md += &format!("- {row}: {}\n", gaps.join(", "));
+        }
+    }
+    md
+}
 
 /// The showcase's targets, checked on the intervals: each line says met or missed.
 fn targets(summary: &SeedSummary) -> String {

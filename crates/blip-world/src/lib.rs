@@ -56,7 +56,7 @@ pub const PROMPT: &str = "a picture of ";
 pub use cider::{cider, cider_scores, cider_tokenize};
 pub use parse::{AttributeMatch, CaptionScore, Tally, caption_mentions};
 pub use scene::{ObjectAttributes, RelationFact, Scene, SceneAttributes, scene};
-pub use seeds::{Interval, ROW_METRICS, RUN_METRICS, SeedRun, SeedSummary};
+pub use seeds::{Interval, ROW_METRICS, RUN_METRICS, SeedRun, SeedSummary, paired_gap};
 pub use vocab::{AttributeKind, Background, Colour, Position, Relation, Shape, Size, Texture};
 pub use world::{
     Annotation, NoiseKind, NoiseMix, TestAnnotation, TestRecord, WebLabel, WorldConfig, WorldError,

@@ -71,7 +71,15 @@ impl Interval {
         self.low() <= other.high() && other.low() <= self.high()
     }
 
-    fn render(&self, decimals: usize) -> String {
+    /// `mean ± half_width` to `decimals` places; the mean alone for a single value.
+    ///
+    /// ```
+    /// use blip_world::Interval;
+    ///
+    /// assert_eq!(Interval::of(&[1.0, 2.0, 3.0]).unwrap().render(1), "2.0 ± 2.5");
+    /// assert_eq!(Interval::of(&[7.0]).unwrap().render(2), "7.00");
+    /// ```
+    pub fn render(&self, decimals: usize) -> String {
         if self.half_width.is_finite() {
             format!("{:.d$} ± {:.d$}", self.mean, self.half_width, d = decimals)
         } else {
@@ -143,6 +151,49 @@ fn values(done: &[&Value], pointer: &str) -> Vec<f64> {
         .filter_map(|r| r.pointer(pointer).and_then(Value::as_f64))
         .map(|v| scaled(pointer, v))
         .collect()
+}
+
+/// The interval of the per-seed difference `row − baseline` in `metric` (a name from
+/// [`ROW_METRICS`]), over the seeds that completed with a value in both rows; `None` when
+/// there is no such seed or no such metric.
+///
+/// Each seed's world and initialisation move every row together, so the paired
+/// difference can lie clear of 0 while the two rows' own intervals overlap.
+///
+/// ```
+/// use blip_world::{SeedRun, paired_gap};
+/// use serde_json::json;
+///
+/// let run = |seed, base: f64, capfilt: f64| SeedRun {
+///     seed,
+///     outcome: Ok(json!({"models": [
+///         {"pre-training data": "no CapFilt", "retrieval": {"tr@1": base}},
+///         {"pre-training data": "CapFilt", "retrieval": {"tr@1": capfilt}},
+///     ]})),
+/// };
+/// // The rows overlap (2–8 against 4–10), but CapFilt is 2 ahead in every seed.
+/// let runs = [run(1, 2.0, 4.0), run(2, 5.0, 7.0), run(3, 8.0, 10.0)];
+/// let gap = paired_gap(&runs, "CapFilt", "no CapFilt", "TR@1").unwrap();
+/// assert_eq!((gap.mean, gap.half_width, gap.n), (2.0, 0.0, 3));
+/// assert!(paired_gap(&runs, "CapFilt", "no CapFilt", "CIDEr").is_none());
+/// assert!(paired_gap(&runs, "CapFilt", "no CapFilt", "no such metric").is_none());
+/// ```
+pub fn paired_gap(runs: &[SeedRun], row: &str, baseline: &str, metric: &str) -> Option<Interval> {
+    let (_, pointer) = ROW_METRICS.iter().find(|(name, _)| *name == metric)?;
+    let value = |result: &Value, label: &str| {
+        let of_label = result["models"]
+            .as_array()?
+            .iter()
+            .find(|m| m["pre-training data"].as_str() == Some(label))?;
+        let v = of_label.pointer(pointer)?.as_f64()?;
+        Some(scaled(pointer, v))
+    };
+    let gaps: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.outcome.as_ref().ok())
+        .filter_map(|result| Some(value(result, row)? - value(result, baseline)?))
+        .collect();
+    Interval::of(&gaps)
 }
 
 /// The summary of a multi-seed run.
