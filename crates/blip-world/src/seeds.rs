@@ -147,10 +147,24 @@ fn intervals(metrics: &[(&str, &str)], done: &[&Value]) -> Vec<(String, Interval
 }
 
 fn values(done: &[&Value], pointer: &str) -> Vec<f64> {
-    done.iter()
-        .filter_map(|r| r.pointer(pointer).and_then(Value::as_f64))
-        .map(|v| scaled(pointer, v))
-        .collect()
+    done.iter().filter_map(|r| value_at(r, pointer)).collect()
+}
+
+/// The number at `pointer` in `v`, scaled for display.
+fn value_at(v: &Value, pointer: &str) -> Option<f64> {
+    v.pointer(pointer)
+        .and_then(Value::as_f64)
+        .map(|x| scaled(pointer, x))
+}
+
+/// The rows (`models`) of one seed's `results.json`.
+fn rows(result: &Value) -> impl Iterator<Item = &Value> {
+    result["models"].as_array().into_iter().flatten()
+}
+
+/// Those rows of one seed's `results.json` whose pre-training data is `label`.
+fn rows_labelled<'a>(result: &'a Value, label: &'a str) -> impl Iterator<Item = &'a Value> {
+    rows(result).filter(move |row| row["pre-training data"].as_str() == Some(label))
 }
 
 /// The interval of the per-seed difference `row − baseline` in `metric` (a name from
@@ -180,14 +194,8 @@ fn values(done: &[&Value], pointer: &str) -> Vec<f64> {
 /// ```
 pub fn paired_gap(runs: &[SeedRun], row: &str, baseline: &str, metric: &str) -> Option<Interval> {
     let (_, pointer) = ROW_METRICS.iter().find(|(name, _)| *name == metric)?;
-    let value = |result: &Value, label: &str| {
-        let of_label = result["models"]
-            .as_array()?
-            .iter()
-            .find(|m| m["pre-training data"].as_str() == Some(label))?;
-        let v = of_label.pointer(pointer)?.as_f64()?;
-        Some(scaled(pointer, v))
-    };
+    let value =
+        |result: &Value, label: &str| value_at(rows_labelled(result, label).next()?, pointer);
     let gaps: Vec<f64> = runs
         .iter()
         .filter_map(|r| r.outcome.as_ref().ok())
@@ -238,7 +246,7 @@ impl SeedSummary {
             .collect();
         let mut labels: Vec<String> = Vec::new();
         for r in &done {
-            for row in r["models"].as_array().into_iter().flatten() {
+            for row in rows(r) {
                 if let Some(label) = row["pre-training data"].as_str()
                     && !labels.iter().any(|l| l == label)
                 {
@@ -249,12 +257,10 @@ impl SeedSummary {
         let rows = labels
             .into_iter()
             .map(|label| {
-                let of_label: Vec<&Value> = done
-                    .iter()
-                    .flat_map(|r| r["models"].as_array().into_iter().flatten())
-                    .filter(|row| row["pre-training data"].as_str() == Some(label.as_str()))
-                    .collect();
-                (label, intervals(&ROW_METRICS, &of_label))
+                let of_label: Vec<&Value> =
+                    done.iter().flat_map(|r| rows_labelled(r, &label)).collect();
+                let metrics = intervals(&ROW_METRICS, &of_label);
+                (label, metrics)
             })
             .collect();
         let run = intervals(&RUN_METRICS, &done);
