@@ -69,7 +69,8 @@ struct Args {
     /// A small world and short training: a smoke run of every stage in about a minute.
     #[arg(long)]
     small: bool,
-    /// Pre-training epochs.
+    /// Pre-training epochs. Six instead of five widened no CapFilt gap on seeds 6–10
+    /// (nucleus paired TR@1 1.3 against 3.7 points) and cost two minutes a seed.
     #[arg(long, default_value_t = 5)]
     pretrain_epochs: usize,
     /// Captioner fine-tuning epochs.
