@@ -239,6 +239,9 @@ pub fn layer_norm<const D: usize>(
         &dims,
         dims.last() == Some(&width),
     )?;
+    // Only the fused path reads `eps`: burn's LayerNorm keeps its own.
+    #[cfg(not(feature = "flex"))]
+    let _ = eps;
     #[cfg(feature = "flex")]
     let x = match flex::layer_norm(norm, x, eps) {
         Ok(y) => return Ok(y),

@@ -326,6 +326,33 @@ fn moved(
     })
 }
 
+/// `model` with every weight that initialisation drew at random drawn again from `seed`
+/// (uniform, standard deviation 0.02 as BLIP's initialisation); constant tensors
+/// (LayerNorm, zero biases, the temperature) are kept. burn's generator is one per
+/// process and the tests beside this one draw from it, so seeding it fixes nothing here.
+fn redrawn(model: BlipPretrain, seed: u64) -> BlipPretrain {
+    struct Redraw(SplitMix64);
+    impl ModuleMapper for Redraw {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (id, value, _) = param.consume();
+            let device = value.device().inner();
+            let shape = value.shape();
+            let mut values = common::values(value);
+            if values.iter().any(|v| *v != values[0]) {
+                let half_width = 0.02 * 3f64.sqrt();
+                for v in &mut values {
+                    *v = ((self.0.next_f64() * 2.0 - 1.0) * half_width) as f32;
+                }
+            }
+            Param::initialized(
+                id,
+                Tensor::<D>::from_data(TensorData::new(values, shape), &device),
+            )
+        }
+    }
+    model.map(&mut Redraw(SplitMix64::new(seed)))
+}
+
 #[test]
 fn gradients_through_negatives_of_other_ranks_reach_the_image_encoder() {
     // ITM alone (its negatives are where ranks share images), no dropout, momentum
@@ -337,8 +364,15 @@ fn gradients_through_negatives_of_other_ranks_reach_the_image_encoder() {
         .with_negative_all_rank(true)
         .with_momentum(1.0)
         .without_dropout();
+    // One fixed model: the negatives are drawn, so F jumps where a draw changes, and a
+    // random model now and then puts a jump inside ±t (seen once in CI, 27 % off).
     let root = tempfile::tempdir().unwrap();
-    let init = initial_checkpoint(&config, root.path());
+    let init = {
+        let device = Device::flex();
+        let model = redrawn(config.init(&device), 11);
+        let trainer = Trainer::new(model, config.clone(), train(), &device.autodiff());
+        trainer.save(root.path()).unwrap()
+    };
     let vit = |path: &str| path.starts_with("visual_encoder");
     let results = threads(2, |c| {
         let rank = c.rank();
