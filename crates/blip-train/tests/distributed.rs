@@ -110,13 +110,12 @@ impl RankState {
 /// A fresh model, momentum encoders and queues of `config`, saved as a checkpoint: the
 /// common start of runs that must agree.
 fn initial_checkpoint(config: &PretrainConfig, root: &Path) -> std::path::PathBuf {
-    let device = Device::flex().autodiff();
-    let trainer = Trainer::new(
-        config.init(&Device::flex()),
-        config.clone(),
-        train(),
-        &device,
-    );
+    checkpoint_of(config.init(&Device::flex()), config, root)
+}
+
+/// `model` with fresh momentum encoders and queues of `config`, saved as a checkpoint.
+fn checkpoint_of(model: BlipPretrain, config: &PretrainConfig, root: &Path) -> std::path::PathBuf {
+    let trainer = Trainer::new(model, config.clone(), train(), &Device::flex().autodiff());
     trainer.save(root).unwrap()
 }
 
@@ -367,12 +366,8 @@ fn gradients_through_negatives_of_other_ranks_reach_the_image_encoder() {
     // One fixed model: the negatives are drawn, so F jumps where a draw changes, and a
     // random model now and then puts a jump inside ±t (seen once in CI, 27 % off).
     let root = tempfile::tempdir().unwrap();
-    let init = {
-        let device = Device::flex();
-        let model = redrawn(config.init(&device), 11);
-        let trainer = Trainer::new(model, config.clone(), train(), &device.autodiff());
-        trainer.save(root.path()).unwrap()
-    };
+    let model = redrawn(config.init(&Device::flex()), 11);
+    let init = checkpoint_of(model, &config, root.path());
     let vit = |path: &str| path.starts_with("visual_encoder");
     let results = threads(2, |c| {
         let rank = c.rank();
