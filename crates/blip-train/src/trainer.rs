@@ -32,7 +32,7 @@ use blip_core::precision::cast_module;
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, ModuleOptimizer};
-use burn::tensor::{Device, FloatDType, Tensor};
+use burn::tensor::{Device, FloatDType, Shape, Tensor};
 use serde_json::json;
 
 use crate::data::DROPOUT_STREAM;
@@ -805,7 +805,7 @@ impl Trainer {
             "options": self.run_options,
             "queue_ptr": self.distillation.as_ref().map(|d| d.image_queue.ptr),
             "idx_queue": self.distillation.as_ref().map(|d| d.idx_queue.clone()),
-            "param_ids": param_ids(&self.model).iter().map(|id| id.val().to_string()).collect::<Vec<_>>(),
+            "param_ids": params(&self.model).iter().map(|(id, _)| id.val().to_string()).collect::<Vec<_>>(),
             "config": serde_json::to_value(&self.config).expect("configs serialise"),
             "train": serde_json::to_value(&self.train).expect("configs serialise"),
             "objectives": self
@@ -897,7 +897,7 @@ impl Trainer {
         let model = load_safetensors(config.init(&plain), &header, &PRETRAIN_KEYS)?;
         // The optimiser's moments are keyed by parameter id: give the loaded parameters the
         // ids they had when saved.
-        let expected = param_ids(&model).len();
+        let expected = params(&model).len();
         if ids.len() != expected {
             return Err(bad(format!(
                 "{} parameter ids saved, the model has {expected}",
@@ -912,6 +912,7 @@ impl Trainer {
             trainer.adopt_distillation(saved)?;
         }
         let optimizer_path = dir.join("optimizer.bpk");
+        check_optimizer_record(&optimizer_path, &params(&trainer.model))?;
         trainer.optimizer =
             trainer
                 .optimizer
@@ -1127,17 +1128,69 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Float parameter ids in visiting order.
-fn param_ids<M: Module>(module: &M) -> Vec<ParamId> {
-    struct Ids(Vec<ParamId>);
-    impl ModuleVisitor for Ids {
+/// Float parameters' ids and shapes, in visiting order.
+fn params<M: Module>(module: &M) -> Vec<(ParamId, Shape)> {
+    struct Params(Vec<(ParamId, Shape)>);
+    impl ModuleVisitor for Params {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.push(param.id);
+            self.0.push((param.id, param.lazy_shape()));
         }
     }
-    let mut ids = Ids(Vec::new());
-    module.visit(&mut ids);
-    ids.0
+    let mut params = Params(Vec::new());
+    module.visit(&mut params);
+    params.0
+}
+
+/// Checks a saved optimiser record against the model's parameters before burn's loader
+/// reads it. That loader takes a record on trust: a tensor that names no parameter panics
+/// there, and a moment of another shape than its parameter panics at the first step or,
+/// with as many values (a transposed one), silently steps the wrong weights. Only
+/// metadata is read; burnpack leaves tensor data on disk until it is used.
+fn check_optimizer_record(path: &Path, params: &[(ParamId, Shape)]) -> Result<()> {
+    let bad = |message: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let shapes: std::collections::HashMap<u64, &Shape> =
+        params.iter().map(|(id, shape)| (id.val(), shape)).collect();
+    // burn keys a parameter's state by the id before the first `.` of each entry's name.
+    let parameter = |name: &str| {
+        name.split_once('.')
+            .and_then(|(id, _)| id.parse::<u64>().ok())
+            .and_then(|id| Some((id, *shapes.get(&id)?)))
+            .ok_or_else(|| bad(format!("`{name}` names no parameter of the model")))
+    };
+    let reader = burn_pack::Reader::from_file_exact(path).map_err(|e| bad(e.to_string()))?;
+    for (name, rank) in reader.scalars() {
+        if name.ends_with(".__rank") {
+            let (_, shape) = parameter(name)?;
+            if usize::try_from(*rank).ok() != Some(shape.num_dims()) {
+                return Err(bad(format!(
+                    "`{name}` is {rank:?}, its parameter has {} dimensions",
+                    shape.num_dims()
+                )));
+            }
+        }
+    }
+    for tensor in reader.into_tensors().map_err(|e| bad(e.to_string()))? {
+        let (id, shape) = parameter(&tensor.name)?;
+        if tensor.param_id != Some(id) {
+            return Err(bad(format!(
+                "tensor `{}` carries parameter id {:?}, its name says {id}",
+                tensor.name, tensor.param_id
+            )));
+        }
+        if tensor.shape != *shape || !tensor.dtype.is_float() {
+            return Err(bad(format!(
+                "tensor `{}` is {:?} {:?}, its parameter is {:?}",
+                tensor.name,
+                tensor.dtype,
+                tensor.shape.as_slice(),
+                shape.as_slice()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Every value copied through host memory onto `device`, under a new parameter id.

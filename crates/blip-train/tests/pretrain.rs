@@ -5,8 +5,8 @@ mod common;
 
 use blip_text::Encoded;
 use blip_train::{
-    BlipPretrain, LossWeights, PretrainConfig, TrainBatch, TrainConfig, Trainer, compute_losses,
-    pretrain::Distillation,
+    BlipPretrain, LossWeights, PretrainConfig, TrainBatch, TrainConfig, TrainError, Trainer,
+    compute_losses, pretrain::Distillation,
 };
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -388,6 +388,104 @@ fn resuming_a_checkpoint_continues_exactly() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Rewrites `optimizer.bpk` in `checkpoint` with `edit` applied to its tensors, scalars and
+/// metadata kept.
+fn edit_optimizer_record(
+    checkpoint: &std::path::Path,
+    edit: impl FnOnce(&mut [burn_pack::Tensor]),
+) {
+    let path = checkpoint.join("optimizer.bpk");
+    let reader = burn_pack::Reader::from_file_exact(&path).unwrap();
+    let scalars = reader.scalars().clone();
+    let metadata = reader.metadata().clone();
+    let mut tensors = reader.into_tensors().unwrap();
+    edit(&mut tensors);
+    let mut writer = burn_pack::Writer::new(tensors);
+    for (key, value) in &scalars {
+        writer = writer.with_scalar(key, *value);
+    }
+    for (key, value) in &metadata {
+        writer = writer.with_metadata(key, value);
+    }
+    let edited = checkpoint.join("optimizer.edited.bpk");
+    writer.write_to_file(&edited).unwrap();
+    std::fs::rename(&edited, &path).unwrap();
+}
+
+/// burn's loader trusts a saved optimiser record: a transposed moment was loaded and used
+/// by the next step without a word, and a tensor without a parameter id panics in the
+/// load. `resume` checks the record first.
+#[test]
+fn a_damaged_optimizer_record_is_an_error_naming_its_tensor() {
+    let device = Device::flex().autodiff();
+    let (config, train) = resume_settings();
+    let batches = fixed_batches(&device);
+    let dir = tempfile::tempdir().unwrap();
+    let mut trainer = Trainer::new(config.init(&Device::flex()), config, train, &device);
+    for b in &batches[..2] {
+        trainer.train_batch(b, 8).unwrap();
+    }
+    trainer.save(dir.path()).unwrap();
+    let checkpoint = Trainer::latest_checkpoint(dir.path()).unwrap().unwrap();
+    let saved = std::fs::read(checkpoint.join("optimizer.bpk")).unwrap();
+    // The record as saved resumes and steps.
+    Trainer::resume(&checkpoint, &device)
+        .unwrap()
+        .train_batch(&batches[2], 8)
+        .unwrap();
+
+    let resume_error = |edit: &dyn Fn(&mut [burn_pack::Tensor]) -> String| {
+        std::fs::write(checkpoint.join("optimizer.bpk"), &saved).unwrap();
+        let mut name = String::new();
+        edit_optimizer_record(&checkpoint, |tensors| name = edit(tensors));
+        let error = match Trainer::resume(&checkpoint, &device) {
+            Ok(mut resumed) => {
+                let step = resumed.train_batch(&batches[2], 8);
+                panic!(
+                    "`{name}` damaged, yet resumed (a step gave {:?})",
+                    step.map(|s| s.total)
+                )
+            }
+            Err(error) => error,
+        };
+        assert!(
+            matches!(&error, TrainError::Checkpoint { path, .. } if path.ends_with("optimizer.bpk")),
+            "{error}"
+        );
+        (name, error.to_string())
+    };
+    // A moment transposed: same rank and size, another shape.
+    let (name, message) = resume_error(&|tensors| {
+        let t = tensors
+            .iter_mut()
+            .find(|t| t.shape.num_dims() == 2 && t.shape[0] != t.shape[1])
+            .unwrap();
+        t.shape = burn_pack::Shape::from([t.shape[1], t.shape[0]]);
+        t.name.clone()
+    });
+    assert!(
+        message.contains(&name) && message.contains("its parameter is"),
+        "{message}"
+    );
+    // A tensor that names no parameter.
+    let (name, message) = resume_error(&|tensors| {
+        tensors[0].param_id = None;
+        tensors[0].name.clone()
+    });
+    assert!(message.contains(&name), "{message}");
+    // A tensor keyed by an id the model does not have.
+    let (name, message) = resume_error(&|tensors| {
+        let (_, field) = tensors[0].name.split_once('.').unwrap();
+        tensors[0].name = format!("7.{field}");
+        tensors[0].param_id = Some(7);
+        tensors[0].name.clone()
+    });
+    assert!(
+        message.contains(&name) && message.contains("names no parameter"),
+        "{message}"
+    );
 }
 
 /// A loss from outside the crate: alignment of matching pairs' ITC features
