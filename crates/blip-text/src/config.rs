@@ -229,7 +229,6 @@ impl BlipConfig {
             hidden_dropout_prob: hf.hidden_dropout_prob,
             attention_probs_dropout_prob: hf.attention_probs_dropout_prob,
         };
-        text.validate(path)?;
         let image_text_hidden_size = match value.get("image_text_hidden_size") {
             None => 256,
             Some(v) => v
@@ -242,11 +241,52 @@ impl BlipConfig {
                     ))
                 })? as usize,
         };
-        Ok(Self {
+        let config = Self {
             vision,
             text,
             image_text_hidden_size,
-        })
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks that the config can make a model: the ViT's sizes
+    /// ([`VisionConfig::validate`]), the text transformer's sizes, heads, token ids and
+    /// rates, cross-attention as wide as the ViT, and an ITC width in 1..=[`blip_core::MAX_WIDTH`].
+    /// Errors name `path`, the file the config came from.
+    ///
+    /// ```
+    /// use blip_text::BlipConfig;
+    /// use std::path::Path;
+    ///
+    /// let mut config = BlipConfig::base();
+    /// assert!(config.validate(Path::new("config.json")).is_ok());
+    /// config.text.encoder_hidden_size = 1024; // ViT-B is 768 wide
+    /// assert!(config.validate(Path::new("config.json")).is_err());
+    /// ```
+    pub fn validate(&self, path: &Path) -> blip_core::Result<()> {
+        self.vision.validate(path)?;
+        self.text.validate(path)?;
+        let fail = |message: String| {
+            Err(blip_core::Error::Config {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
+        if self.text.encoder_hidden_size != self.vision.hidden_size {
+            return fail(format!(
+                "text encoder_hidden_size {} is not the vision hidden_size {}",
+                self.text.encoder_hidden_size, self.vision.hidden_size
+            ));
+        }
+        if !(1..=blip_core::MAX_WIDTH).contains(&self.image_text_hidden_size) {
+            return fail(format!(
+                "image_text_hidden_size {} is outside 1..={}",
+                self.image_text_hidden_size,
+                blip_core::MAX_WIDTH
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -109,6 +109,20 @@ pub struct LossWeights {
     pub lm: f64,
 }
 
+impl LossWeights {
+    /// Whether ITC or ITM is computed, and so a run keeps momentum encoders and queues.
+    ///
+    /// ```
+    /// use blip_train::LossWeights;
+    ///
+    /// assert!(LossWeights::new().contrastive());
+    /// assert!(!LossWeights::new().with_itc(0.0).with_itm(0.0).contrastive());
+    /// ```
+    pub fn contrastive(&self) -> bool {
+        self.itc != 0.0 || self.itm != 0.0
+    }
+}
+
 /// The ViT's LayerNorm epsilon in the original code (`partial(nn.LayerNorm, eps=1e-6)` in
 /// `models/vit.py`); transformers' BLIP configs say 1e-5.
 pub const ORIGINAL_VIT_LAYER_NORM_EPS: f64 = 1e-6;
@@ -148,6 +162,67 @@ impl PretrainConfig {
         self.blip.text.attention_probs_dropout_prob = 0.0;
         self.blip.vision.drop_path_rate = 0.0;
         self
+    }
+
+    /// Checks that the config can make a model and train it: [`BlipConfig::validate`], a
+    /// finite `temp` > 0, `momentum` and `alpha` in [0, 1], `label_smoothing` in [0, 1),
+    /// finite loss weights, `max_length` in 1..=`max_position_embeddings`, and a queue of
+    /// 1..=[`blip_core::MAX_WIDTH`] entries. Errors name `path`, the file the config came
+    /// from. A checkpoint's config is checked so at load.
+    ///
+    /// ```
+    /// use blip_train::PretrainConfig;
+    /// use std::path::Path;
+    ///
+    /// let mut config = PretrainConfig::tiny(30524);
+    /// assert!(config.validate(Path::new("state.json")).is_ok());
+    /// config.temp = 0.0; // ITC divides by it
+    /// assert!(config.validate(Path::new("state.json")).is_err());
+    /// ```
+    pub fn validate(&self, path: &std::path::Path) -> Result<()> {
+        self.blip.validate(path)?;
+        let fail = |message: String| -> Result<()> {
+            Err(blip_core::Error::Config {
+                path: path.to_path_buf(),
+                message,
+            }
+            .into())
+        };
+        if !(self.temp.is_finite() && self.temp > 0.0) {
+            return fail(format!("temp {} must be a positive number", self.temp));
+        }
+        for (name, value) in [("momentum", self.momentum), ("alpha", self.alpha)] {
+            if !(0.0..=1.0).contains(&value) {
+                return fail(format!("{name} {value} is outside [0, 1]"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return fail(format!(
+                "label_smoothing {} is outside [0, 1)",
+                self.label_smoothing
+            ));
+        }
+        let w = &self.weights;
+        for (name, weight) in [("itc", w.itc), ("itm", w.itm), ("lm", w.lm)] {
+            if !weight.is_finite() {
+                return fail(format!("weights.{name} {weight} is not finite"));
+            }
+        }
+        let positions = self.blip.text.max_position_embeddings;
+        if !(1..=positions).contains(&self.max_length) {
+            return fail(format!(
+                "max_length {} is outside 1..={positions} (max_position_embeddings)",
+                self.max_length
+            ));
+        }
+        if !(1..=blip_core::MAX_WIDTH).contains(&self.queue_size) {
+            return fail(format!(
+                "queue_size {} is outside 1..={}",
+                self.queue_size,
+                blip_core::MAX_WIDTH
+            ));
+        }
+        Ok(())
     }
 
     /// The dropout rates of a training step, checked.

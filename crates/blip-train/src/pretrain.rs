@@ -728,7 +728,7 @@ pub fn compute_losses_with(
     }
     let device = batch.pixel_values.device();
     let w = &config.weights;
-    let contrastive = w.itc != 0.0 || w.itm != 0.0;
+    let contrastive = w.contrastive();
     let world = collective.world_size();
     let image_embeds = model.image_embeds(batch.pixel_values.clone())?;
     // Negatives from every rank: this step's losses see the image tokens as a leaf, so

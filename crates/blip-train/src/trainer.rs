@@ -345,8 +345,10 @@ impl Trainer {
         // `fork` keeps a plain module plain; parameters read from files on a plain device
         // are not marked trainable: mark every one, then `train` turns tracking on.
         let model = model.fork(device).map(&mut Trainable).train();
-        let contrastive = config.weights.itc != 0.0 || config.weights.itm != 0.0;
-        let distillation = contrastive.then(|| Distillation::new(&model, &config, device));
+        let distillation = config
+            .weights
+            .contrastive()
+            .then(|| Distillation::new(&model, &config, device));
         let rng = SplitMix64::new(train.seed);
         Self {
             model,
@@ -890,6 +892,11 @@ impl Trainer {
             .collect::<Option<_>>()
             .ok_or_else(|| bad("state.json: malformed `param_ids`".into()))?;
 
+        // `new` draws fresh queues of the config's size before the saved ones replace
+        // them: that size must first be the saved one, so a config cannot claim more.
+        if config.weights.contrastive() {
+            check_saved_queues(dir, &config)?;
+        }
         // Everything is read on the plain device and handed over the way `new` takes a
         // fresh model (values read from files are results of ops, not graph leaves).
         let plain = device.clone().inner();
@@ -1031,8 +1038,9 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PretrainConfig)> {
             .entry("negative_all_rank")
             .or_insert(serde_json::Value::Bool(false));
     }
-    let config =
+    let config: PretrainConfig =
         serde_json::from_value(config).map_err(|e| bad(format!("state.json `config`: {e}")))?;
+    config.validate(&path)?;
     Ok((state, config))
 }
 
@@ -1053,6 +1061,36 @@ fn check_queue_shape(saved: [usize; 2], current: [usize; 2]) -> Result<()> {
         "distillation state: queues of shape {saved:?} saved, this run's are {current:?}: set \
          queue_size to the checkpoint's, or do not keep them"
     )))
+}
+
+/// Checks that the queues in `dir`'s `momentum.safetensors` have the shape `config` gives
+/// them (`[image_text_hidden_size, queue_size]`), from the file's header alone.
+fn check_saved_queues(dir: &Path, config: &PretrainConfig) -> Result<()> {
+    let path = dir.join("momentum.safetensors");
+    if !path.is_file() {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: "momentum.safetensors missing".into(),
+        });
+    }
+    let header = SafetensorsHeader::read(&path)?;
+    let config_shape = vec![config.blip.image_text_hidden_size, config.queue_size];
+    for queue in ["image_queue", "text_queue"] {
+        let key = PRETRAIN_KEYS.to_checkpoint(queue);
+        let saved = match header.tensors.get(&key) {
+            Some(info) if info.shape == config_shape => continue,
+            Some(info) => format!("{:?}", info.shape),
+            None => "absent".into(),
+        };
+        return Err(TrainError::Checkpoint {
+            path,
+            message: format!(
+                "`{key}` is {saved}; state.json's image_text_hidden_size and queue_size make \
+                 {config_shape:?}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The momentum encoders and queues a checkpoint directory holds, read into the layout of

@@ -488,6 +488,74 @@ fn a_damaged_optimizer_record_is_an_error_naming_its_tensor() {
     );
 }
 
+/// A checkpoint's `state.json` is input too: a config that cannot make a model (no
+/// attention heads, patches that do not tile the image), a rate out of its range, or
+/// queues other than the saved ones is a typed error naming the field, before a model or a
+/// queue is built.
+#[test]
+fn a_checkpoint_config_that_cannot_be_built_is_an_error_naming_its_field() {
+    let device = Device::flex().autodiff();
+    let (config, train) = resume_settings();
+    let dir = tempfile::tempdir().unwrap();
+    Trainer::new(config.init(&Device::flex()), config, train, &device)
+        .save(dir.path())
+        .unwrap();
+    let checkpoint = Trainer::latest_checkpoint(dir.path()).unwrap().unwrap();
+    let path = checkpoint.join("state.json");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let with = |pointer: &str, value: serde_json::Value| {
+        let mut state = saved.clone();
+        *state.pointer_mut(pointer).unwrap() = value;
+        std::fs::write(&path, state.to_string()).unwrap();
+    };
+    for (pointer, value, field) in [
+        (
+            "/config/blip/vision/num_attention_heads",
+            0.into(),
+            "num_attention_heads",
+        ),
+        ("/config/blip/vision/patch_size", 7.into(), "patch_size"),
+        (
+            "/config/blip/text/num_attention_heads",
+            0.into(),
+            "num_attention_heads",
+        ),
+        (
+            "/config/blip/text/encoder_hidden_size",
+            65.into(),
+            "encoder_hidden_size",
+        ),
+        ("/config/temp", 0.0.into(), "temp"),
+        ("/config/momentum", 1.5.into(), "momentum"),
+        ("/config/max_length", 0.into(), "max_length"),
+    ] {
+        with(pointer, value);
+        let loaded = Trainer::load_model(&checkpoint, &Device::flex()).map(|_| ());
+        let resumed = Trainer::resume(&checkpoint, &device).map(|_| ());
+        for result in [loaded, resumed] {
+            let message = result.expect_err(pointer).to_string();
+            assert!(
+                message.contains(field) && message.contains("state.json"),
+                "{pointer}: {message}"
+            );
+        }
+    }
+    // Fresh queues of the config's size are drawn before the saved ones replace them: the
+    // size is checked against the saved queues first.
+    with("/config/queue_size", (1u64 << 20).into());
+    let message = Trainer::resume(&checkpoint, &device)
+        .map(|_| ())
+        .expect_err("a queue larger than the saved one")
+        .to_string();
+    assert!(
+        message.contains("queue_size") && message.contains("momentum.safetensors"),
+        "{message}"
+    );
+    with("/config/queue_size", saved["config"]["queue_size"].clone());
+    Trainer::resume(&checkpoint, &device).unwrap();
+}
+
 /// A loss from outside the crate: alignment of matching pairs' ITC features
 /// (mean ‖v_i − t_i‖²), counting its steps as state a checkpoint keeps.
 struct Alignment {
