@@ -39,21 +39,38 @@ pub fn check_sizes(
     layer_norm_eps: f64,
     path: &Path,
 ) -> Result<()> {
-    let fail = |message: String| {
-        Err(Error::Config {
-            path: path.to_path_buf(),
-            message,
-        })
-    };
     for &(name, value, max) in sizes {
-        if value == 0 || value > max {
-            return fail(format!("{part} {name} {value} is outside 1..={max}"));
-        }
+        check_size(part, name, value, max, path)?;
     }
     if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
-        return fail(format!(
-            "{part} layer_norm_eps {layer_norm_eps} must be a positive number"
-        ));
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: format!("{part} layer_norm_eps {layer_norm_eps} must be a positive number"),
+        });
+    }
+    Ok(())
+}
+
+/// One size of `part` held to `1..=max`, as [`check_sizes`] holds each of its sizes.
+///
+/// ```
+/// use std::path::Path;
+///
+/// let path = Path::new("state.json");
+/// blip_core::check_size("pre-training", "queue_size", 57600, 1 << 20, path)?;
+/// let err = blip_core::check_size("pre-training", "queue_size", 0, 1 << 20, path).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "invalid config state.json: pre-training queue_size 0 is outside 1..=1048576"
+/// );
+/// # Ok::<(), blip_core::Error>(())
+/// ```
+pub fn check_size(part: &str, name: &str, value: usize, max: usize, path: &Path) -> Result<()> {
+    if value == 0 || value > max {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: format!("{part} {name} {value} is outside 1..={max}"),
+        });
     }
     Ok(())
 }

@@ -54,5 +54,7 @@ pub mod update;
 
 pub use caption::{pre_caption, pre_question};
 pub use error::{Error, Result};
-pub use io::{MAX_LAYERS, MAX_WIDTH, check_sizes, open_file, peak_rss, read_file, read_json};
+pub use io::{
+    MAX_LAYERS, MAX_WIDTH, check_size, check_sizes, open_file, peak_rss, read_file, read_json,
+};
 pub use rng::{SplitMix64, split_mix64};

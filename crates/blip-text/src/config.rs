@@ -279,14 +279,13 @@ impl BlipConfig {
                 self.text.encoder_hidden_size, self.vision.hidden_size
             ));
         }
-        if !(1..=blip_core::MAX_WIDTH).contains(&self.image_text_hidden_size) {
-            return fail(format!(
-                "image_text_hidden_size {} is outside 1..={}",
-                self.image_text_hidden_size,
-                blip_core::MAX_WIDTH
-            ));
-        }
-        Ok(())
+        blip_core::check_size(
+            "blip",
+            "image_text_hidden_size",
+            self.image_text_hidden_size,
+            blip_core::MAX_WIDTH,
+            path,
+        )
     }
 }
 

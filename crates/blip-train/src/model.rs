@@ -209,18 +209,11 @@ impl PretrainConfig {
             }
         }
         let positions = self.blip.text.max_position_embeddings;
-        if !(1..=positions).contains(&self.max_length) {
-            return fail(format!(
-                "max_length {} is outside 1..={positions} (max_position_embeddings)",
-                self.max_length
-            ));
-        }
-        if !(1..=blip_core::MAX_WIDTH).contains(&self.queue_size) {
-            return fail(format!(
-                "queue_size {} is outside 1..={}",
-                self.queue_size,
-                blip_core::MAX_WIDTH
-            ));
+        for (name, value, max) in [
+            ("max_length", self.max_length, positions),
+            ("queue_size", self.queue_size, blip_core::MAX_WIDTH),
+        ] {
+            blip_core::check_size("pre-training", name, value, max, path)?;
         }
         Ok(())
     }
