@@ -894,9 +894,11 @@ impl Trainer {
 
         // `new` draws fresh queues of the config's size before the saved ones replace
         // them: that size must first be the saved one, so a config cannot claim more.
-        if config.weights.contrastive() {
-            check_saved_queues(dir, &config)?;
-        }
+        let momentum = config
+            .weights
+            .contrastive()
+            .then(|| saved_queues_header(dir, &config))
+            .transpose()?;
         // Everything is read on the plain device and handed over the way `new` takes a
         // fresh model (values read from files are results of ops, not graph leaves).
         let plain = device.clone().inner();
@@ -913,9 +915,9 @@ impl Trainer {
         }
         let model = model.map(&mut SetIds(ids.into_iter()));
         let mut trainer = Self::new(model, config, train, device);
-        if let Some(fresh) = &trainer.distillation {
-            let saved = read_distillation(dir, &state, fresh, &plain)?
-                .ok_or_else(|| bad("momentum.safetensors missing".into()))?;
+        // Both are there exactly when the run computes ITC or ITM.
+        if let (Some(fresh), Some(header)) = (&trainer.distillation, &momentum) {
+            let saved = read_distillation(dir, header, &state, fresh, &plain)?;
             trainer.adopt_distillation(saved)?;
         }
         let optimizer_path = dir.join("optimizer.bpk");
@@ -996,11 +998,14 @@ impl Trainer {
             [config.blip.image_text_hidden_size, config.queue_size],
             [dim, queue],
         )?;
-        let plain = self.device.clone().inner();
-        match read_distillation(dir, &state, current, &plain)? {
-            Some(saved) => self.adopt_distillation(saved).map(|()| true),
-            None => Ok(false),
+        let path = dir.join("momentum.safetensors");
+        if !path.is_file() {
+            return Ok(false);
         }
+        let header = SafetensorsHeader::read(&path)?;
+        let plain = self.device.clone().inner();
+        let saved = read_distillation(dir, &header, &state, current, &plain)?;
+        self.adopt_distillation(saved).map(|()| true)
     }
 
     /// Whether a checkpoint can be written now (no accumulated gradients pending).
@@ -1063,9 +1068,10 @@ fn check_queue_shape(saved: [usize; 2], current: [usize; 2]) -> Result<()> {
     )))
 }
 
-/// Checks that the queues in `dir`'s `momentum.safetensors` have the shape `config` gives
-/// them (`[image_text_hidden_size, queue_size]`), from the file's header alone.
-fn check_saved_queues(dir: &Path, config: &PretrainConfig) -> Result<()> {
+/// The header of `dir`'s `momentum.safetensors`, once its queues are checked to have the
+/// shape `config` gives them (`[image_text_hidden_size, queue_size]`): nothing is read or
+/// drawn at that size before.
+fn saved_queues_header(dir: &Path, config: &PretrainConfig) -> Result<SafetensorsHeader> {
     let path = dir.join("momentum.safetensors");
     if !path.is_file() {
         return Err(TrainError::Checkpoint {
@@ -1090,30 +1096,26 @@ fn check_saved_queues(dir: &Path, config: &PretrainConfig) -> Result<()> {
             ),
         });
     }
-    Ok(())
+    Ok(header)
 }
 
-/// The momentum encoders and queues a checkpoint directory holds, read into the layout of
-/// `template` (the trainer's own, same architecture and queue size) on `device` (a plain
-/// one), or `None` when it has no `momentum.safetensors`.
+/// The momentum encoders and queues of checkpoint directory `dir` (`header`: its
+/// `momentum.safetensors`), read into the layout of `template` (the trainer's own, same
+/// architecture and queue size) on `device` (a plain one).
 fn read_distillation(
     dir: &Path,
+    header: &SafetensorsHeader,
     state: &serde_json::Value,
     template: &Distillation,
     device: &Device,
-) -> Result<Option<Distillation>> {
+) -> Result<Distillation> {
     let bad = |message: String| TrainError::Checkpoint {
         path: dir.to_path_buf(),
         message,
     };
-    let path = dir.join("momentum.safetensors");
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let header = SafetensorsHeader::read(&path)?;
     let record = load_safetensors(
         DistillationRecord::of(template).fork(device),
-        &header,
+        header,
         &PRETRAIN_KEYS,
     )?;
     let ptr = state["queue_ptr"]
@@ -1126,7 +1128,7 @@ fn read_distillation(
         .map(|a| a.iter().filter_map(|v| v.as_i64()).collect())
         .filter(|q: &Vec<i64>| q.len() == template.idx_queue.len())
         .ok_or_else(|| bad("state.json: `idx_queue` missing or of the wrong size".into()))?;
-    Ok(Some(Distillation {
+    Ok(Distillation {
         momentum: record.momentum,
         image_queue: FeatureQueue {
             features: record.image_queue.val(),
@@ -1137,7 +1139,7 @@ fn read_distillation(
             ptr,
         },
         idx_queue,
-    }))
+    })
 }
 
 /// The momentum encoders and queues as one module, so one safetensors file holds them.
