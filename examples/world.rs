@@ -8,11 +8,12 @@
 //! 5. pre-train new models on clean + each bootstrapped set;
 //! 6. evaluate every pre-trained model on the test split: zero-shot retrieval (ITC top-k,
 //!    ITM re-rank) recall@1/5 both ways, and captioning after fine-tuning on the clean split
-//!    (exact attributes, CIDEr); the filter's precision/recall against the noise labels and
-//!    the noise ratios.
+//!    (exact attributes, CIDEr); the filter's precision/recall against the noise labels,
+//!    the noise ratios, and how many synthetic captions have every attribute right, before
+//!    and after the filter.
 //!
 //! ```sh
-//! # one seed (about 15 minutes on 2 cores, after a 6.5-minute ViT classifier stage)
+//! # one seed (about 15 minutes on 2 cores, after a ViT classifier stage of about 9 minutes)
 //! cargo run --release --features capfilt --example world -- --out runs/world
 //! # five seeds, two at a time: mean ± 95 % interval per metric, and a plot
 //! cargo run --release --features capfilt --example world -- --out runs/world5 --seeds 5 --jobs 2
@@ -36,7 +37,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use blip::Device;
-use blip::capfilt::{BlipCapFilt, CapFiltSettings, CaptionStrategy, RunOptions, Summary, run};
+use blip::capfilt::{
+    BlipCapFilt, CapFiltSettings, CaptionStrategy, ProvenanceRecord, RunOptions, Summary,
+    TextRecord, TextSource, run,
+};
 use blip::core::progress::Progress;
 use blip::text::{BlipTokenizer, Captioner, GenerationConfig, Padding};
 use blip::train::{
@@ -45,8 +49,9 @@ use blip::train::{
 };
 use blip::vision::{ImageProcessor, VisionConfig, VisionTransformer};
 use blip_world::{
-    CaptionScore, Colour, Interval, PROMPT, Position, SceneAttributes, SeedRun, SeedSummary, Shape,
-    Size, TestRecord, WebLabel, WorldConfig, caption_mentions, cider, generate, paired_gap, scene,
+    CaptionScore, Colour, Interval, NoiseKind, PROMPT, Position, SceneAttributes, SeedRun,
+    SeedSummary, Shape, Size, TestRecord, WebLabel, WorldConfig, caption_mentions, cider, generate,
+    image_index, paired_gap, ranking_auc, scene,
 };
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -202,6 +207,8 @@ struct Experiment {
     tokenizer: BlipTokenizer,
     device: Device,
     args: Args,
+    /// The world's own settings (its seed and image size rebuild any scene).
+    world_config: WorldConfig,
     /// The ViT models trained from scratch start from (`--vision-pretrain-samples`).
     vision_init: Option<VisionTransformer>,
 }
@@ -400,6 +407,7 @@ impl Experiment {
             tokenizer: or_fail(BlipTokenizer::from_vocab(&vocab)),
             device,
             args,
+            world_config: config,
             vision_init: None,
         };
         if experiment.args.vision_pretrain_samples > 0 {
@@ -701,39 +709,91 @@ impl Experiment {
         })
     }
 
-    /// The filter's web-text decisions against the noise labels.
+    /// The text records of `source` in the `provenance.jsonl` of the CapFilt stage `capfilt`.
+    fn provenance_texts(&self, capfilt: &str, source: TextSource) -> Vec<TextRecord> {
+        or_fail(std::fs::read_to_string(
+            self.stage(capfilt).join("provenance.jsonl"),
+        ))
+        .lines()
+        .filter_map(|line| match or_fail(serde_json::from_str(line)) {
+            ProvenanceRecord::Text(text) if text.source == source => Some(text),
+            _ => None,
+        })
+        .collect()
+    }
+
+    /// The filter's web-text decisions against the noise labels: precision and recall of
+    /// what it removed, and, free of the threshold, how often it ranks a clean text above a
+    /// noisy one (AUC), over all noise and per kind of noise.
     fn filter_quality(&self, capfilt: &str) -> Value {
-        let labels: HashMap<(String, String), bool> =
+        let labels: HashMap<(String, String), NoiseKind> =
             or_fail(std::fs::read_to_string(self.world.join("web_labels.jsonl")))
                 .lines()
                 .map(|l| {
                     let w: WebLabel = or_fail(serde_json::from_str(l));
-                    ((w.image, w.caption), w.noisy)
+                    ((w.image, w.caption), w.noise)
                 })
                 .collect();
         let (mut removed_noisy, mut removed, mut noisy) = (0usize, 0usize, 0usize);
-        for line in or_fail(std::fs::read_to_string(
-            self.stage(capfilt).join("provenance.jsonl"),
-        ))
-        .lines()
-        {
-            let record: Value = or_fail(serde_json::from_str(line));
-            if record["record"] != "text" || record["source"] != "web" {
-                continue;
-            }
-            let key = (
-                record["image"].as_str().unwrap_or_default().to_string(),
-                record["text"].as_str().unwrap_or_default().to_string(),
-            );
-            let is_noisy = labels.get(&key).copied().unwrap_or(false);
-            let kept = record["kept"].as_bool().unwrap_or(true);
+        let mut probability: HashMap<NoiseKind, Vec<f64>> = HashMap::new();
+        for record in self.provenance_texts(capfilt, TextSource::Web) {
+            let kind = labels
+                .get(&(record.image, record.text))
+                .copied()
+                .unwrap_or(NoiseKind::None);
+            let is_noisy = kind != NoiseKind::None;
             noisy += usize::from(is_noisy);
-            removed += usize::from(!kept);
-            removed_noisy += usize::from(!kept && is_noisy);
+            removed += usize::from(!record.kept);
+            removed_noisy += usize::from(!record.kept && is_noisy);
+            probability
+                .entry(kind)
+                .or_default()
+                .push(f64::from(record.itm_probability));
         }
+        let clean = probability.remove(&NoiseKind::None).unwrap_or_default();
+        let all_noise: Vec<f64> = probability.values().flatten().copied().collect();
+        let by_kind: serde_json::Map<String, Value> = NoiseKind::ALL[1..]
+            .iter()
+            .map(|kind| {
+                let noise = probability.get(kind).map_or(&[][..], Vec::as_slice);
+                (kind.name().to_string(), json!(ranking_auc(&clean, noise)))
+            })
+            .collect();
         json!({
             "precision": 100.0 * removed_noisy as f64 / removed.max(1) as f64,
             "recall": 100.0 * removed_noisy as f64 / noisy.max(1) as f64,
+            "auc": ranking_auc(&clean, &all_noise),
+            "auc_by_kind": by_kind,
+        })
+    }
+
+    /// How right the synthetic captions of `capfilt` are, read against each web image's
+    /// scene: the share with every attribute right among all of them and among those the
+    /// filter kept, and the share the filter removed of the right and of the wrong ones.
+    /// It is what a bootstrapped model learns from, which the noise ratio alone does not
+    /// say: a caption with one attribute wrong is the noise the filter sees worst.
+    fn synthetic_quality(&self, capfilt: &str) -> Value {
+        // [exact, wrong] × [kept, removed]
+        let mut counts = [[0usize; 2]; 2];
+        for record in self.provenance_texts(capfilt, TextSource::Synthetic) {
+            let index = image_index(&record.image).unwrap_or_else(|| {
+                fail(&format!("{capfilt}: {} is not a world image", record.image))
+            });
+            let scene = scene(self.world_config.seed, index, self.world_config.image_size);
+            let exact = caption_mentions(&scene, &record.text).is_exact();
+            counts[usize::from(!exact)][usize::from(!record.kept)] += 1;
+        }
+        // None (null) for a share of nothing, e.g. when the filter kept no caption.
+        let pct =
+            |part: usize, whole: usize| (whole > 0).then(|| 100.0 * part as f64 / whole as f64);
+        let [[exact_kept, exact_removed], [wrong_kept, wrong_removed]] = counts;
+        let (exact, wrong) = (exact_kept + exact_removed, wrong_kept + wrong_removed);
+        json!({
+            "captions": exact + wrong,
+            "exact": pct(exact, exact + wrong),
+            "kept_exact": pct(exact_kept, exact_kept + wrong_kept),
+            "exact_removed": pct(exact_removed, exact),
+            "wrong_removed": pct(wrong_removed, wrong),
         })
     }
 }
@@ -988,10 +1048,7 @@ fn run_seeds(args: &Args, n: u64) {
     let mut md = summary.markdown();
     md += &targets(&summary);
     md += &paired(&runs);
-    md += &format!(
-        "\nCapFilt keeps a text iff its ITM probability reaches {:.3} (`--filter-threshold`).\n",
-        args.filter_threshold
-    );
+    md += &threshold_note(args.filter_threshold);
     md += &format!(
         "\nWall time of this invocation: {:.1} min for {} seed(s), {} job(s) of {threads} \
          thread(s); {kept} seed(s) kept from earlier invocations. Minutes per seed count \
@@ -1021,6 +1078,13 @@ No plot: {e}
 const NO_CAPFILT: &str = "noisy web (no CapFilt)";
 const NUCLEUS: &str = "CapFilt, nucleus";
 const BEAM: &str = "CapFilt, beam";
+
+/// The line of `results.md` that gives the filter's threshold.
+fn threshold_note(threshold: f32) -> String {
+    format!(
+        "\nCapFilt keeps a text iff its ITM probability reaches {threshold:.3} (`--filter-threshold`).\n"
+    )
+}
 
 /// Each CapFilt row against no CapFilt, seed by seed (the targets compare the rows' own
 /// intervals; this says how sure the per-seed difference is).
@@ -1327,14 +1391,20 @@ fn main() {
         let retrieval = experiment.retrieval(model, &test, &test_captions);
         let captioner = finetune_exports(model, tag);
         let captioning = experiment.captioning(&captioner, &test, &test_captions);
-        let noise = match *tag {
-            "-nucleus" => nucleus.synthetic_noise_ratio,
-            "-beam" => beam.synthetic_noise_ratio,
-            _ => None,
+        let (noise, synthetic) = match *tag {
+            "-nucleus" => (
+                nucleus.synthetic_noise_ratio,
+                experiment.synthetic_quality("capfilt-nucleus"),
+            ),
+            "-beam" => (
+                beam.synthetic_noise_ratio,
+                experiment.synthetic_quality("capfilt-beam"),
+            ),
+            _ => (None, Value::Null),
         };
-        rows.push(json!({"pre-training data": label, "retrieval": retrieval, "captioning": captioning, "synthetic_noise_ratio": noise}));
+        rows.push(json!({"pre-training data": label, "retrieval": retrieval, "captioning": captioning, "synthetic_noise_ratio": noise, "synthetic": synthetic}));
     }
-    results["models"] = Value::Array(rows.clone());
+    results["models"] = Value::Array(rows);
     results["filter_vs_labels"] = experiment.filter_quality("capfilt-nucleus");
     results["filter_vs_labels"]["threshold"] = json!(experiment.args.filter_threshold);
     results["noise_ratio"] = json!({
@@ -1345,34 +1415,14 @@ fn main() {
     results["seconds"] = json!(start.elapsed().as_secs_f64());
     write_json(&out.join("results.json"), &results);
 
-    let pct = |v: &Value| v.as_f64().map_or("–".into(), |x| format!("{x:.1}"));
-    let mut md = String::from(
-        "| pre-training data | synthetic noise ratio | TR@1 | TR@5 | IR@1 | IR@5 | caption exact attributes | CIDEr |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for row in &rows {
-        md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            row["pre-training data"].as_str().unwrap_or_default(),
-            row["synthetic_noise_ratio"]
-                .as_f64()
-                .map_or("n/a".into(), |x| format!("{:.0} %", 100.0 * x)),
-            pct(&row["retrieval"]["tr@1"]),
-            pct(&row["retrieval"]["tr@5"]),
-            pct(&row["retrieval"]["ir@1"]),
-            pct(&row["retrieval"]["ir@5"]),
-            pct(&row["captioning"]["exact_attributes"]),
-            pct(&row["captioning"]["cider"]),
-        );
-    }
-    md += &format!(
-        "\nFilter on the web texts (nucleus run, threshold {:.3}) against the noise labels: precision {} %, recall {} %; web texts removed: {}.\n",
-        experiment.args.filter_threshold,
-        pct(&results["filter_vs_labels"]["precision"]),
-        pct(&results["filter_vs_labels"]["recall"]),
-        nucleus
-            .web_noise_ratio
-            .map_or("n/a".into(), |x| format!("{:.0} %", 100.0 * x)),
-    );
+    // The tables of `--seeds`, for this one seed (values without intervals).
+    let runs = [SeedRun {
+        seed: experiment.args.seed,
+        outcome: Ok(results),
+    }];
+    let mut md = SeedSummary::of(&runs).markdown();
+    md += &paired(&runs);
+    md += &threshold_note(experiment.args.filter_threshold);
     or_fail(std::fs::write(out.join("results.md"), &md));
     println!("{md}");
     eprintln!("total {:.0} s", start.elapsed().as_secs_f64());

@@ -28,6 +28,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod auc;
 mod caption;
 mod cider;
 mod parse;
@@ -53,6 +54,7 @@ pub use blip_core::SplitMix64;
 /// }
 /// ```
 pub const PROMPT: &str = "a picture of ";
+pub use auc::ranking_auc;
 pub use cider::{cider, cider_scores, cider_tokenize};
 pub use parse::{AttributeMatch, CaptionScore, Tally, caption_mentions};
 pub use scene::{ObjectAttributes, RelationFact, Scene, SceneAttributes, scene};

@@ -97,9 +97,19 @@ pub struct SeedRun {
     pub outcome: Result<Value, String>,
 }
 
-/// The columns of a row: a label and where the value sits in the row's JSON.
-pub const ROW_METRICS: [(&str, &str); 7] = [
+/// The columns of a row: a label and where the value sits in the row's JSON. The
+/// synthetic captions' attributes are read against each web image's scene: what a
+/// bootstrapped model learns from, before and after the filter.
+pub const ROW_METRICS: [(&str, &str); 9] = [
     ("synthetic texts removed (%)", "/synthetic_noise_ratio"),
+    (
+        "synthetic captions with every attribute right (%)",
+        "/synthetic/exact",
+    ),
+    (
+        "kept synthetic captions with every attribute right (%)",
+        "/synthetic/kept_exact",
+    ),
     ("TR@1", "/retrieval/tr@1"),
     ("TR@5", "/retrieval/tr@5"),
     ("IR@1", "/retrieval/ir@1"),
@@ -111,8 +121,10 @@ pub const ROW_METRICS: [(&str, &str); 7] = [
     ("CIDEr", "/captioning/cider"),
 ];
 
-/// Run-level figures: a label and where the value sits in `results.json`.
-pub const RUN_METRICS: [(&str, &str); 4] = [
+/// Run-level figures: a label and where the value sits in `results.json`. The filter's
+/// AUC is how often it ranks a clean web text above a noisy one, threshold aside (see
+/// [`crate::ranking_auc`]).
+pub const RUN_METRICS: [(&str, &str); 9] = [
     (
         "filter precision against the noise labels (%)",
         "/filter_vs_labels/precision",
@@ -120,6 +132,23 @@ pub const RUN_METRICS: [(&str, &str); 4] = [
     (
         "filter recall against the noise labels (%)",
         "/filter_vs_labels/recall",
+    ),
+    ("filter AUC, clean above noisy (%)", "/filter_vs_labels/auc"),
+    (
+        "filter AUC, clean above another image's caption (%)",
+        "/filter_vs_labels/auc_by_kind/other_image",
+    ),
+    (
+        "filter AUC, clean above a caption with one attribute wrong (%)",
+        "/filter_vs_labels/auc_by_kind/wrong_attribute",
+    ),
+    (
+        "filter AUC, clean above unrelated text (%)",
+        "/filter_vs_labels/auc_by_kind/unrelated",
+    ),
+    (
+        "filter AUC, clean above a truncated caption (%)",
+        "/filter_vs_labels/auc_by_kind/truncated",
     ),
     ("web texts removed (%)", "/noise_ratio/web_removed"),
     ("minutes per seed", "/seconds"),
@@ -129,6 +158,7 @@ pub const RUN_METRICS: [(&str, &str); 4] = [
 fn scaled(pointer: &str, value: f64) -> f64 {
     match pointer {
         "/synthetic_noise_ratio" | "/noise_ratio/web_removed" => 100.0 * value,
+        p if p.starts_with("/filter_vs_labels/auc") => 100.0 * value,
         "/seconds" => value / 60.0,
         _ => value,
     }
@@ -340,9 +370,11 @@ mod tests {
             outcome: Ok(json!({
                 "models": [
                     {"pre-training data": "a", "retrieval": {"tr@1": tr1}, "synthetic_noise_ratio": null},
-                    {"pre-training data": "b", "retrieval": {"tr@1": tr1 + 1.0}, "synthetic_noise_ratio": removed},
+                    {"pre-training data": "b", "retrieval": {"tr@1": tr1 + 1.0}, "synthetic_noise_ratio": removed,
+                     "synthetic": {"exact": 100.0 * (1.0 - removed), "kept_exact": 90.0}},
                 ],
                 "seconds": 600.0,
+                "filter_vs_labels": {"auc": 0.75, "auc_by_kind": {"truncated": 0.5}},
             })),
         }
     }
@@ -360,10 +392,36 @@ mod tests {
         assert!(s.row_interval("a", "synthetic texts removed (%)").is_none());
         let removed = s.row_interval("b", "synthetic texts removed (%)").unwrap();
         assert!((removed.mean - 60.0).abs() < 1e-9);
+        // Already percentages: not scaled again.
+        let right = s.row_interval("b", "synthetic captions with every attribute right (%)");
+        assert!((right.unwrap().mean - 40.0).abs() < 1e-9);
+        let kept = s.row_interval(
+            "b",
+            "kept synthetic captions with every attribute right (%)",
+        );
+        assert_eq!(kept.unwrap().half_width, 0.0);
+        assert!(md_row_b(&s).contains("| 60.0 ± 127.1 | 40.0 ± 127.1 | 90.0 ± 0.0 |"));
         assert_eq!(s.run_interval("minutes per seed").unwrap().mean, 10.0);
+        // AUCs are fractions shown as percentages.
+        let auc = s.run_interval("filter AUC, clean above noisy (%)").unwrap();
+        assert_eq!((auc.mean, auc.n), (75.0, 2));
+        let truncated = s.run_interval("filter AUC, clean above a truncated caption (%)");
+        assert_eq!(truncated.unwrap().mean, 50.0);
+        assert!(
+            s.run_interval("filter AUC, clean above unrelated text (%)")
+                .is_none()
+        );
         let md = s.markdown();
         assert!(md.starts_with("2 of 2 seeds completed (1, 2)"), "{md}");
-        assert!(md.contains("| a | n/a | 2.0 ± 12.7 |"), "{md}");
+        assert!(md.contains("| a | n/a | n/a | n/a | 2.0 ± 12.7 |"), "{md}");
+    }
+
+    fn md_row_b(s: &SeedSummary) -> String {
+        let md = s.markdown();
+        md.lines()
+            .find(|l| l.starts_with("| b |"))
+            .unwrap_or_default()
+            .to_string()
     }
 
     #[test]
@@ -384,7 +442,7 @@ mod tests {
             "{md}"
         );
         // One seed: the mean alone, no interval pretending otherwise.
-        assert!(md.contains("| a | n/a | 1.0 |"), "{md}");
+        assert!(md.contains("| a | n/a | n/a | n/a | 1.0 |"), "{md}");
     }
 
     #[test]
