@@ -773,27 +773,27 @@ impl Experiment {
     /// It is what a bootstrapped model learns from, which the noise ratio alone does not
     /// say: a caption with one attribute wrong is the noise the filter sees worst.
     fn synthetic_quality(&self, capfilt: &str) -> Value {
-        // [exact, wrong] × [kept, removed]
-        let mut counts = [[0usize; 2]; 2];
+        // The captions the filter kept and those it removed, scored apart.
+        let mut scores = [CaptionScore::default(); 2];
         for record in self.provenance_texts(capfilt, TextSource::Synthetic) {
             let index = image_index(&record.image).unwrap_or_else(|| {
                 fail(&format!("{capfilt}: {} is not a world image", record.image))
             });
             let scene = scene(self.world_config.seed, index, self.world_config.image_size);
-            let exact = caption_mentions(&scene, &record.text).is_exact();
-            counts[usize::from(!exact)][usize::from(!record.kept)] += 1;
+            scores[usize::from(!record.kept)].add(&caption_mentions(&scene, &record.text));
         }
         // None (null) for a share of nothing, e.g. when the filter kept no caption.
         let pct =
             |part: usize, whole: usize| (whole > 0).then(|| 100.0 * part as f64 / whole as f64);
-        let [[exact_kept, exact_removed], [wrong_kept, wrong_removed]] = counts;
-        let (exact, wrong) = (exact_kept + exact_removed, wrong_kept + wrong_removed);
+        let [kept, removed] = scores;
+        let captions = kept.captions + removed.captions;
+        let exact = kept.exact + removed.exact;
         json!({
-            "captions": exact + wrong,
-            "exact": pct(exact, exact + wrong),
-            "kept_exact": pct(exact_kept, exact_kept + wrong_kept),
-            "exact_removed": pct(exact_removed, exact),
-            "wrong_removed": pct(wrong_removed, wrong),
+            "captions": captions,
+            "exact": pct(exact, captions),
+            "kept_exact": pct(kept.exact, kept.captions),
+            "exact_removed": pct(removed.exact, exact),
+            "wrong_removed": pct(removed.captions - removed.exact, captions - exact),
         })
     }
 }
