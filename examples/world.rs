@@ -13,7 +13,7 @@
 //!    and after the filter.
 //!
 //! ```sh
-//! # one seed (about 15 minutes on one core, after a ViT classifier stage of about 9 minutes)
+//! # one seed (about 10 minutes on 2 cores, after a ViT classifier stage of about 9 minutes)
 //! cargo run --release --features capfilt --example world -- --out runs/world
 //! # five seeds, two at a time: mean ± 95 % interval per metric, and a plot
 //! cargo run --release --features capfilt --example world -- --out runs/world5 --seeds 5 --jobs 2
