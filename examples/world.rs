@@ -725,23 +725,25 @@ impl Experiment {
         })
     }
 
-    /// The text records of `source` in the `provenance.jsonl` of the CapFilt stage `capfilt`.
-    fn provenance_texts(&self, capfilt: &str, source: TextSource) -> Vec<TextRecord> {
+    /// The text records (web and synthetic) in the `provenance.jsonl` of the CapFilt stage
+    /// `capfilt`, read once for every measure taken of that stage.
+    fn provenance_texts(&self, capfilt: &str) -> Vec<TextRecord> {
         or_fail(std::fs::read_to_string(
             self.stage(capfilt).join("provenance.jsonl"),
         ))
         .lines()
         .filter_map(|line| match or_fail(serde_json::from_str(line)) {
-            ProvenanceRecord::Text(text) if text.source == source => Some(text),
+            ProvenanceRecord::Text(text) => Some(text),
             _ => None,
         })
         .collect()
     }
 
-    /// The filter's web-text decisions against the noise labels: precision and recall of
-    /// what it removed, and, free of the threshold, how often it ranks a clean text above a
-    /// noisy one (AUC), over all noise and per kind of noise.
-    fn filter_quality(&self, capfilt: &str) -> Value {
+    /// The filter's decisions on the web texts among `texts` (a CapFilt stage's records)
+    /// against the noise labels: precision and recall of what it removed, and, free of the
+    /// threshold, how often it ranks a clean text above a noisy one (AUC), over all noise
+    /// and per kind of noise.
+    fn filter_quality(&self, texts: &[TextRecord]) -> Value {
         let labels: HashMap<(String, String), NoiseKind> =
             or_fail(std::fs::read_to_string(self.world.join("web_labels.jsonl")))
                 .lines()
@@ -752,9 +754,9 @@ impl Experiment {
                 .collect();
         let (mut removed_noisy, mut removed, mut noisy) = (0usize, 0usize, 0usize);
         let mut probability: HashMap<NoiseKind, Vec<f64>> = HashMap::new();
-        for record in self.provenance_texts(capfilt, TextSource::Web) {
+        for record in texts.iter().filter(|t| t.source == TextSource::Web) {
             let kind = labels
-                .get(&(record.image, record.text))
+                .get(&(record.image.clone(), record.text.clone()))
                 .copied()
                 .unwrap_or(NoiseKind::None);
             let is_noisy = kind != NoiseKind::None;
@@ -783,42 +785,40 @@ impl Experiment {
         })
     }
 
-    /// How right the synthetic captions of `capfilt` are, read against each web image's
+    /// How right the synthetic captions among `texts` (the records of CapFilt stage
+    /// `capfilt`) are, read against each web image's
     /// scene: the share with every attribute right among all of them and among those the
     /// filter kept, and the share the filter removed of the right and of the wrong ones.
     /// It is what a bootstrapped model learns from, which the noise ratio alone does not
     /// say: a caption with one attribute wrong is the noise the filter sees worst.
-    fn synthetic_quality(&self, capfilt: &str) -> Value {
-        // The captions the filter kept and those it removed, scored apart.
-        let mut scores = [CaptionScore::default(); 2];
-        for record in self.provenance_texts(capfilt, TextSource::Synthetic) {
+    fn synthetic_quality(&self, capfilt: &str, texts: &[TextRecord]) -> Value {
+        // Every synthetic caption, and those the filter kept; the removed ones are the rest.
+        let (mut all, mut kept) = (CaptionScore::default(), CaptionScore::default());
+        for record in texts.iter().filter(|t| t.source == TextSource::Synthetic) {
             let index = image_index(&record.image).unwrap_or_else(|| {
                 fail(&format!("{capfilt}: {} is not a world image", record.image))
             });
             let scene = scene(self.world_config.seed, index, self.world_config.image_size);
-            scores[usize::from(!record.kept)].add(&caption_mentions(&scene, &record.text));
+            let found = caption_mentions(&scene, &record.text);
+            all.add(&found);
+            if record.kept {
+                kept.add(&found);
+            }
         }
         // None (null) for a share of nothing, e.g. when the filter kept no caption.
         let pct =
             |part: usize, whole: usize| (whole > 0).then(|| 100.0 * part as f64 / whole as f64);
-        let [kept, removed] = scores;
-        let captions = kept.captions + removed.captions;
-        let exact = kept.exact + removed.exact;
-        let right = |t: fn(&CaptionScore) -> Tally| {
-            let (k, r) = (t(&kept), t(&removed));
-            pct(
-                (k.correct + r.correct) as usize,
-                (k.mentions() + r.mentions()) as usize,
-            )
-        };
+        let right = |t: Tally| pct(t.correct as usize, t.mentions() as usize);
+        let removed = all.captions - kept.captions;
+        let removed_exact = all.exact - kept.exact;
         json!({
-            "captions": captions,
-            "exact": pct(exact, captions),
-            "colour_right": right(|s| s.colour),
-            "shape_right": right(|s| s.shape),
+            "captions": all.captions,
+            "exact": pct(all.exact, all.captions),
+            "colour_right": right(all.colour),
+            "shape_right": right(all.shape),
             "kept_exact": pct(kept.exact, kept.captions),
-            "exact_removed": pct(removed.exact, exact),
-            "wrong_removed": pct(removed.captions - removed.exact, captions - exact),
+            "exact_removed": pct(removed_exact, all.exact),
+            "wrong_removed": pct(removed - removed_exact, all.captions - all.exact),
         })
     }
 }
@@ -1416,6 +1416,8 @@ fn main() {
     };
 
     // 6. evaluation
+    let nucleus_texts = experiment.provenance_texts("capfilt-nucleus");
+    let beam_texts = experiment.provenance_texts("capfilt-beam");
     for (label, tag, model) in &models {
         let retrieval = experiment.retrieval(model, &test, &test_captions);
         let captioner = finetune_exports(model, tag);
@@ -1423,18 +1425,18 @@ fn main() {
         let (noise, synthetic) = match *tag {
             "-nucleus" => (
                 nucleus.synthetic_noise_ratio,
-                experiment.synthetic_quality("capfilt-nucleus"),
+                experiment.synthetic_quality("capfilt-nucleus", &nucleus_texts),
             ),
             "-beam" => (
                 beam.synthetic_noise_ratio,
-                experiment.synthetic_quality("capfilt-beam"),
+                experiment.synthetic_quality("capfilt-beam", &beam_texts),
             ),
             _ => (None, Value::Null),
         };
         rows.push(json!({"pre-training data": label, "retrieval": retrieval, "captioning": captioning, "synthetic_noise_ratio": noise, "synthetic": synthetic}));
     }
     results["models"] = Value::Array(rows);
-    results["filter_vs_labels"] = experiment.filter_quality("capfilt-nucleus");
+    results["filter_vs_labels"] = experiment.filter_quality(&nucleus_texts);
     results["filter_vs_labels"]["threshold"] = json!(experiment.args.filter_threshold);
     results["noise_ratio"] = json!({
         "web_removed": nucleus.web_noise_ratio,
