@@ -115,7 +115,7 @@ struct Args {
     clean_captions: usize,
     /// Images of the experiment's web split, each with one text (half of them noise).
     /// Twice as many (8,000) did not make nucleus CapFilt help captioning on seeds 21 and
-    /// 24 and cost a third more time (docs/world.md).
+    /// 24 and took 28 % longer (docs/world.md).
     #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..))]
     web_images: u64,
     /// ViT patch size: 8 gives a 64-px image 64 patches, enough to tell a star from a ball.
