@@ -49,9 +49,9 @@ use blip::train::{
 };
 use blip::vision::{ImageProcessor, VisionConfig, VisionTransformer};
 use blip_world::{
-    CaptionScore, Colour, Interval, NoiseKind, PROMPT, Position, SceneAttributes, SeedRun,
-    SeedSummary, Shape, Size, Tally, TestRecord, WebLabel, WorldConfig, caption_mentions, cider,
-    generate, image_index, paired_gap, ranking_auc, scene,
+    CaptionScore, Colour, Interval, MAX_IMAGES, NoiseKind, PROMPT, Position, SceneAttributes,
+    SeedRun, SeedSummary, Shape, Size, Tally, TestRecord, WebLabel, WorldConfig, caption_mentions,
+    cider, generate, image_index, paired_gap, ranking_auc, scene,
 };
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -108,7 +108,7 @@ struct Args {
     /// On seed 16, 1,000 images with one caption each taught the captioner more than 500
     /// with two (nucleus samples right in every attribute 23.5 against 21.1 %), at the
     /// same cost.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_IMAGES as u64))]
     clean_images: u64,
     /// Correct captions per clean image.
     #[arg(long, default_value_t = 1)]
@@ -116,7 +116,7 @@ struct Args {
     /// Images of the experiment's web split, each with one text (half of them noise).
     /// Twice as many (8,000) did not make nucleus CapFilt help captioning on seeds 21 and
     /// 24 and took 28 % longer (docs/world.md).
-    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=MAX_IMAGES as u64))]
     web_images: u64,
     /// ViT patch size: 8 gives a 64-px image 64 patches, enough to tell a star from a ball.
     #[arg(long, default_value_t = 8)]
@@ -177,6 +177,23 @@ impl Args {
         self.vision_dir
             .clone()
             .unwrap_or_else(|| self.out.join("vision"))
+    }
+
+    /// The experiment's world: `WorldConfig::small` under `--small`, else the default with
+    /// the split flags.
+    fn world_config(&self) -> WorldConfig {
+        let mut config = if self.small {
+            WorldConfig::small()
+        } else {
+            WorldConfig {
+                clean_images: self.clean_images as usize,
+                clean_captions_per_image: self.clean_captions,
+                web_images: self.web_images as usize,
+                ..WorldConfig::default()
+            }
+        };
+        config.seed = self.seed;
+        config
     }
 
     /// The command line of one seed's run under `--seeds`.
@@ -1014,6 +1031,8 @@ fn run_seeds(args: &Args, n: u64) {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let threads = (cores / args.jobs as usize).max(1);
     let seeds: Vec<u64> = (args.seed..args.seed + n).collect();
+    // A world every child would refuse is refused here, before the ViT stage.
+    or_fail(args.world_config().validate());
     if args.vision_pretrain_samples > 0 {
         // Trained once, before the seeds start, with every core.
         pretrain_vision(args, &common::device(&args.device), &args.vision_dir());
@@ -1290,17 +1309,7 @@ fn main() {
         return run_seeds(&args, n);
     }
     let start = Instant::now();
-    let mut config = if args.small {
-        WorldConfig::small()
-    } else {
-        WorldConfig::default()
-    };
-    config.seed = args.seed;
-    if !args.small {
-        config.clean_images = args.clean_images as usize;
-        config.clean_captions_per_image = args.clean_captions;
-        config.web_images = args.web_images as usize;
-    }
+    let config = args.world_config();
     let (pre_epochs, ft_epochs, filter_epochs) = if args.small {
         (1, 1, 1)
     } else {

@@ -61,8 +61,8 @@ pub use scene::{ObjectAttributes, RelationFact, Scene, SceneAttributes, scene};
 pub use seeds::{Interval, ROW_METRICS, RUN_METRICS, SeedRun, SeedSummary, paired_gap};
 pub use vocab::{AttributeKind, Background, Colour, Position, Relation, Shape, Size, Texture};
 pub use world::{
-    Annotation, NoiseKind, NoiseMix, TestAnnotation, TestRecord, WebLabel, WorldConfig, WorldError,
-    WorldSummary, generate, image_index, image_path,
+    Annotation, MAX_IMAGES, NoiseKind, NoiseMix, TestAnnotation, TestRecord, WebLabel, WorldConfig,
+    WorldError, WorldSummary, generate, image_index, image_path,
 };
 
 /// Salt of the world's streams, so that a world and a training run given the same seed never

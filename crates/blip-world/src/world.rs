@@ -116,6 +116,10 @@ impl NoiseKind {
     }
 }
 
+/// The most images a world holds, over its three splits: scene indices then fit the
+/// six digits of [`image_path`]'s names.
+pub const MAX_IMAGES: usize = 1_000_000;
+
 /// Settings of a world. Everything written is a function of these alone.
 ///
 /// ```
@@ -136,7 +140,8 @@ pub struct WorldConfig {
     pub clean_images: usize,
     /// Correct captions per clean image (one annotation entry each), 1 to 20.
     pub clean_captions_per_image: usize,
-    /// Images of the noisy web split (one web text each).
+    /// Images of the noisy web split (one web text each). The three splits hold at most
+    /// [`MAX_IMAGES`] together.
     pub web_images: usize,
     /// Images of the clean test split.
     pub test_images: usize,
@@ -222,6 +227,17 @@ impl WorldConfig {
         }
         if self.shard_size == 0 {
             return bad("shard_size is 0".into());
+        }
+        // Checked before `generate` sizes its per-split records by these counts.
+        let images = self
+            .clean_images
+            .checked_add(self.web_images)
+            .and_then(|n| n.checked_add(self.test_images));
+        if images.is_none_or(|n| n > MAX_IMAGES) {
+            return bad(format!(
+                "clean_images + web_images + test_images ({} + {} + {}) is over {MAX_IMAGES}",
+                self.clean_images, self.web_images, self.test_images
+            ));
         }
         Ok(())
     }
@@ -933,6 +949,12 @@ mod tests {
     #[test]
     fn config_validation() {
         assert!(WorldConfig::default().validate().is_ok());
+        let full = WorldConfig::default();
+        let at_limit = WorldConfig {
+            web_images: MAX_IMAGES - full.clean_images - full.test_images,
+            ..full
+        };
+        assert!(at_limit.validate().is_ok());
         for bad in [
             WorldConfig {
                 image_size: 63,
@@ -952,6 +974,14 @@ mod tests {
             },
             WorldConfig {
                 clean_captions_per_image: 0,
+                ..WorldConfig::default()
+            },
+            WorldConfig {
+                web_images: MAX_IMAGES,
+                ..WorldConfig::default()
+            },
+            WorldConfig {
+                web_images: usize::MAX,
                 ..WorldConfig::default()
             },
         ] {
